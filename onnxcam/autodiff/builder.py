@@ -1,0 +1,185 @@
+"""Emit gradient nodes into a graph: what a gradient rule writes instead of protobuf.
+
+A rule says `b.op("Mul", gy, x)`; the builder names the node and its output, turns Python numbers and numpy
+arrays into constants of the gradient's dtype, and hides the opset differences of the ops it emits (axes as
+attribute or input, Clip/Pad/Slice/Split forms), so one rule serves every opset from 9 to the newest.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..errors import UnsupportedOpError
+from ..graph.model import BATCH, ModelGraph
+
+
+class Builder:
+    def __init__(self, model: ModelGraph, dtype=np.float32, *, guided: bool = False):
+        self.model = model
+        self.graph = model.graph
+        self.opset = model.opset
+        self.dtype = np.dtype(dtype)
+        self.guided = guided  # guided backpropagation: Relu-like rules also zero negative incoming gradients
+        self.node: gs.Node | None = None  # the forward node whose rule is running (for names and errors)
+        self._ids = itertools.count()
+        self._consts: dict = {}
+
+    # ---- emitting ------------------------------------------------------------------------------------------
+    def op(self, op_type: str, *inputs, outputs: int = 1, **attrs):
+        """Add one node; inputs may be tensors, numpy arrays or numbers (-> constants of the gradient dtype)."""
+        ins = [self._as_tensor(i) for i in inputs]
+        base = f"onnxcam_grad/{self.node.name if self.node is not None else 'seed'}/{op_type}_{next(self._ids)}"
+        outs = [gs.Variable(f"{base}:{k}") for k in range(outputs)]
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        self.graph.nodes.append(gs.Node(op_type, name=base, attrs=attrs, inputs=ins, outputs=outs))
+        return outs[0] if outputs == 1 else outs
+
+    def const(self, value, dtype=None) -> gs.Constant:
+        arr = np.asarray(value, dtype=dtype or (self.dtype if np.asarray(value).dtype.kind == "f" or
+                                               isinstance(value, float) else None))
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = gs.Constant(f"onnxcam_const_{len(self._consts)}", np.ascontiguousarray(arr))
+        return self._consts[key]
+
+    def ints(self, values) -> gs.Constant:
+        return self.const(np.asarray(values, dtype=np.int64))
+
+    def _as_tensor(self, x):
+        if x is None:
+            return gs.Variable.empty()
+        if isinstance(x, gs.Tensor):
+            return x
+        if isinstance(x, (bool, np.bool_)):
+            return self.const(np.asarray(x, dtype=np.bool_))
+        if isinstance(x, (int, float)):
+            return self.const(np.asarray(x, dtype=self.dtype))
+        return self.const(np.asarray(x))
+
+    # ---- static facts --------------------------------------------------------------------------------------
+    def shape(self, t: gs.Tensor) -> tuple:
+        shape = self.model.shape(t)
+        if shape is None:
+            raise self.error(f"needs the rank of tensor {t.name!r}, which is unknown")
+        return shape
+
+    def static_dims(self, t: gs.Tensor, axes=None) -> tuple:
+        """Dims of `t` that the rule needs as numbers (the batch dim may stay symbolic if not asked for)."""
+        shape = self.shape(t)
+        axes = range(len(shape)) if axes is None else [a % len(shape) for a in axes]
+        dims = tuple(shape[a] for a in axes)
+        if not all(isinstance(d, int) for d in dims):
+            raise self.error(f"needs static sizes of tensor {t.name!r} (shape {shape}) on axes {list(axes)}")
+        return dims
+
+    def value(self, t: gs.Tensor, what: str) -> np.ndarray:
+        """The constant value of a side input (axes, pads, shapes...); an error if it depends on the data."""
+        if t is None or not t.name:
+            raise self.error(f"needs its {what} input")
+        v = self.model.value(t)
+        if v is None:
+            raise self.error(f"needs its {what} input {t.name!r} to be constant, but it is computed at run time")
+        return v
+
+    def error(self, msg: str) -> UnsupportedOpError:
+        n = self.node
+        where = f"{n.op} node {n.name!r} (opset {self.opset})" if n is not None else "gradient builder"
+        return UnsupportedOpError(f"{where} {msg}")
+
+    # ---- common subgraphs ----------------------------------------------------------------------------------
+    def shape_of(self, t):
+        return self.op("Shape", t)
+
+    def zeros_like(self, t):
+        """Zeros with the run-time shape of `t`, in the gradient dtype."""
+        return self.op("ConstantOfShape", self.shape_of(t), value=gs.Constant("zero", np.zeros(1, self.dtype)))
+
+    def cast(self, x, dtype):
+        from onnx import helper
+        return self.op("Cast", x, to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+
+    def mask(self, cond):
+        """A boolean tensor as 0/1 in the gradient dtype."""
+        return self.cast(cond, self.dtype)
+
+    def reshape_like(self, g, t):
+        return self.op("Reshape", g, self.shape_of(t))
+
+    def reduce(self, op_type: str, x, axes, keepdims: bool = True):
+        """ReduceSum/Mean/Max with `axes` as attribute (old opsets) or input (ReduceSum 13+, the rest 18+)."""
+        axes = [int(a) for a in axes]
+        as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
+        if as_input:
+            return self.op(op_type, x, self.ints(axes), keepdims=int(keepdims))
+        return self.op(op_type, x, axes=axes, keepdims=int(keepdims))
+
+    def unsqueeze(self, x, axes):
+        if self.opset >= 13:
+            return self.op("Unsqueeze", x, self.ints(axes))
+        return self.op("Unsqueeze", x, axes=[int(a) for a in axes])
+
+    def squeeze(self, x, axes):
+        if self.opset >= 13:
+            return self.op("Squeeze", x, self.ints(axes))
+        return self.op("Squeeze", x, axes=[int(a) for a in axes])
+
+    def slice(self, x, starts, ends, axes, steps=None):
+        if self.opset >= 10:
+            return self.op("Slice", x, self.ints(starts), self.ints(ends), self.ints(axes),
+                           None if steps is None else self.ints(steps))
+        if steps is not None and any(s != 1 for s in steps):
+            raise self.error("needs Slice with steps, which opset 9 lacks")
+        return self.op("Slice", x, starts=list(starts), ends=list(ends), axes=list(axes))
+
+    def pad(self, x, pads, value: float = 0.0):
+        """Constant padding; `pads` as ONNX orders it (all begins, then all ends)."""
+        if self.opset >= 11:
+            return self.op("Pad", x, self.ints(pads), self.const(np.asarray(value, self.dtype)))
+        return self.op("Pad", x, pads=[int(p) for p in pads], value=float(value))
+
+    def clip(self, x, lo, hi):
+        if self.opset >= 11:
+            return self.op("Clip", x, self.const(np.asarray(lo, self.dtype)), self.const(np.asarray(hi, self.dtype)))
+        return self.op("Clip", x, min=float(lo), max=float(hi))
+
+    def transpose_axis_last(self, x, axis: int, rank: int):
+        """(perm, inverse perm) moving `axis` to the end; None when it already is."""
+        if axis == rank - 1:
+            return None, None
+        perm = [a for a in range(rank) if a != axis] + [axis]
+        return perm, list(np.argsort(perm))
+
+    def axis_matmul(self, g, axis: int, rank: int, matrix: np.ndarray):
+        """Apply a linear map along one axis: out[..., j, ...] = sum_i g[..., i, ...] * matrix[i, j].
+
+        Selections (Slice), paddings of every mode (Pad) and interpolations (Resize) act on each axis through
+        such a matrix; their gradient is the same product with the transposed matrix.
+        """
+        perm, inv = self.transpose_axis_last(g, axis, rank)
+        if perm is not None:
+            g = self.op("Transpose", g, perm=perm)
+        g = self.op("MatMul", g, self.const(matrix.astype(self.dtype)))
+        if perm is not None:
+            g = self.op("Transpose", g, perm=[int(p) for p in inv])
+        return g
+
+    def unbroadcast(self, g, from_shape: tuple, to_shape: tuple):
+        """Sum a gradient shaped like a broadcast result back to one operand's shape."""
+        if tuple(from_shape) == tuple(to_shape):
+            return g
+        lead = len(from_shape) - len(to_shape)
+        axes = list(range(lead))
+        for i, d in enumerate(to_shape):
+            f = from_shape[lead + i]
+            if d == 1 and f != 1:
+                axes.append(lead + i)
+            elif d != f and not (d is None or f is None or d == BATCH or f == BATCH):
+                raise self.error(f"cannot unbroadcast a gradient of shape {from_shape} to {to_shape}")
+        if axes:
+            g = self.reduce("ReduceSum", g, axes, keepdims=True)
+        if lead:
+            g = self.squeeze(g, list(range(lead)))
+        return g

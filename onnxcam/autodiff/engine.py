@@ -1,0 +1,62 @@
+"""The reverse walk: seed the score, visit the nodes between the targets and the score in reverse order, call
+each node's rule, accumulate fan-out and unbroadcast in one place, and hand back the targets' gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_graphsurgeon as gs
+
+from ..errors import UnsupportedOpError
+from .builder import Builder
+from .rules import find_rule, load_all
+
+log = logging.getLogger(__name__)
+
+
+def check_supported(b: Builder, nodes: list[gs.Node]) -> None:
+    """Fail before building anything if some op on the path has no rule, naming every one of them."""
+    missing = [n for n in nodes if find_rule(n.op, b.opset, n.domain or "") is None]
+    if missing:
+        listed = "; ".join(f"{n.op} (node {n.name!r}, domain {n.domain or 'ai.onnx'})" for n in missing)
+        raise UnsupportedOpError(
+            f"no gradient rule for {len({(n.domain, n.op) for n in missing})} op type(s) on the path from the "
+            f"target layer(s) to the score, at opset {b.opset}: {listed}")
+
+
+def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Tensor) -> dict[str, gs.Tensor]:
+    """Emit d(sum(seed * score))/d(target) for every target; return {target name: gradient tensor}."""
+    load_all()
+    nodes, on_path = b.model.path_nodes(targets, score)
+    check_supported(b, nodes)
+    grads: dict[str, list[gs.Tensor]] = {score.name: [seed]}
+    for node in reversed(nodes):
+        gy = [_total(b, grads, o.name) if o.name in on_path else None for o in node.outputs]
+        if all(g is None for g in gy):
+            continue
+        b.node = node
+        r = find_rule(node.op, b.opset, node.domain or "")
+        makers = r.fn(b, node, gy)
+        for i, inp in enumerate(node.inputs):
+            if not inp.name or inp.name not in on_path:
+                continue
+            make = makers[i] if i < len(makers) else None
+            if make is None:
+                raise b.error(f"has no gradient with respect to its input {i} ({inp.name!r})")
+            g = make()
+            if r.broadcast:
+                g = b.unbroadcast(g, b.shape(node.outputs[0]), b.shape(inp))
+            grads.setdefault(inp.name, []).append(g)
+    b.node = None
+    return {t.name: _total(b, grads, t.name) for t in targets}
+
+
+def _total(b: Builder, grads: dict[str, list[gs.Tensor]], name: str) -> gs.Tensor | None:
+    """The summed gradient of a tensor with several consumers; summed once, kept for later readers."""
+    parts = grads.get(name)
+    if not parts:
+        return None
+    if len(parts) > 1:
+        grads[name] = [b.op("Sum", *parts)]
+    return grads[name][0]

@@ -1,0 +1,53 @@
+"""Gradient rules, one small function per ONNX op, grouped by family in the modules of this package.
+
+The contract, written once:
+- A rule is called as `rule(b, n, gy)` for a forward node `n` (an onnx-graphsurgeon Node) while the reverse walk
+  visits it. `b` is the Builder (autodiff/builder.py) that emits gradient nodes; `gy` is the list of incoming
+  gradients, one per node output, each a tensor shaped like that output or None when no gradient reaches it.
+- It returns one entry per node input: None where the input has no gradient (weights, shapes, indices), or a
+  zero-argument function that emits and returns the gradient. The walk calls it only for inputs on the path,
+  so rules never compute a gradient nobody needs.
+- Rules registered with broadcast=True return gradients shaped like output 0; the walk sums them back to each
+  input's shape. Every other rule returns gradients shaped exactly like its inputs.
+- A rule that meets a form it cannot differentiate raises `b.error(...)`; the walk never invents zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Rule:
+    op: str
+    fn: Callable
+    broadcast: bool
+    min_opset: int
+    max_opset: int
+
+
+RULES: dict[str, list[Rule]] = {}
+
+
+def rule(*ops: str, broadcast: bool = False, opsets: tuple[int, int] = (1, 10_000)):
+    """Register `fn` as the gradient rule of each op in `ops`, for the ai.onnx opsets in `opsets` (inclusive)."""
+    def register(fn):
+        for op in ops:
+            RULES.setdefault(op, []).append(Rule(op, fn, broadcast, *opsets))
+        return fn
+    return register
+
+
+def find_rule(op: str, opset: int, domain: str = "") -> Rule | None:
+    if domain not in ("", "ai.onnx"):
+        return None
+    for r in RULES.get(op, []):
+        if r.min_opset <= opset <= r.max_opset:
+            return r
+    return None
+
+
+def load_all() -> None:
+    """Import every rule module (registration happens at import)."""
+    from . import activations, conv_pool, elementwise, linalg, normalize, quantize, reduce, shape  # noqa: F401

@@ -1,0 +1,1 @@
+"""Reading ONNX models and finding what to explain in them (layers, logits, shapes)."""

@@ -1,0 +1,334 @@
+"""A model opened for explanation: its graph (onnx-graphsurgeon), static shapes, constant values and paths.
+
+Shapes come from ONNX shape inference with the input's spatial size fixed; where inference cannot see through
+run-time computed shapes, a probe run of onnxruntime fills them in. The forward graph is never altered: the
+explained model computes exactly what the deployed model computes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections import deque
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import InputError, LayerError, ModelError
+
+log = logging.getLogger(__name__)
+
+BATCH = "N"  # the symbolic batch dimension
+# Ops that only re-label the score: a Softmax behind them still counts as the model's last op.
+_PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Cast"}
+_SOFTMAX = {"Softmax", "LogSoftmax"}
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise ModelError("the model imports no ai.onnx opset")
+
+
+class ModelGraph:
+    """The graph of one model at one input size (batch left symbolic)."""
+
+    def __init__(self, proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = None):
+        self.proto = proto
+        self.opset = default_opset(proto)
+        inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+        if not inputs:
+            raise ModelError("the model has no inputs")
+        self.input_name = inputs[0].name
+        self.extra_inputs = [i.name for i in inputs[1:]]
+        declared = _declared_shape(inputs[0])
+        self.declared_input_shape = declared
+        self.fixed_batch = isinstance(declared[0], int) if declared else False
+        self.input_shape = _resolve_input_shape(declared, input_shape, self.input_name)
+        self.graph = gs.import_onnx(_infer(proto, self.input_name, self.input_shape))
+        self.graph.toposort()
+        self.tensors = self.graph.tensors()
+        self._order = {id(n): i for i, n in enumerate(self.graph.nodes)}
+        self._values: dict[str, np.ndarray | None] = {}
+
+    # ---- lookups -------------------------------------------------------------------------------------------
+    def tensor(self, name: str) -> gs.Tensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise LayerError(f"no tensor named {name!r} in the model{_close(name, self.tensors)}") from None
+
+    @staticmethod
+    def producer(t: gs.Tensor) -> gs.Node | None:
+        return t.inputs[0] if t.inputs else None
+
+    def order(self, node: gs.Node) -> int:
+        return self._order[id(node)]
+
+    def shape(self, t: gs.Tensor) -> tuple | None:
+        """Static shape: ints, BATCH for the batch dimension, None for unknown dims; None if the rank is unknown."""
+        if isinstance(t, gs.Constant):
+            return tuple(t.shape)
+        return None if t.shape is None else tuple(d if isinstance(d, int) and d >= 0 else (d or None) for d in t.shape)
+
+    def value(self, t: gs.Tensor) -> np.ndarray | None:
+        """The value of a tensor that does not depend on the input's data (weights, folded shapes), else None."""
+        if t.name not in self._values:
+            self._values[t.name] = self._evaluate(t)
+        return self._values[t.name]
+
+    def _evaluate(self, t: gs.Tensor) -> np.ndarray | None:
+        if isinstance(t, gs.Constant):
+            return np.asarray(t.values)
+        node = self.producer(t)
+        if node is None:
+            return None
+        if node.op == "Constant":
+            return _constant_node_value(node)
+        if node.op == "Shape":
+            shape = self.shape(node.inputs[0])
+            if shape is None or not all(isinstance(d, int) for d in shape):
+                return None
+            start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
+            return np.array(shape[start:end], dtype=np.int64)
+        if node.op in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"):
+            return None
+        inputs = [self.value(i) if i.name else None for i in node.inputs]
+        if any(v is None for v, i in zip(inputs, node.inputs) if i.name):
+            return None
+        return _run_single_node(node, inputs, self.opset)[node.outputs.index(t)]
+
+    # ---- paths ---------------------------------------------------------------------------------------------
+    def forward_reach(self, starts: list[gs.Tensor]) -> set[str]:
+        seen, todo = {t.name for t in starts}, deque(starts)
+        while todo:
+            for node in todo.popleft().outputs:
+                for out in node.outputs:
+                    if out.name not in seen:
+                        seen.add(out.name)
+                        todo.append(out)
+        return seen
+
+    def backward_reach(self, end: gs.Tensor) -> set[str]:
+        seen, todo = {end.name}, deque([end])
+        while todo:
+            node = self.producer(todo.popleft())
+            if node is None:
+                continue
+            for inp in node.inputs:
+                if inp.name and inp.name not in seen:
+                    seen.add(inp.name)
+                    todo.append(inp)
+        return seen
+
+    def path_nodes(self, starts: list[gs.Tensor], end: gs.Tensor) -> tuple[list[gs.Node], set[str]]:
+        """Nodes on some path from a start tensor to the end tensor (topological order), and the tensors on it."""
+        on_path = self.forward_reach(starts) & self.backward_reach(end)
+        nodes = [n for n in self.graph.nodes if any(o.name in on_path for o in n.outputs)
+                 and any(i.name in on_path for i in n.inputs)]
+        return nodes, on_path
+
+    # ---- what to explain -----------------------------------------------------------------------------------
+    def default_score(self, output: str | None = None) -> str:
+        """The logits: the chosen (default first) float output, or the input of a Softmax that produces it."""
+        outputs = [o for o in self.graph.outputs if o.dtype is not None and np.issubdtype(o.dtype, np.floating)]
+        if output is not None:
+            outputs = [o for o in self.graph.outputs if o.name == output]
+            if not outputs:
+                names = [o.name for o in self.graph.outputs]
+                raise LayerError(f"the model has no output named {output!r}; its outputs are {names}")
+        if not outputs:
+            raise ModelError("the model has no floating-point output to explain")
+        t = outputs[0]
+        while (node := self.producer(t)) is not None:
+            if node.op in _SOFTMAX:
+                return node.inputs[0].name
+            if node.op not in _PASS_THROUGH:
+                break
+            t = node.inputs[0]
+        return outputs[0].name
+
+    def default_layer(self, score: str) -> str:
+        """The last 4-D activation with spatial size > 1 on the path from the input to the score."""
+        src = self.tensor(self.input_name)
+        nodes, on_path = self.path_nodes([src], self.tensor(score))
+        for node in reversed(nodes):
+            for out in node.outputs:
+                if out.name in on_path and _is_spatial_map(self.shape(out)):
+                    return out.name
+        raise LayerError("found no 4-D activation with a spatial size > 1 on the path to the score; name a layer")
+
+    def check_reaches(self, layer: str, score: str) -> None:
+        if layer not in self.backward_reach(self.tensor(score)):
+            near = [n for n in difflib.get_close_matches(layer, list(self.tensors), n=8, cutoff=0.5)
+                    if n in self.backward_reach(self.tensor(score))]
+            hint = f"; close matches that do: {near[:5]}" if near else ""
+            raise LayerError(f"layer {layer!r} does not reach the score tensor {score!r}{hint}")
+
+
+def _is_spatial_map(shape: tuple | None) -> bool:
+    if shape is None or len(shape) != 4:
+        return False
+    # (N, C, H, W) or (N, H, W, C): a map has two non-unit dims besides the batch.
+    return sum(1 for d in shape[1:] if not (isinstance(d, int) and d <= 1)) >= 2
+
+
+def _close(name: str, names) -> str:
+    near = difflib.get_close_matches(name, list(names), n=5, cutoff=0.4)
+    return f"; close matches: {near}" if near else ""
+
+
+def _declared_shape(value_info: onnx.ValueInfoProto) -> tuple | None:
+    tt = value_info.type.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+
+
+def _resolve_input_shape(declared, given, name) -> tuple:
+    """Concrete non-batch dims: those the model declares, else those given; the batch stays symbolic."""
+    if declared is None:
+        if given is None:
+            raise InputError(f"input {name!r} has no declared shape; give the input size")
+        return (BATCH,) + tuple(given[1:])
+    shape = [BATCH if (declared[0] is None and i == 0) else d for i, d in enumerate(declared)]
+    if given is not None:
+        if len(given) != len(declared):
+            raise InputError(f"input {name!r} has rank {len(declared)} (shape {_fmt(declared)}), got {_fmt(given)}")
+        for i, (d, g) in enumerate(zip(declared, given)):
+            if i > 0 and d is not None and d != g:
+                raise InputError(f"input {name!r} expects shape {_fmt(declared)}, got {_fmt(given)}")
+            if i > 0 and d is None:
+                shape[i] = int(g)
+    return tuple(shape)
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+def _infer(proto: onnx.ModelProto, input_name: str, shape: tuple) -> onnx.ModelProto:
+    """Shape inference with the input's shape pinned (batch symbolic)."""
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(proto)
+    del pinned.graph.value_info[:]
+    for inp in pinned.graph.input:
+        if inp.name == input_name:
+            dims = inp.type.tensor_type.shape.dim
+            if len(dims) == 0 and shape:
+                for _ in shape:
+                    dims.add()
+            for d, v in zip(dims, shape):
+                if isinstance(v, int):
+                    d.Clear()
+                    d.dim_value = v
+                elif v is not None and not d.HasField("dim_value"):
+                    d.Clear()
+                    d.dim_param = v
+    try:
+        inferred = onnx.shape_inference.infer_shapes(pinned, strict_mode=False, data_prop=True)
+    except Exception as exc:  # inference is a convenience; the probe below recovers shapes it misses
+        log.debug("shape inference failed: %s", exc)
+        inferred = pinned
+    _probe_missing_shapes(inferred, input_name, shape)
+    return inferred
+
+
+def _probe_missing_shapes(proto: onnx.ModelProto, input_name: str, shape: tuple) -> None:
+    """Fill shapes that inference left unknown by running the model once at batch 1 and once at batch 2."""
+    known = {vi.name: vi for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input)}
+    missing = []
+    for node in proto.graph.node:
+        for out in node.output:
+            vi = known.get(out)
+            if out and (vi is None or not _fully_shaped(vi)):
+                missing.append(out)
+    if not missing:
+        return
+    shapes = _probe(proto, input_name, shape, missing)
+    for name, (s1, s2) in shapes.items():
+        dims = [BATCH if a != b else a for a, b in zip(s1, s2)] if s2 is not None else list(s1)
+        vi = known.get(name)
+        if vi is None:
+            vi = proto.graph.value_info.add()
+            vi.name = name
+        elem = vi.type.tensor_type.elem_type
+        vi.type.tensor_type.Clear()
+        vi.type.tensor_type.elem_type = elem or shapes_dtype(proto, name)
+        for d in dims:
+            dim = vi.type.tensor_type.shape.dim.add()
+            if isinstance(d, int):
+                dim.dim_value = d
+            else:
+                dim.dim_param = d
+
+
+def shapes_dtype(proto, name) -> int:
+    return onnx.TensorProto.FLOAT
+
+
+def _fully_shaped(vi: onnx.ValueInfoProto) -> bool:
+    tt = vi.type.tensor_type
+    return tt.HasField("shape") and all(d.HasField("dim_value") or d.dim_param for d in tt.shape.dim)
+
+
+def _probe(proto, input_name, shape, names):
+    from ..runtime import cpu_session  # local: graph analysis otherwise needs no runtime
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    have = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in have:
+            probe.graph.output.add().name = name
+    sess = cpu_session(probe.SerializeToString())
+    elem = {i.name: i.type for i in sess.get_inputs()}
+    results = []
+    batches = (1,) if isinstance(shape[0], int) else (1, 2)
+    for n in batches:
+        rng = np.random.default_rng(0)
+        feed = {}
+        for inp in sess.get_inputs():
+            dims = [n if i == 0 and not isinstance(d, int) else d for i, d in enumerate(shape)] \
+                if inp.name == input_name else [d if isinstance(d, int) else 1 for d in inp.shape]
+            feed[inp.name] = rng.standard_normal(dims).astype(_np_type(elem[inp.name]))
+        try:
+            outs = sess.run(names, feed)
+        except Exception as exc:
+            raise ModelError(f"a probe run to find tensor shapes failed: {exc}") from exc
+        results.append([o.shape for o in outs])
+    second = results[1] if len(results) > 1 else [None] * len(names)
+    return {name: (tuple(a), None if b is None else tuple(b)) for name, a, b in zip(names, results[0], second)}
+
+
+def _np_type(ort_type: str):
+    return {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+            "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
+            "tensor(int8)": np.int8, "tensor(bool)": np.bool_}.get(ort_type, np.float32)
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+        if key in node.attrs:
+            v = node.attrs[key]
+            return np.asarray(v.values) if isinstance(v, gs.Constant) else np.asarray(v)
+    return None
+
+
+def _run_single_node(node: gs.Node, values: list, opset: int) -> list[np.ndarray]:
+    """Evaluate one node on constant inputs with onnx's reference evaluator (numpy, any dtype)."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"in{i}" if i_t.name else "" for i, i_t in enumerate(node.inputs)]
+    outs = [f"out{i}" for i in range(len(node.outputs))]
+    attrs = {k: (onnx.numpy_helper.from_array(np.asarray(v.values)) if isinstance(v, gs.Constant) else v)
+             for k, v in node.attrs.items()}
+    onode = onnx.helper.make_node(node.op, names, outs, domain=node.domain or None, **attrs)
+    feeds = {n: v for n, v in zip(names, values) if n}
+    ev = ReferenceEvaluator(onnx.helper.make_model(
+        onnx.helper.make_graph([onode], "fold", [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None)
+                                                  for n in feeds], [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in outs]),
+        opset_imports=[onnx.helper.make_opsetid("", opset)]))
+    return ev.run(None, feeds)

@@ -1,0 +1,63 @@
+"""onnxruntime sessions: picking the execution provider, and noticing when CUDA silently falls back to CPU."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+
+import onnxruntime as ort
+
+from .errors import DeviceError, ModelError
+
+log = logging.getLogger(__name__)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_usable() -> bool:
+    """True when onnxruntime has a CUDA provider and the driver reports at least one GPU."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except OSError:
+        return False
+
+
+def _options() -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return opts
+
+
+def cpu_session(model_bytes: bytes) -> ort.InferenceSession:
+    return session(model_bytes, "cpu")
+
+
+def session(model_bytes: bytes, device: str = "auto") -> ort.InferenceSession:
+    """A session on the requested device; 'cuda' fails loudly if onnxruntime would run it on the CPU."""
+    if device not in DEVICES:
+        raise DeviceError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    want_cuda = device == "cuda" or (device == "auto" and cuda_usable())
+    if device == "cuda" and not cuda_usable():
+        raise DeviceError("device='cuda' was requested but no CUDA GPU is usable by onnxruntime "
+                          f"(providers: {', '.join(ort.get_available_providers())})")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+    try:
+        sess = ort.InferenceSession(model_bytes, sess_options=_options(), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise ModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") from exc
+    if want_cuda and sess.get_providers()[0] != "CUDAExecutionProvider":
+        if device == "cuda":
+            raise DeviceError("onnxruntime fell back to the CPU although device='cuda' was requested")
+        log.warning("CUDA is present but onnxruntime fell back to the CPU")
+    return sess
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
