@@ -88,7 +88,7 @@ class Explainer:
             mg = ModelGraph(self.proto, shape)
         self._graph_for_build = None  # the build mutates the graph; a second build re-reads the model
         rw = rewrite.build(mg, self.layers, self.score_name, guided=self.guided)
-        sess = session(rw.model.SerializeToString(), self.device)
+        sess = session(rw.model.SerializeToString(), self.device, rw.initializer_arrays())
         compiled = _Compiled(rw, sess, time.perf_counter() - start)
         log.debug("built the explainable model in %.3f s", compiled.build_seconds)
         with _CACHE_LOCK:
@@ -100,7 +100,7 @@ class Explainer:
     @property
     def explainable_model(self) -> onnx.ModelProto:
         """The rewritten model (original graph + activations and gradients as outputs), for inspection."""
-        return self._compiled(self._input_shape).rewritten.model
+        return self._compiled(self._input_shape).rewritten.full_model()
 
     @property
     def providers(self) -> list[str]:

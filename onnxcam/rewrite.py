@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from .autodiff.builder import Builder
 from .autodiff.engine import backward
 from .errors import LayerError
+from .graph.load import with_weights
 from .graph.model import ModelGraph
 
 SEED = "onnxcam_seed"
@@ -42,6 +43,14 @@ class Rewritten:
     has_top1: bool
     fixed_batch: bool
     original_outputs: list[str]
+    weights: list  # the large initializers, held apart from the (placeholder-carrying) model
+
+    def full_model(self) -> onnx.ModelProto:
+        """The rewritten model with its weights inline, e.g. to save it."""
+        return with_weights(self.model, self.weights)
+
+    def initializer_arrays(self) -> dict:
+        return {t.name: onnx.numpy_helper.to_array(t) for t in self.weights}
 
 
 def resolve_score(mg: ModelGraph, score: str | None, output: str | None = None) -> str:
@@ -104,7 +113,10 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     model.opset_import.extend(mg.proto.opset_import)
     del model.metadata_props[:]
     model.metadata_props.extend(mg.proto.metadata_props)
-    return Rewritten(model, mg.input_name, score, layers, score_shape, has_top1, mg.fixed_batch, original_outputs)
+    used = {t.name for t in model.graph.initializer}
+    weights = [t for name, t in mg.weights.items() if name in used]
+    return Rewritten(model, mg.input_name, score, layers, score_shape, has_top1, mg.fixed_batch, original_outputs,
+                     weights)
 
 
 def _named(b: Builder, t: gs.Tensor, name: str, dtype, copy: bool = True) -> gs.Variable:

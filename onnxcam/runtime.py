@@ -6,6 +6,7 @@ import ctypes
 import functools
 import logging
 
+import numpy as np
 import onnxruntime as ort
 
 from .errors import DeviceError, ModelError
@@ -34,12 +35,16 @@ def _options() -> ort.SessionOptions:
     return opts
 
 
-def cpu_session(model_bytes: bytes) -> ort.InferenceSession:
-    return session(model_bytes, "cpu")
+def cpu_session(model_bytes: bytes, initializers: dict | None = None) -> ort.InferenceSession:
+    return session(model_bytes, "cpu", initializers)
 
 
-def session(model_bytes: bytes, device: str = "auto") -> ort.InferenceSession:
-    """A session on the requested device; 'cuda' fails loudly if onnxruntime would run it on the CPU."""
+def session(model_bytes: bytes, device: str = "auto", initializers: dict | None = None) -> ort.InferenceSession:
+    """A session on the requested device; 'cuda' fails loudly if onnxruntime would run it on the CPU.
+
+    initializers: numpy values of the model's placeholder weights (graph/load.py split_weights); onnxruntime
+    uses their memory directly, so the session keeps them alive.
+    """
     if device not in DEVICES:
         raise DeviceError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
     want_cuda = device == "cuda" or (device == "auto" and cuda_usable())
@@ -47,10 +52,15 @@ def session(model_bytes: bytes, device: str = "auto") -> ort.InferenceSession:
         raise DeviceError("device='cuda' was requested but no CUDA GPU is usable by onnxruntime "
                           f"(providers: {', '.join(ort.get_available_providers())})")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+    opts = _options()
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in (initializers or {}).values()]
+    if values:
+        opts.add_external_initializers(list(initializers), values)
     try:
-        sess = ort.InferenceSession(model_bytes, sess_options=_options(), providers=providers)
+        sess = ort.InferenceSession(model_bytes, sess_options=opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise ModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") from exc
+    sess._onnxcam_keepalive = values  # the session reads these buffers for its whole life
     if want_cuda and sess.get_providers()[0] != "CUDAExecutionProvider":
         if device == "cuda":
             raise DeviceError("onnxruntime fell back to the CPU although device='cuda' was requested")

@@ -57,5 +57,81 @@ def _load_path(path: Path) -> onnx.ModelProto:
 
 
 def model_digest(proto: onnx.ModelProto) -> str:
-    """A stable content hash of a model: the cache key and the 'model hash' reported to users."""
-    return hashlib.blake2b(proto.SerializeToString(deterministic=True), digest_size=16).hexdigest()
+    """A content hash of a model (sha256, first 32 hex digits): the cache key and the 'model hash' users see.
+
+    Hashes the graph without its large weights, then each weight's bytes: no 100 MB re-serialization.
+    """
+    skeleton, weights = split_weights(proto)
+    h = hashlib.sha256(skeleton.SerializeToString(deterministic=True))
+    for t in weights:
+        h.update(t.name.encode())
+        h.update(t.raw_data if t.HasField("raw_data") else t.SerializeToString())
+    return h.hexdigest()[:32]
+
+
+PLACEHOLDER_LOCATION = "onnxcam-weights-held-in-memory"
+
+
+def split_weights(proto: onnx.ModelProto, min_elements: int = 1024):
+    """(the model with its large initializers replaced by data-less placeholders, those initializers).
+
+    Graph analysis, shape inference and rewriting need the weights' names, types and shapes, never their
+    bytes; leaving the bytes out keeps every copy and serialization of a 100 MB model small. Placeholders are
+    external-data initializers at a location that does not exist; onnxruntime gets the real values through
+    SessionOptions.add_external_initializers (runtime.session). Small initializers (shapes, axes) stay inline,
+    since shape inference and constant folding read their values.
+    """
+    skeleton = _copy_without(proto, "graph")
+    skeleton.graph.CopyFrom(_copy_without(proto.graph, "initializer"))
+    big = []
+    for t in proto.graph.initializer:
+        if _numel(t) >= min_elements and not t.data_location:
+            big.append(t)
+            skeleton.graph.initializer.append(_placeholder(t))
+        else:
+            skeleton.graph.initializer.append(t)
+    return skeleton, big
+
+
+def _placeholder(t: onnx.TensorProto) -> onnx.TensorProto:
+    p = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+    p.data_location = onnx.TensorProto.EXTERNAL
+    entry = p.external_data.add()
+    entry.key, entry.value = "location", PLACEHOLDER_LOCATION
+    return p
+
+
+def is_placeholder(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL and any(
+        e.key == "location" and e.value == PLACEHOLDER_LOCATION for e in t.external_data)
+
+
+def with_weights(skeleton: onnx.ModelProto, weights: list[onnx.TensorProto]) -> onnx.ModelProto:
+    """A self-contained copy of a skeleton model, its placeholders replaced by the real initializers."""
+    full = _copy_without(skeleton, "graph")
+    full.graph.CopyFrom(_copy_without(skeleton.graph, "initializer"))
+    real = {t.name: t for t in weights}
+    full.graph.initializer.extend(real.get(t.name, t) for t in skeleton.graph.initializer)
+    return full
+
+
+def _copy_without(message, skipped: str):
+    """A copy of a protobuf message without one (large) field, made without copying that field first."""
+    copy = type(message)()
+    for field, value in message.ListFields():
+        if field.name == skipped:
+            continue
+        if field.is_repeated:
+            getattr(copy, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(copy, field.name).CopyFrom(value)
+        else:
+            setattr(copy, field.name, value)
+    return copy
+
+
+def _numel(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n

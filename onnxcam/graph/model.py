@@ -16,6 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import InputError, LayerError, ModelError
+from .load import split_weights
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,9 @@ class ModelGraph:
         self.declared_input_shape = declared
         self.fixed_batch = isinstance(declared[0], int) if declared else False
         self.input_shape = _resolve_input_shape(declared, input_shape, self.input_name)
-        self.graph = gs.import_onnx(_infer(proto, self.input_name, self.input_shape))
+        skeleton, weights = split_weights(proto)
+        self.weights = {t.name: t for t in weights}  # large initializers: placeholders in the graph
+        self.graph = gs.import_onnx(_infer(skeleton, proto, self.input_name, self.input_shape))
         self.graph.toposort()
         self.tensors = self.graph.tensors()
         self._order = {id(n): i for i, n in enumerate(self.graph.nodes)}
@@ -80,6 +83,8 @@ class ModelGraph:
         return self._values[t.name]
 
     def _evaluate(self, t: gs.Tensor) -> np.ndarray | None:
+        if t.name in self.weights:
+            return onnx.numpy_helper.to_array(self.weights[t.name])
         if isinstance(t, gs.Constant):
             return np.asarray(t.values)
         node = self.producer(t)
@@ -209,10 +214,10 @@ def _fmt(shape) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
-def _infer(proto: onnx.ModelProto, input_name: str, shape: tuple) -> onnx.ModelProto:
-    """Shape inference with the input's shape pinned (batch symbolic)."""
+def _infer(skeleton: onnx.ModelProto, full: onnx.ModelProto, input_name: str, shape: tuple) -> onnx.ModelProto:
+    """Shape inference on the weight-less skeleton with the input's shape pinned (batch symbolic)."""
     pinned = onnx.ModelProto()
-    pinned.CopyFrom(proto)
+    pinned.CopyFrom(skeleton)
     del pinned.graph.value_info[:]
     for inp in pinned.graph.input:
         if inp.name == input_name:
@@ -232,12 +237,12 @@ def _infer(proto: onnx.ModelProto, input_name: str, shape: tuple) -> onnx.ModelP
     except Exception as exc:  # inference is a convenience; the probe below recovers shapes it misses
         log.debug("shape inference failed: %s", exc)
         inferred = pinned
-    _probe_missing_shapes(inferred, input_name, shape)
+    _probe_missing_shapes(inferred, full, input_name, shape)
     return inferred
 
 
-def _probe_missing_shapes(proto: onnx.ModelProto, input_name: str, shape: tuple) -> None:
-    """Fill shapes that inference left unknown by running the model once at batch 1 and once at batch 2."""
+def _probe_missing_shapes(proto: onnx.ModelProto, full: onnx.ModelProto, input_name: str, shape: tuple) -> None:
+    """Fill shapes that inference left unknown by running the model (`full`, with its weights) at batch 1 and 2."""
     known = {vi.name: vi for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input)}
     missing = []
     for node in proto.graph.node:
@@ -247,7 +252,8 @@ def _probe_missing_shapes(proto: onnx.ModelProto, input_name: str, shape: tuple)
                 missing.append(out)
     if not missing:
         return
-    shapes = _probe(proto, input_name, shape, missing)
+    shapes = _probe(full, input_name, shape, missing)
+    shapes, dtypes = shapes
     for name, (s1, s2) in shapes.items():
         dims = [BATCH if a != b else a for a, b in zip(s1, s2)] if s2 is not None else list(s1)
         vi = known.get(name)
@@ -256,17 +262,13 @@ def _probe_missing_shapes(proto: onnx.ModelProto, input_name: str, shape: tuple)
             vi.name = name
         elem = vi.type.tensor_type.elem_type
         vi.type.tensor_type.Clear()
-        vi.type.tensor_type.elem_type = elem or shapes_dtype(proto, name)
+        vi.type.tensor_type.elem_type = elem or dtypes[name]
         for d in dims:
             dim = vi.type.tensor_type.shape.dim.add()
             if isinstance(d, int):
                 dim.dim_value = d
             else:
                 dim.dim_param = d
-
-
-def shapes_dtype(proto, name) -> int:
-    return onnx.TensorProto.FLOAT
 
 
 def _fully_shaped(vi: onnx.ValueInfoProto) -> bool:
@@ -299,8 +301,10 @@ def _probe(proto, input_name, shape, names):
         except Exception as exc:
             raise ModelError(f"a probe run to find tensor shapes failed: {exc}") from exc
         results.append([o.shape for o in outs])
+        dtypes = {name: onnx.helper.np_dtype_to_tensor_dtype(o.dtype) for name, o in zip(names, outs)}
     second = results[1] if len(results) > 1 else [None] * len(names)
-    return {name: (tuple(a), None if b is None else tuple(b)) for name, a, b in zip(names, results[0], second)}
+    shapes = {name: (tuple(a), None if b is None else tuple(b)) for name, a, b in zip(names, results[0], second)}
+    return shapes, dtypes
 
 
 def _np_type(ort_type: str):

@@ -72,7 +72,7 @@ def onnxcam_gradients(case: Case, seed: np.ndarray) -> dict:
     model = _model(case, np.float32)
     mg = ModelGraph(model)
     rw = rewrite.build(mg, list(case.wrt), f"y{case.score_output}")
-    sess = cpu_session(rw.model.SerializeToString())
+    sess = cpu_session(rw.model.SerializeToString(), rw.initializer_arrays())
     feeds = {k: np.asarray(v, np.float32) for k, v in case.inputs.items() if k in case.wrt}
     feeds[rewrite.SEED] = seed.astype(np.float32)
     if rw.has_top1:
