@@ -1,9 +1,15 @@
-"""Convolutions and pooling. The input gradient of a convolution is a ConvTranspose with the same weights;
-pooling gradients reuse that transposition (AveragePool) or scatter to the argmax (MaxPool, through its
-Indices output). All need static spatial sizes, which the model graph provides.
+"""Convolutions and pooling. The input gradient of a convolution is a ConvTranspose with the same weights (and the
+other way round); pooling gradients reuse that transposition: AveragePool with a ones kernel, MaxPool either by
+scattering to the argmax that the forward node reports in its Indices output (opset 16+) or, before ScatterElements
+could add, by one-hot kernels that put each window tap's share back in place. All need static spatial sizes.
+
+Pool output sizes are measured by running the op itself at build time: onnx's shape inference and the runtimes
+disagree on ceil_mode windows that would start in the end padding, and the gradient must follow the runtime.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -11,28 +17,27 @@ import onnx_graphsurgeon as gs
 from . import rule
 
 
-def _geometry(b, n, x, y, kernel):
-    """strides, dilations, (begin pads, end pads) with auto_pad resolved, from static sizes."""
-    nd = len(kernel)
-    strides = list(n.attrs.get("strides", [1] * nd))
-    dilations = list(n.attrs.get("dilations", [1] * nd))
-    in_sz = b.static_dims(x, range(2, 2 + nd))
-    out_sz = b.static_dims(y, range(2, 2 + nd))
+def _auto_pad(n) -> str:
     auto = n.attrs.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    return auto.decode() if isinstance(auto, bytes) else auto
+
+
+def _geometry(b, n, in_sz, out_sz, kernel):
+    """strides, dilations and begin pads of a Conv or pool, with auto_pad resolved from the static sizes."""
+    nd = len(kernel)
+    strides = [int(s) for s in n.attrs.get("strides", [1] * nd)]
+    dilations = [int(d) for d in n.attrs.get("dilations", [1] * nd)]
+    auto = _auto_pad(n)
     if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begin, end = [], []
-        for i in range(nd):
-            total = max((out_sz[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - in_sz[i], 0)
-            small, big = total // 2, total - total // 2
-            begin.append(small if auto == "SAME_UPPER" else big)
-            end.append(big if auto == "SAME_UPPER" else small)
+        # The padding that makes out = ceil(in / stride); SAME_UPPER puts the odd one at the end.
+        total = [max((out_sz[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - in_sz[i], 0)
+                 for i in range(nd)]
+        begin = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
     elif auto == "VALID":
-        begin, end = [0] * nd, [0] * nd
+        begin = [0] * nd
     else:
-        pads = list(n.attrs.get("pads", [0] * (2 * nd)))
-        begin, end = pads[:nd], pads[nd:]
-    return strides, dilations, begin, end, in_sz, out_sz
+        begin = [int(p) for p in n.attrs.get("pads", [0] * (2 * nd))[:nd]]
+    return strides, dilations, begin
 
 
 def transposed_conv(b, g, weight, *, group, strides, dilations, begin, in_sz, out_sz, kernel):
@@ -58,11 +63,16 @@ def transposed_conv(b, g, weight, *, group, strides, dilations, begin, in_sz, ou
     return g
 
 
+def _spatial(b, t, nd):
+    return b.static_dims(t, range(2, 2 + nd))
+
+
 @rule("Conv")
 def _conv(b, n, gy):
     x, w = n.inputs[0], n.inputs[1]
-    kernel = list(n.attrs.get("kernel_shape", b.static_dims(w)[2:]))
-    strides, dilations, begin, _, in_sz, out_sz = _geometry(b, n, x, n.outputs[0], kernel)
+    kernel = [int(k) for k in n.attrs.get("kernel_shape", b.static_dims(w)[2:])]
+    in_sz, out_sz = _spatial(b, x, len(kernel)), _spatial(b, n.outputs[0], len(kernel))
+    strides, dilations, begin = _geometry(b, n, in_sz, out_sz, kernel)
 
     def d_x():
         return transposed_conv(b, gy[0], w, group=int(n.attrs.get("group", 1)), strides=strides,
@@ -72,37 +82,41 @@ def _conv(b, n, gy):
 
 @rule("ConvTranspose")
 def _conv_transpose(b, n, gy):
-    """The adjoint of ConvTranspose is Conv with the same weights over gy padded back to the full size."""
+    """The adjoint of ConvTranspose is a Conv with the same weights over gy padded back to the full size.
+
+    The full (uncropped) output is (in - 1) * stride + (k - 1) * dilation + 1 + output_padding long; the output
+    is the window of it that starts at the begin pad. With output_shape or SAME padding the runtime derives the
+    pads from the total crop, the odd one at the begin except for SAME_UPPER (the spec's rule, which onnxruntime
+    follows).
+    """
     x, w, y = n.inputs[0], n.inputs[1], n.outputs[0]
-    nd = len(b.shape(x)) - 2
-    kernel = list(n.attrs.get("kernel_shape", b.static_dims(w)[2:]))
-    strides = list(n.attrs.get("strides", [1] * nd))
-    dilations = list(n.attrs.get("dilations", [1] * nd))
-    in_sz, out_sz = b.static_dims(x, range(2, 2 + nd)), b.static_dims(y, range(2, 2 + nd))
-    out_pad = list(n.attrs.get("output_padding", [0] * nd))
+    kernel = [int(k) for k in n.attrs.get("kernel_shape", b.static_dims(w)[2:])]
+    nd = len(kernel)
+    strides = [int(s) for s in n.attrs.get("strides", [1] * nd)]
+    dilations = [int(d) for d in n.attrs.get("dilations", [1] * nd)]
+    out_pad = [int(p) for p in n.attrs.get("output_padding", [0] * nd)]
+    in_sz, out_sz = _spatial(b, x, nd), _spatial(b, y, nd)
     full = [(in_sz[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 + out_pad[i] for i in range(nd)]
-    auto = n.attrs.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if "pads" in n.attrs and auto in ("NOTSET", ""):
-        pads = list(n.attrs["pads"])
-        begin, end = pads[:nd], pads[nd:]
+    total = [full[i] - out_sz[i] for i in range(nd)]
+    auto = _auto_pad(n)
+    if auto == "SAME_UPPER":
+        begin = [t // 2 for t in total]
+    elif auto == "SAME_LOWER" or "output_shape" in n.attrs:
+        begin = [t - t // 2 for t in total]
+    elif auto == "VALID":
+        begin = [0] * nd
     else:
-        total = [full[i] - out_sz[i] for i in range(nd)]
-        if auto == "SAME_LOWER":
-            begin = [t - t // 2 for t in total]
-        elif auto == "SAME_UPPER" or "output_shape" in n.attrs:
-            begin = [t // 2 for t in total]
-        else:
-            begin = [0] * nd
-        end = [t - s for t, s in zip(total, begin)]
+        begin = [int(p) for p in n.attrs.get("pads", [0] * (2 * nd))[:nd]]
+    end = [total[i] - begin[i] for i in range(nd)]
 
     def d_x():
-        g = gy[0]
         if any(p < 0 for p in begin + end):
-            raise b.error("has negative pads; not supported")
-        # Conv output size: floor((full - ((k-1)d + 1)) / s) + 1 = in_sz (out_pad < stride)
-        return b.op("Conv", g, w, group=int(n.attrs.get("group", 1)), strides=strides, dilations=dilations,
-                    pads=list(begin) + list(end))
+            raise b.error(f"has an output larger than its full size (pads {begin + end}); not supported")
+        if any(out_pad[i] >= strides[i] for i in range(nd)):
+            raise b.error(f"has output_padding {out_pad} not below its strides {strides}; not supported")
+        # Conv output size: floor((full - ((k-1)d + 1)) / s) + 1 = in, because output_padding < stride.
+        return b.op("Conv", gy[0], w, group=int(n.attrs.get("group", 1)), strides=strides, dilations=dilations,
+                    pads=begin + end)
     return (d_x, None, None)
 
 
@@ -119,35 +133,87 @@ def _global_max_pool(b, n, gy):
     x, y = n.inputs[0], n.outputs[0]
 
     def grad():
-        hit = b.mask(b.op("Equal", x, y))
+        hit = b.mask(b.op("Not", b.op("Less", x, y)))  # x == max, written so: Equal takes no floats before opset 11
         ties = b.reduce("ReduceSum", hit, list(range(2, len(b.shape(x)))), keepdims=True)
         return b.op("Mul", hit, b.op("Div", gy[0], ties))
     return (grad,)
 
 
-@rule("MaxPool")
-def _max_pool(b, n, gy):
-    """Scatter-add gy to the argmax positions that the forward MaxPool reports in its Indices output."""
-    x = n.inputs[0]
-    if b.opset < 16:
-        raise b.error("needs ScatterElements with reduction='add' (opset 16+) for its gradient")
+def _pool_out_size(b, n, in_sz) -> tuple:
+    """The pool's output spatial size as the runtime computes it (see the module docstring)."""
+    return run_single_node(n, [np.zeros((1, 1) + tuple(in_sz), np.float32)], b.opset)[0].shape[2:]
+
+
+def _argmax(b, n) -> gs.Tensor:
+    """The forward MaxPool's Indices output (flat over N*C*H*W, padding ignored, first maximum on ties).
+
+    If the model does not use it, the node is asked for it: the values it computes stay the same.
+    """
     if int(n.attrs.get("storage_order", 0)) != 0:
         raise b.error("uses storage_order=1; not supported")
+    if len(n.outputs) < 2 or not n.outputs[1].name:
+        idx = gs.Variable(f"{n.outputs[0].name}__onnxcam_argmax", dtype=np.int64)
+        if len(n.outputs) < 2:
+            n.outputs.append(idx)
+        else:
+            n.outputs[1] = idx
+    return n.outputs[1]
+
+
+@rule("MaxPool", opsets=(16, 10_000))
+def _max_pool_scatter(b, n, gy):
+    """Scatter-add gy to the argmax positions that the forward MaxPool reports in its Indices output."""
+    x = n.inputs[0]
 
     def grad():
-        if len(n.outputs) < 2 or not n.outputs[1].name:
-            # Ask the forward node for its argmax: same values, one more output.
-            idx = gs.Variable(f"{n.outputs[0].name}__onnxcam_argmax", dtype=np.int64)
-            if len(n.outputs) < 2:
-                n.outputs.append(idx)
-            else:
-                n.outputs[1] = idx
         flat = b.ints([-1])
         zeros = b.op("Reshape", b.zeros_like(x), flat)
-        g = b.op("ScatterElements", zeros, b.op("Reshape", n.outputs[1], flat), b.op("Reshape", gy[0], flat),
+        g = b.op("ScatterElements", zeros, b.op("Reshape", _argmax(b, n), flat), b.op("Reshape", gy[0], flat),
                  axis=0, reduction="add")
         return b.reshape_like(g, x)
     return (grad,)
+
+
+@rule("MaxPool", opsets=(8, 15))
+def _max_pool_taps(b, n, gy):
+    """Before opset 16 ScatterElements cannot add, and overlapping windows need adding. Instead, for each of the
+    K kernel taps, mask gy where that tap holds the window's argmax (per the Indices output, so ties go where the
+    runtime and torch send them); the K masked copies, stacked as channels, go back in place through one grouped
+    ConvTranspose whose K kernels per channel are one-hot at their tap: the Conv gradient's transposition.
+    """
+    x = n.inputs[0]
+    kernel = [int(k) for k in n.attrs["kernel_shape"]]
+    nd = len(kernel)
+    in_sz = _spatial(b, x, nd)
+    channels = b.static_dims(x, [1])[0]
+
+    def grad():
+        out_sz = _pool_out_size(b, n, in_sz)
+        strides, dilations, begin = _geometry(b, n, in_sz, out_sz, kernel)
+        taps = _tap_positions(in_sz, out_sz, kernel, strides, dilations, begin)  # [K, *out]
+        plane = int(np.prod(in_sz))
+        idx = _argmax(b, n)
+        where = b.op("Sub", idx, b.op("Mul", b.op("Div", idx, b.ints(plane)), b.ints(plane)))  # idx mod plane
+        hit = b.mask(b.op("Equal", b.unsqueeze(where, [2]), b.const(taps)))  # [N, C, K, *out]
+        g = b.op("Mul", hit, b.unsqueeze(gy[0], [2]))
+        g = b.op("Reshape", g, b.ints([0, channels * len(taps)] + list(out_sz)))
+        one_hot = np.eye(len(taps), dtype=b.dtype).reshape([len(taps), 1] + kernel)
+        weight = b.const(np.tile(one_hot, [channels, 1] + [1] * nd))  # [C*K, 1, *kernel], tap k of channel c
+        return transposed_conv(b, g, weight, group=channels, strides=strides, dilations=dilations, begin=begin,
+                               in_sz=in_sz, out_sz=out_sz, kernel=kernel)
+    return (grad,)
+
+
+def _tap_positions(in_sz, out_sz, kernel, strides, dilations, begin) -> np.ndarray:
+    """taps[k, p] = flat index in the unpadded input plane of tap k of output window p, -1 in the padding."""
+    grid = np.meshgrid(*[np.arange(o) for o in out_sz], indexing="ij")
+    taps = []
+    for tap in itertools.product(*[range(k) for k in kernel]):
+        pos = [grid[i] * strides[i] - begin[i] + tap[i] * dilations[i] for i in range(len(kernel))]
+        inside = np.logical_and.reduce([(p >= 0) & (p < s) for p, s in zip(pos, in_sz)])
+        flat = np.ravel_multi_index([np.clip(p, 0, s - 1) for p, s in zip(pos, in_sz)], in_sz)
+        taps.append(np.where(inside, flat, -1))
+    return np.stack(taps).astype(np.int64)
 
 
 @rule("AveragePool")
@@ -157,14 +223,15 @@ def _average_pool(b, n, gy):
     f is measured from the op itself at build time, so count_include_pad and ceil_mode follow the runtime
     exactly; the gradient is the transposed window sum of gy * f, a depthwise ConvTranspose with ones.
     """
-    x, y = n.inputs[0], n.outputs[0]
-    kernel = list(n.attrs["kernel_shape"])
-    strides, dilations, begin, end, in_sz, out_sz = _geometry(b, n, x, y, kernel)
+    x = n.inputs[0]
+    kernel = [int(k) for k in n.attrs["kernel_shape"]]
+    in_sz = _spatial(b, x, len(kernel))
     channels = b.static_dims(x, [1])[0]
 
     def grad():
-        ones = np.ones((1, 1) + tuple(in_sz), np.float32)
-        averaged = run_single_node(n, [ones], b.opset)[0]
+        averaged = run_single_node(n, [np.ones((1, 1) + tuple(in_sz), np.float32)], b.opset)[0]
+        out_sz = averaged.shape[2:]
+        strides, dilations, begin = _geometry(b, n, in_sz, out_sz, kernel)
         count = np.ones((1, 1) + tuple(out_sz), np.float64)
         for i in range(len(kernel)):
             o = np.arange(out_sz[i])[:, None] * strides[i] - begin[i] + np.arange(kernel[i])[None, :] * dilations[i]
@@ -181,11 +248,15 @@ def _average_pool(b, n, gy):
 
 
 def run_single_node(node: gs.Node, inputs: list[np.ndarray], opset: int) -> list[np.ndarray]:
-    """Run one copy of a forward node with onnxruntime on CPU: measures an op's exact runtime semantics."""
+    """Run one copy of a forward node with onnxruntime on CPU: measures an op's exact runtime semantics.
+
+    Only the first output is asked for (a MaxPool's Indices would change nothing here).
+    """
     import onnx
+
     from ...runtime import cpu_session
 
-    names = [f"in{i}" for i in range(len(inputs))]
+    names = [f"in{i}" if x is not None else "" for i, x in enumerate(inputs)]
     attrs = {k: (onnx.numpy_helper.from_array(np.asarray(v.values)) if isinstance(v, gs.Constant) else v)
              for k, v in node.attrs.items()}
     proto_node = onnx.helper.make_node(node.op, names, ["out"], **attrs)
@@ -193,8 +264,9 @@ def run_single_node(node: gs.Node, inputs: list[np.ndarray], opset: int) -> list
     graph = onnx.helper.make_graph(
         [proto_node], "measure",
         [onnx.helper.make_tensor_value_info(nm, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-         for nm, v in zip(names, inputs)],
+         for nm, v in zip(names, inputs) if nm],
         [onnx.helper.make_tensor_value_info("out", dtype, None)])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     model.ir_version = 8
-    return cpu_session(model.SerializeToString()).run(None, dict(zip(names, inputs)))
+    feeds = {nm: v for nm, v in zip(names, inputs) if nm}
+    return cpu_session(model.SerializeToString()).run(None, feeds)
