@@ -4,7 +4,7 @@ opset 13, the others before 18) and as input, keepdims 0/1, negative axes, all a
 import numpy as np
 import pytest
 
-from .gradcheck import Case, check_case, distinct
+from .gradcheck import Case, check_case, distinct, onnxcam_gradients
 
 rng = np.random.default_rng(3)
 X = rng.standard_normal((2, 3, 4))
@@ -22,6 +22,7 @@ def _cases(op, x):
     new = INPUT_FORM.get(op, 18)
     old = new - 1 if op != "ReduceSum" else 11
     return [
+        Case(op, {"x": x}, ["x"], {"axes": [2, 1]}, opset=10, id=f"{op}-10-attr-two-axes"),
         Case(op, {"x": x}, ["x"], {"axes": [1]}, opset=old, id=f"{op}-{old}-attr-axis1"),
         Case(op, {"x": x}, ["x"], {"axes": [0, -1], "keepdims": 0}, opset=old, id=f"{op}-{old}-attr-neg-keep0"),
         Case(op, {"x": x}, ["x"], {"keepdims": 0}, opset=old, id=f"{op}-{old}-attr-all-axes"),
@@ -41,3 +42,20 @@ CASES = (_cases("ReduceSum", X) + _cases("ReduceMean", X) + _cases("ReduceMax", 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_rule(case):
     check_case(case)
+
+
+@pytest.mark.parametrize("op, pick", [("ReduceMax", np.max), ("ReduceMin", np.min)])
+@pytest.mark.parametrize("opset", [10, 18])
+def test_ties_split_evenly(op, pick, opset):
+    """Tied extrema share gy evenly, like torch.amax (finite differences cannot see this: ties are kinks)."""
+    x = np.round(rng.standard_normal((2, 3, 4)))  # few distinct values: many ties
+    attrs, inputs = {"keepdims": 0}, {"x": x}
+    if opset < 18:
+        attrs["axes"] = [2]
+    else:
+        inputs["axes"] = _ints([2])
+    seed = rng.standard_normal((2, 3))
+    grad = onnxcam_gradients(Case(op, inputs, ["x"], attrs, opset=opset), seed)["x"]
+    hit = (x == pick(x, axis=2, keepdims=True)).astype(np.float64)
+    assert (hit.sum(axis=2) > 1).any(), "the input should contain ties"
+    np.testing.assert_allclose(grad, seed[..., None] * hit / hit.sum(axis=2, keepdims=True), rtol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto, helper
 
 from . import rule
 
@@ -25,8 +26,7 @@ def _mul(b, n, gy):
 
 @rule("Div", broadcast=True)
 def _div(b, n, gy):
-    x, y = n.inputs
-    out = n.outputs[0]
+    y, out = n.inputs[1], n.outputs[0]
     return (lambda: b.op("Div", gy[0], y),
             lambda: b.op("Neg", b.op("Div", b.op("Mul", gy[0], out), y)))  # -gy * x / y^2 = -gy * out / y
 
@@ -57,9 +57,12 @@ def _mean(b, n, gy):
 
 @rule("Max", "Min", broadcast=True)
 def _max_min(b, n, gy):
-    """The gradient goes to the operand(s) equal to the result, split evenly on ties (as torch does)."""
+    """The gradient goes to the operand(s) equal to the result, split evenly on ties (as torch does).
+
+    "Equal to the max" is written "not below the max": Equal takes floats only from opset 11."""
     out = n.outputs[0]
-    masks = [b.mask(b.op("Equal", x, out)) for x in n.inputs]
+    below = "Less" if n.op == "Max" else "Greater"
+    masks = [b.mask(b.op("Not", b.op(below, x, out))) for x in n.inputs]
     count = masks[0] if len(masks) == 1 else b.op("Sum", *masks)
 
     def share(m):
@@ -87,20 +90,30 @@ def _identity(b, n, gy):
 
 @rule("Dropout")
 def _dropout(b, n, gy):
-    """Inference-mode Dropout is the identity (a training_mode input set to true is not differentiated)."""
-    if len(n.inputs) > 2 and n.inputs[2].name:
-        mode = b.value(n.inputs[2], "training_mode")
-        if bool(np.asarray(mode)):
-            raise b.error("is in training mode; only inference-mode Dropout is supported")
+    """Inference-mode Dropout is the identity. Training mode (is_test=0 before opset 7, a training_mode input set
+    to true from opset 12) drops random elements, which an explanation must not do."""
+    if b.opset < 7 and not int(n.attrs.get("is_test", 0)):
+        raise b.error("is in training mode (is_test=0); only inference-mode Dropout is supported")
+    if len(n.inputs) > 2 and n.inputs[2].name and bool(np.asarray(b.value(n.inputs[2], "training_mode"))):
+        raise b.error("is in training mode; only inference-mode Dropout is supported")
     return (lambda: gy[0], None, None)
+
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
 
 @rule("Cast")
 def _cast(b, n, gy):
+    """Between float types the gradient is cast back to the input's type; to or from an integer type (rounding)
+    there is no gradient."""
     x = n.inputs[0]
     if x.dtype is None or not np.issubdtype(np.dtype(x.dtype), np.floating):
         raise b.error(f"casts a non-float tensor {x.name!r} ({x.dtype}); it has no gradient")
-    return (lambda: gy[0],)
+    to = int(n.attrs["to"])
+    if to not in _FLOAT_TYPES:
+        raise b.error(f"casts {x.name!r} to {TensorProto.DataType.Name(to)}; rounding to integers has no gradient")
+    same = helper.np_dtype_to_tensor_dtype(np.dtype(x.dtype)) == to
+    return (lambda: gy[0] if same else b.cast(gy[0], x.dtype),)
 
 
 @rule("Sqrt")

@@ -81,8 +81,9 @@ def _reduce_mean(b, n, x, y, g, axes):
 
 @_reduce_rule("ReduceMax", "ReduceMin")
 def _reduce_max_min(b, n, x, y, g, axes):
-    """Like torch.amax/amin: the gradient is split evenly between tied extrema."""
-    hit = b.mask(b.op("Equal", x, y))
+    """Like torch.amax/amin: the gradient is split evenly between tied extrema (found as "not below the max":
+    Equal takes floats only from opset 11)."""
+    hit = b.mask(b.op("Not", b.op("Less" if n.op == "ReduceMax" else "Greater", x, y)))
     return b.op("Mul", hit, b.op("Div", g, _sum_kept(b, hit, axes)))
 
 
