@@ -50,8 +50,8 @@ def _selu(b, n, gy):
     x, y = n.inputs[0], n.outputs[0]
     alpha = float(n.attrs.get("alpha", 1.67326319217681884765625))
     gamma = float(n.attrs.get("gamma", 1.05070102214813232421875))
-    return (lambda: b.op("Where", b.op("Greater", x, 0.0), b.op("Mul", gy[0], gamma),
-                         b.op("Mul", gy[0], b.op("Add", y, alpha * gamma))),)
+    return (lambda: b.op("Where", b.op("Greater", x, 0.0), b.op("Mul", _guide(b, gy[0]), gamma),
+                         b.op("Mul", _guide(b, gy[0]), b.op("Add", y, alpha * gamma))),)
 
 
 @rule("Clip")
@@ -59,7 +59,7 @@ def _clip(b, n, gy):
     """Gradient 1 where lo <= x <= hi (torch.clamp's convention), for the attribute (<11) and input forms."""
     x = n.inputs[0]
     if b.opset < 11:
-        lo, hi = n.attrs.get("min", -3.4028234663852886e38), n.attrs.get("max", 3.4028234663852886e38)
+        lo, hi = n.attrs.get("min"), n.attrs.get("max")
     else:
         lo = n.inputs[1] if len(n.inputs) > 1 and n.inputs[1].name else None
         hi = n.inputs[2] if len(n.inputs) > 2 and n.inputs[2].name else None
@@ -94,7 +94,7 @@ def _hard_sigmoid(b, n, gy):
     return (grad,)
 
 
-@rule("HardSwish")
+@rule("HardSwish", opsets=(14, 10_000))
 def _hard_swish(b, n, gy):
     """y = x * clip(x/6 + 1/2, 0, 1): slope 0 below -3, 1 above 3, (2x + 3) / 6 between."""
     x = n.inputs[0]
@@ -115,7 +115,7 @@ def _tanh(b, n, gy):
 @rule("Erf")
 def _erf(b, n, gy):
     x = n.inputs[0]
-    return (lambda: b.op("Mul", gy[0], b.op("Mul", 2.0 / math.sqrt(math.pi), b.op("Exp", b.op("Neg", b.op("Mul", x, x))))),)
+    return (lambda: b.op("Mul", gy[0], b.op("Mul", 2.0 / math.sqrt(math.pi), b.op("Exp", b.op("Mul", x, b.op("Neg", x))))),)
 
 
 @rule("Softplus")
@@ -129,7 +129,7 @@ def _softsign(b, n, gy):
     return (lambda: b.op("Div", gy[0], b.op("Pow", b.op("Add", b.op("Abs", x), 1.0), 2.0)),)
 
 
-@rule("Mish")
+@rule("Mish", opsets=(18, 10_000))
 def _mish(b, n, gy):
     """y = x tanh(softplus(x)); y' = tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2)."""
     x = n.inputs[0]
@@ -141,7 +141,7 @@ def _mish(b, n, gy):
     return (grad,)
 
 
-@rule("Gelu")
+@rule("Gelu", opsets=(20, 10_000))
 def _gelu(b, n, gy):
     """Exact: Phi(x) + x phi(x). Tanh approximation: derivative of 0.5 x (1 + tanh(k (x + 0.044715 x^3)))."""
     x = n.inputs[0]
@@ -160,7 +160,8 @@ def _gelu(b, n, gy):
         t = b.op("Tanh", inner)
         d_inner = b.op("Mul", k, b.op("Add", 1.0, b.op("Mul", 3 * 0.044715, x2)))
         sech2 = b.op("Sub", 1.0, b.op("Mul", t, t))
-        d = b.op("Add", b.op("Mul", 0.5, b.op("Add", 1.0, t)), b.op("Mul", b.op("Mul", 0.5, x), b.op("Mul", sech2, d_inner)))
+        d_outer = b.op("Mul", b.op("Mul", 0.5, x), b.op("Mul", sech2, d_inner))
+        d = b.op("Add", b.op("Mul", 0.5, b.op("Add", 1.0, t)), d_outer)
         return b.op("Mul", gy[0], d)
     return (tanh_approx if approximate == "tanh" else exact,)
 

@@ -104,16 +104,17 @@ _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, Tens
 
 @rule("Cast")
 def _cast(b, n, gy):
-    """Between float types the gradient is cast back to the input's type; to or from an integer type (rounding)
-    there is no gradient."""
+    """Between float types the gradient passes, kept in the builder's dtype (see rules/__init__.py): a cast to
+    another float type (float64, fp16) is undone on the gradient. To or from an integer type (rounding) there is
+    no gradient."""
     x = n.inputs[0]
     if x.dtype is None or not np.issubdtype(np.dtype(x.dtype), np.floating):
         raise b.error(f"casts a non-float tensor {x.name!r} ({x.dtype}); it has no gradient")
     to = int(n.attrs["to"])
     if to not in _FLOAT_TYPES:
         raise b.error(f"casts {x.name!r} to {TensorProto.DataType.Name(to)}; rounding to integers has no gradient")
-    same = helper.np_dtype_to_tensor_dtype(np.dtype(x.dtype)) == to
-    return (lambda: gy[0] if same else b.cast(gy[0], x.dtype),)
+    same = to == helper.np_dtype_to_tensor_dtype(b.dtype)
+    return (lambda: gy[0] if same else b.cast(gy[0], b.dtype),)
 
 
 @rule("Sqrt")
