@@ -1,34 +1,33 @@
-"""Gemm, MatMul and two-operand Einsum: each gradient is again a product, with the other operand transposed."""
+"""Gemm, MatMul and Einsum: each gradient is again a product, with the other operand(s) transposed."""
 
 from __future__ import annotations
-
-import re
 
 from . import rule
 
 
+def _product(b, x, y, alpha: float, trans_x: int, trans_y: int):
+    """alpha * op(x) op(y) as a Gemm; before opset 11 Gemm's C input is required, so pass a zero there."""
+    zero = b.const(0.0) if b.opset < 11 else None
+    return b.op("Gemm", x, y, zero, alpha=alpha, transA=trans_x, transB=trans_y)
+
+
 @rule("Gemm")
 def _gemm(b, n, gy):
-    """Y = alpha * A' B' + beta * C, with A' = A^T if transA, B' = B^T if transB."""
+    """Y = alpha * A' B' + beta * C, with A' = A^T if transA, B' = B^T if transB; C broadcast to Y."""
     a, bb = n.inputs[0], n.inputs[1]
     alpha, beta = float(n.attrs.get("alpha", 1.0)), float(n.attrs.get("beta", 1.0))
     ta, tb = int(n.attrs.get("transA", 0)), int(n.attrs.get("transB", 0))
     g = gy[0]
 
     def d_a():  # dA' = alpha gy B'^T; dA = dA'^T when transA
-        if ta:
-            return b.op("Gemm", bb, g, alpha=alpha, transA=tb, transB=1)
-        return b.op("Gemm", g, bb, alpha=alpha, transB=1 - tb)
+        return _product(b, bb, g, alpha, tb, 1) if ta else _product(b, g, bb, alpha, 0, 1 - tb)
 
     def d_b():  # dB' = alpha A'^T gy; dB = dB'^T when transB
-        if tb:
-            return b.op("Gemm", g, a, alpha=alpha, transA=1, transB=ta)
-        return b.op("Gemm", a, g, alpha=alpha, transA=1 - ta)
+        return _product(b, g, a, alpha, 1, ta) if tb else _product(b, a, g, alpha, 1 - ta, 0)
 
     def d_c():
-        c = n.inputs[2]
         scaled = g if beta == 1.0 else b.op("Mul", g, beta)
-        return b.unbroadcast(scaled, b.shape(n.outputs[0]), b.shape(c))
+        return b.unbroadcast(scaled, b.shape(n.outputs[0]), b.shape(n.inputs[2]))
     return (d_a, d_b, d_c)
 
 
@@ -56,38 +55,52 @@ def _matmul(b, n, gy):
         return b.op("Transpose", x, perm=perm)
 
     def d_a():
-        a2, sa2, c2, sc2, g, go = prepared()
+        _, sa2, c2, sc2, g, go = prepared()
         ga = b.op("MatMul", g, t(c2, len(sc2)))
         ga = b.unbroadcast(ga, go[:-2] + sa2[-2:], sa2)
         return b.squeeze(ga, [0]) if len(sa) == 1 else ga
 
     def d_c():
-        a2, sa2, c2, sc2, g, go = prepared()
+        a2, sa2, _, sc2, g, go = prepared()
         gc = b.op("MatMul", t(a2, len(sa2)), g)
         gc = b.unbroadcast(gc, go[:-2] + sc2[-2:], sc2)
         return b.squeeze(gc, [1]) if len(sc) == 1 else gc
     return (d_a, d_c)
 
 
-_EINSUM = re.compile(r"^([a-zA-Z]*),([a-zA-Z]*)->([a-zA-Z]*)$")
+def _einsum_terms(b, eq: str) -> tuple[list[str], str]:
+    """The operands' subscripts and the output's, for explicit ('ij,jk->ik') and implicit ('ij,jk') equations."""
+    if "..." in eq:
+        raise b.error(f"has equation {eq!r}; broadcasting with '...' is not supported")
+    lhs, arrow, out = eq.partition("->")
+    ins = lhs.split(",")
+    if not arrow:  # implicit form: the letters seen once, in alphabetical order
+        letters = "".join(ins)
+        out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    for sub in (*ins, out):
+        if len(set(sub)) != len(sub):
+            raise b.error(f"has a repeated index in {eq!r} (diagonals are not supported)")
+    return ins, out
 
 
 @rule("Einsum")
 def _einsum(b, n, gy):
-    """Two operands without repeated or dropped letters: d/dA of 'ab,bc->ac' is einsum('ac,bc->ab', gy, B)."""
+    """Operand k's gradient is the einsum of gy with the other operands, written to k's subscripts:
+    for 'ab,bc->ac', dA = einsum('ac,bc->ab', gy, C). Letters of k seen nowhere else (summed over k alone) get
+    gy broadcast along them."""
     eq = n.attrs["equation"]
     eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
-    m = _EINSUM.match(eq)
-    if len(n.inputs) != 2 or m is None:
-        raise b.error(f"has equation {eq!r}; only explicit two-operand forms 'x,y->z' are supported")
-    sa, sc, so = m.groups()
-    for sub in (sa, sc, so):
-        if len(set(sub)) != len(sub):
-            raise b.error(f"has a repeated index in {eq!r} (diagonals are not supported)")
-    a, c = n.inputs
+    ins, out = _einsum_terms(b, eq)
 
-    def grad(mine, other, other_t):
-        if not set(mine) <= set(so) | set(other):
-            raise b.error(f"sums an index of one operand alone in {eq!r}; not supported")
-        return lambda: b.op("Einsum", gy[0], other_t, equation=f"{so},{other}->{mine}")
-    return (grad(sa, sc, c), grad(sc, sa, a))
+    def grad(k):
+        mine, others = ins[k], ins[:k] + ins[k + 1:]
+        seen = set(out).union(*others)
+        kept = "".join(c for c in mine if c in seen)
+        alone = [i for i, c in enumerate(mine) if c not in seen]
+
+        def make():
+            tensors = [t for j, t in enumerate(n.inputs) if j != k]
+            g = b.op("Einsum", gy[0], *tensors, equation=f"{','.join([out, *others])}->{kept}")
+            return b.op("Expand", b.unsqueeze(g, alone), b.shape_of(n.inputs[k])) if alone else g
+        return make
+    return [grad(k) for k in range(len(ins))]
