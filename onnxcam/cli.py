@@ -1,0 +1,348 @@
+"""The `onnxcam` command: demo, explain, layers, info. The only click importer.
+
+Library errors become one "Error: ..." line (exit status 1) here, at the edge; --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from . import __version__
+from .errors import OnnxCamError
+
+log = logging.getLogger(__name__)
+DATA = Path(__file__).parent / "data"
+DEMO_MODEL = DATA / "efficientnet_lite0.onnx"
+DEMO_SAMPLES = DATA / "samples"
+
+
+# ---- errors at the edge ----------------------------------------------------------------------------------------
+class _Group(click.Group):
+    """Turns every exception into one 'Error: ...' line and exit status 1, unless --debug was given."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, KeyboardInterrupt,
+                SystemExit):
+            raise
+        except Exception as exc:
+            if ctx.meta.get("onnxcam.debug"):
+                raise
+            raise click.ClickException(_message(exc)) from None
+
+
+def _message(exc: Exception) -> str:
+    if isinstance(exc, OnnxCamError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{':' + where if where else ''}"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"unexpected {type(exc).__name__}: {first} (run with --debug for the traceback)"
+
+
+def _set_debug(ctx: click.Context, _param, value: bool):
+    if value:
+        ctx.meta["onnxcam.debug"] = True
+        logging.getLogger("onnxcam").setLevel(logging.DEBUG)
+    return value
+
+
+def debug_option(f):
+    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                        help="Show tracebacks and debug logs.")(f)
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("onnxcam")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
+# ---- option parsing (bad values are usage errors: exit status 2) ------------------------------------------------
+def _parse_size(_ctx, _param, value):
+    if value is None:
+        return None
+    parts = value.lower().replace(",", "x").split("x")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not HxW, e.g. 224x224 (or one number for a square)") from None
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise click.BadParameter(f"{value!r} is not HxW with positive sizes, e.g. 224x224")
+    return size
+
+
+def _parse_floats(_ctx, param, value):
+    if value is None:
+        return None
+    try:
+        floats = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+    if len(floats) not in (1, 3):
+        raise click.BadParameter(f"{value!r}: give 3 values (r,g,b) or 1 for all channels")
+    if any(not 0 <= v <= 1 for v in floats):
+        raise click.BadParameter(f"{value!r}: values are in [0, 1] pixel units (e.g. 0.485), not 0..255")
+    if param.name == "std" and any(v == 0 for v in floats):
+        raise click.BadParameter(f"{value!r}: std must not be 0")
+    return floats
+
+
+def _parse_methods(_ctx, _param, value):
+    from .cam.methods import METHODS
+
+    methods = [m.strip().lower() for m in value.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise click.BadParameter(f"unknown method {', '.join(unknown) or repr(value)}; "
+                                 f"choose from {', '.join(METHODS)}")
+    return methods
+
+
+def model_options(f):
+    """The options that decide how images become model inputs (shared by explain, layers and info)."""
+    for decorator in reversed([
+        click.option("--size", callback=_parse_size, metavar="HxW",
+                     help="Model input size; needed when the model's spatial size is dynamic."),
+        click.option("--mean", callback=_parse_floats, metavar="R,G,B",
+                     help="Per-channel mean in [0,1] units [default: model metadata, else ImageNet's]."),
+        click.option("--std", callback=_parse_floats, metavar="R,G,B",
+                     help="Per-channel std in [0,1] units [default: model metadata, else ImageNet's]."),
+        click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True,
+                     help="Input layout; auto reads the metadata or the input shape (NHWC: TensorFlow exports)."),
+        click.option("--bgr", is_flag=True, help="Feed channels in BGR order (Caffe/OpenCV-trained models)."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+# ---- the commands ----------------------------------------------------------------------------------------------
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnxcam")
+@debug_option
+def main():
+    """Grad-CAM, HiResCAM and friends for image classifiers exported to ONNX.
+
+    \b
+    onnxcam demo                                  explain the bundled photos with the bundled model
+    onnxcam explain model.onnx photos/            heatmaps for your own model and images
+    onnxcam layers model.onnx                     which layers can be explained
+    onnxcam info model.onnx                       inputs, outputs, preprocessing, gradient support
+    """
+    _setup_logging()
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="onnxcam-out", show_default=True,
+              help="Folder for the pictures and JSON files.")
+@click.option("--method", "methods", default="gradcam,hirescam", show_default=True, callback=_parse_methods,
+              help="CAM methods, comma-separated.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@debug_option
+def demo(out: Path, methods: list[str], device: str):
+    """Explain the bundled sample photos with the bundled EfficientNet-Lite0.
+
+    The model has real ImageNet weights; its preprocessing and class names are read from its own metadata.
+    Also explains the cat and the espresso photos put side by side, once for each class, to show that
+    each class's map lands on its own object.
+
+    \b
+    Example:
+        onnxcam demo --out demo-out
+    """
+    from . import image
+    from .pipeline import ImageFile, Runner, find_images, parse_target
+
+    runner = Runner(DEMO_MODEL, methods=methods, device=device, out=out)
+    files = find_images([DEMO_SAMPLES])
+    click.echo(f"Model: {DEMO_MODEL.name} (EfficientNet-Lite0, ImageNet), layer {', '.join(runner.layers)}, "
+               f"device {runner.explainer.providers[0].replace('ExecutionProvider', '')}")
+    start, written, failed = time.perf_counter(), 0, 0
+    for batch in runner.run(files, batch_size=len(files)):
+        for rep in batch:
+            failed += _echo_report(rep)
+            written += _count_files(rep)
+    # Class discrimination: one picture, two objects, one map per class.
+    by_name = {f.path.name: f for f in files}
+    pair = image.side_by_side(image.read_image(by_name["chelsea.png"].path),
+                              image.read_image(by_name["coffee.png"].path))
+    both = ImageFile(Path("cat_and_coffee (chelsea.png and coffee.png side by side)"), Path("cat_and_coffee"),
+                     rgb=pair)
+    rep = runner.explain_batch([both], parse_target("285,967"))[0]
+    for m in rep.maps:
+        half = "left (the cat)" if _peak_x(m.mask) < 0.5 else "right (the cup)"
+        click.echo(f"  {'cat_and_coffee':14s} {m.method:9s} map for {m.target} {m.label!r} peaks on the {half}"
+                   f" -> {_show(m.files['overlay'])}")
+    written += _count_files(rep)
+    click.echo(f"Explained {len(files) + 1} pictures in {time.perf_counter() - start:.1f} s; "
+               f"wrote {written} files to {_show(out)}")
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--method", "methods", default="gradcam", show_default=True, callback=_parse_methods,
+              help="CAM methods, comma-separated, e.g. gradcam,hirescam.")
+@click.option("--layer", "layers", multiple=True, metavar="NAME",
+              help="Target layer (an ONNX tensor name, see `onnxcam layers`); repeat for several [default: the "
+                   "last spatial activation before the score].")
+@click.option("--target", default="top1", show_default=True, metavar="top1|topK|CLASS[,CLASS]",
+              help="Which classes to explain: each image's best k, or class numbers or names.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="onnxcam-out", show_default=True,
+              help="Output folder.")
+@model_options
+@click.option("--labels", metavar="FILE",
+              help="Class names, one per line or a JSON list; 'imagenet' for the bundled ImageNet names "
+                   "[default: the model's metadata].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--save-raw", is_flag=True,
+              help="Also write an .npz per map: the map at input size, the low-resolution map, activations, "
+                   "gradients and logits.")
+@debug_option
+def explain(model, inputs, methods, layers, target, out, size, mean, std, layout, bgr, labels, device, batch_size,
+            save_raw):
+    """Explain MODEL's predictions on INPUTS (image files, or folders searched recursively).
+
+    Writes, per image and method: an overlay PNG (the heatmap on the image, at its original resolution), the
+    heatmap alone, and one JSON per image with the top classes, target, layer, method, model hash and timings.
+    Preprocessing comes from the model's metadata (onnxcam.preprocess) where present; options override it.
+    Unreadable images in a folder are reported and skipped; the exit status is then 1.
+
+    \b
+    Examples:
+        onnxcam explain resnet50.onnx cat.jpg --labels imagenet
+        onnxcam explain model.onnx photos/ --method gradcam,hirescam --target top3 --out maps/
+        onnxcam explain tf_model.onnx dog.png --size 224x224 --mean 0.5 --std 0.5 --target 207
+    """
+    from .pipeline import Runner, find_images
+
+    files = find_images(inputs, exclude=[out])
+    runner = Runner(model, methods=methods, layers=list(layers) or None, target=target, size=size, mean=mean,
+                    std=std, layout=layout, bgr=bgr, labels=labels, device=device, out=out, save_raw=save_raw)
+    start, done, failed, written = time.perf_counter(), 0, 0, 0
+    bar = len(files) > batch_size and sys.stderr.isatty()
+    batches = runner.run(files, batch_size)
+    if bar:
+        with click.progressbar(length=len(files), label="Explaining", file=sys.stderr) as progress:
+            for batch in batches:
+                for rep in batch:
+                    if not rep.ok:
+                        progress.render_finish()
+                        click.echo(f"Error: {rep.error}", err=True)
+                    failed += not rep.ok
+                    written += _count_files(rep)
+                progress.update(len(batch))
+    else:
+        for batch in batches:
+            for rep in batch:
+                failed += _echo_report(rep)
+                written += _count_files(rep)
+    done = len(files) - failed
+    took = time.perf_counter() - start
+    status = f"; {failed} failed" if failed else ""
+    click.echo(f"Explained {done} of {len(files)} images with {', '.join(methods)} in {took:.1f} s "
+               f"({took / max(done, 1):.2f} s/image){status}; wrote {written} files to {_show(out)}")
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@model_options
+@click.option("--all", "show_all", is_flag=True, help="Also list plumbing tensors (Pad, Reshape, Transpose, ...).")
+@debug_option
+def layers(model, size, mean, std, layout, bgr, show_all):
+    """List MODEL's candidate target layers: 4-D activations on the way to the score.
+
+    Columns: the ONNX tensor name (what --layer takes), the op that produces it, its shape, the module it
+    belongs to where the exporter recorded one, and whether every op between it and the score has a gradient
+    rule. '*' marks the automatic choice (the last spatial activation).
+
+    \b
+    Example:
+        onnxcam layers model.onnx
+        onnxcam explain model.onnx cat.jpg --layer "/layer3/layer3.5/relu_2/Relu_output_0"
+    """
+    from .modelinfo import candidate_layers, open_model
+
+    m = open_model(model, size=size, mean=mean, std=std, layout=layout, bgr=bgr)
+    rows = candidate_layers(m, show_all)
+    if m.size_note:
+        click.echo(m.size_note)
+    headers = ("", "tensor", "op", "shape", "module", "gradient")
+    table = [("*" if r.default else "", r.name, r.op, r.shape, r.module or "",
+              f"no rule for {', '.join(r.missing)}" if r.missing else "ok") for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(headers)]
+    for row in [headers] + table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    click.echo(f"{len(rows)} candidate layers; * = the automatic choice ({m.default_layer})")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@model_options
+@debug_option
+def info(model, size, mean, std, layout, bgr):
+    """Describe MODEL: inputs and outputs, opset, producer, the detected logits, the preprocessing found in its
+    metadata, and whether every op on the path to the score has a gradient rule (unsupported ops listed).
+
+    \b
+    Example:
+        onnxcam info model.onnx
+    """
+    from .modelinfo import describe, open_model
+
+    m = open_model(model, size=size, mean=mean, std=std, layout=layout, bgr=bgr)
+    for key, value in describe(m):
+        lines = value.splitlines() or [""]
+        click.echo(f"{key:12s}{lines[0]}")
+        for line in lines[1:]:
+            click.echo(f"{'':12s}{line}")
+
+
+# ---- output helpers --------------------------------------------------------------------------------------------
+def _echo_report(rep) -> int:
+    """Print one image's result line (or its error on stderr); return 1 if it failed."""
+    if not rep.ok:
+        click.echo(f"Error: {rep.error}", err=True)
+        return 1
+    c, label, p = rep.top[0]
+    shown = {m.files["overlay"] for m in rep.maps[:1]}
+    where = f" -> {_show(next(iter(shown)))}" if shown else ""
+    click.echo(f"  {rep.image.path.name:14s} {c:>5} {label} ({p:.2f}){where}")
+    return 0
+
+
+def _count_files(rep) -> int:
+    return sum(len(m.files) for m in rep.maps) + (rep.json_path is not None)
+
+
+def _peak_x(mask: np.ndarray) -> float:
+    """Horizontal position of the map's maximum, as a fraction of its width."""
+    _, x = np.unravel_index(int(np.argmax(mask)), mask.shape)
+    return (x + 0.5) / mask.shape[1]
+
+
+def _show(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+

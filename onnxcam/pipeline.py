@@ -1,0 +1,313 @@
+"""Explaining image files: find them, preprocess, run the CAM methods, write pictures and one JSON per image.
+
+The command line (cli.py) is a thin shell around `Runner`; this module neither prints nor exits.
+Files written per image (base = the image's name without its extension, kept unique in its output folder):
+
+    <base>.<method>.<class>.overlay.png   the heatmap blended on the image, at the image's original resolution
+    <base>.<method>.<class>.heatmap.png   the heatmap alone, same resolution
+    <base>.<method>.<class>.npz           with save_raw: maps, activations, gradients, logits
+    <base>.json                           predictions, targets, layers, model hash, preprocessing, timings
+
+The JSON is written last, so its presence means the image's pictures are complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, image, preprocess
+from .cam.api import Explanation, explain
+from .cam.methods import METHODS
+from .errors import InputError
+from .explainer import Explainer
+from .files import atomic_write, write_json, write_npz
+from .graph.load import load_model
+
+log = logging.getLogger(__name__)
+TOP_K = 5
+
+
+# ---- what to explain -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """'top' with k: each image's k best classes; 'classes': the same given classes for every image."""
+
+    kind: str
+    k: int = 1
+    classes: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        return f"top{self.k}" if self.kind == "top" else ",".join(str(c) for c in self.classes)
+
+
+def parse_target(spec: str, labels: list[str] | None = None) -> Target:
+    """'top1', 'top3', '285', '285,967' or class names ('Egyptian cat,espresso', case-insensitive)."""
+    spec = spec.strip()
+    if m := re.fullmatch(r"top(\d+)", spec, re.IGNORECASE):
+        k = int(m.group(1))
+        if k < 1:
+            raise InputError(f"target {spec!r}: k must be at least 1")
+        return Target("top", k=k)
+    classes = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            raise InputError(f"target {spec!r} has an empty class")
+        if re.fullmatch(r"\d+", part):
+            classes.append(int(part))
+            continue
+        hits = [i for i, name in enumerate(labels or []) if name.lower() == part.lower()]
+        if not hits:
+            known = "" if labels else " (the model has no class names: give class numbers)"
+            raise InputError(f"target {part!r} is neither topK, a class number nor a class name{known}")
+        if len(hits) > 1:
+            raise InputError(f"class name {part!r} is ambiguous: classes {hits}; give the number")
+        classes.append(hits[0])
+    return Target("classes", classes=tuple(dict.fromkeys(classes)))
+
+
+# ---- which files -----------------------------------------------------------------------------------------------
+@dataclass
+class ImageFile:
+    path: Path                      # where it is read from (for display and the JSON)
+    base: Path                      # output path without suffix, relative to the output folder
+    rgb: np.ndarray | None = None   # already decoded (the demo's composed picture), else read from path
+
+
+def find_images(inputs, exclude=()) -> list[ImageFile]:
+    """Files as given, folders recursed (image extensions only, hidden entries and `exclude` folders skipped)."""
+    skip = {Path(p).resolve() for p in exclude}
+    found: list[tuple[Path, Path]] = []
+    for given in inputs:
+        p = Path(given)
+        if p.is_dir():
+            files = []
+            for f in sorted(p.rglob("*")):
+                rel = f.relative_to(p)
+                if any(part.startswith(".") for part in rel.parts) or any(s in f.resolve().parents for s in skip):
+                    continue
+                if f.is_file() and f.suffix.lower() in image.IMAGE_EXTENSIONS:
+                    files.append((f, rel.with_suffix("")))
+            if not files:
+                raise InputError(f"no images found in folder {p}")
+            found += files
+        elif p.exists():
+            found.append((p, Path(p.stem)))
+        else:
+            raise InputError(f"no such file or folder: {p}")
+    unique: dict[Path, ImageFile] = {}
+    seen_paths = set()
+    for path, base in found:
+        if path.resolve() in seen_paths:
+            continue
+        seen_paths.add(path.resolve())
+        if base in unique:  # a.png and a.jpg, or the same name from two folders given as files
+            ext = path.suffix.lstrip(".").lower() or "img"
+            candidate, n = base.with_name(f"{base.name}_{ext}"), 2
+            while candidate in unique:
+                candidate, n = base.with_name(f"{base.name}_{ext}{n}"), n + 1
+            base = candidate
+        unique[base] = ImageFile(path, base)
+    return list(unique.values())
+
+
+# ---- results ---------------------------------------------------------------------------------------------------
+@dataclass
+class Map:
+    method: str
+    target: int
+    label: str
+    score: float                    # the target's softmax probability
+    mask: np.ndarray                # (H, W) in [0, 1] at the model's input size
+    files: dict = field(default_factory=dict)
+    source: Explanation | None = field(default=None, repr=False)  # the batch's explanation, until written
+    index: int = 0                  # this image's row in it
+
+
+@dataclass
+class ImageReport:
+    image: ImageFile
+    error: str | None = None
+    top: list = field(default_factory=list)       # [(class, label, probability)], best first
+    maps: list[Map] = field(default_factory=list)
+    json_path: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Runner:
+    """One model opened for explaining files; `run` explains a list of ImageFile in batches and writes results."""
+
+    def __init__(self, model, *, methods=("gradcam",), layers=None, target: str | Target = "top1", size=None,
+                 mean=None, std=None, layout: str = "auto", bgr: bool = False, labels=None, device: str = "auto",
+                 out: str | Path = "onnxcam-out", save_raw: bool = False):
+        start = time.perf_counter()
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise InputError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+        self.model_name = str(model)
+        proto = load_model(model)
+        self.pre = preprocess.resolve(proto, size=size, mean=mean, std=std, layout=layout, bgr=bgr)
+        self.labels, self.labels_source = _labels(proto, labels)
+        self.target = target if isinstance(target, Target) else parse_target(target, self.labels)
+        self.explainer = Explainer(proto, layers=layers, device=device, input_shape=self.pre.input_shape(1))
+        self.methods = list(dict.fromkeys(methods))
+        self.out = Path(out)
+        self.save_raw = save_raw
+        self._classes_checked = False
+        self.load_seconds = time.perf_counter() - start
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.explainer.layers)
+
+    def label(self, c: int) -> str:
+        return self.labels[c] if self.labels and 0 <= c < len(self.labels) else f"class {c}"
+
+    def run(self, files: list[ImageFile], batch_size: int = 8, target: Target | None = None):
+        """Yield one list of ImageReport per batch (images that cannot be read carry their error, and are skipped)."""
+        for i in range(0, len(files), max(1, batch_size)):
+            yield self.explain_batch(files[i:i + batch_size], target)
+
+    def explain_batch(self, files: list[ImageFile], target: Target | None = None) -> list[ImageReport]:
+        target = target or self.target
+        reports = [ImageReport(f) for f in files]
+        timings: dict[int, dict] = {}
+        images, xs = {}, []
+        for i, f in enumerate(files):
+            t = time.perf_counter()
+            try:
+                rgb = f.rgb if f.rgb is not None else image.read_image(f.path)
+            except InputError as exc:
+                reports[i].error = str(exc)
+                continue
+            images[i] = rgb
+            xs.append(image.to_input(rgb, self.pre))
+            timings[i] = {"read_s": time.perf_counter() - t, "explain_s": {}}
+        if not images:
+            return reports
+        x = np.stack(xs)
+        probs = None
+        for method in self.methods:
+            t = time.perf_counter()
+            for classes, e in self._explain(x, method, target):
+                probs = _softmax(e.logits) if probs is None else probs
+                for j, i in enumerate(images):
+                    c = int(classes[j])
+                    reports[i].maps.append(Map(method, c, self.label(c), float(probs[j, c]), e.maps[j],
+                                               source=e, index=j))
+            for i in images:
+                timings[i]["explain_s"][method] = (time.perf_counter() - t) / len(images)
+        for j, i in enumerate(images):
+            order = np.argsort(-probs[j])[:TOP_K]
+            reports[i].top = [(int(c), self.label(int(c)), float(probs[j, c])) for c in order]
+        for i, rgb in images.items():
+            self._write(reports[i], rgb, timings[i], target)
+        return reports
+
+    def _explain(self, x: np.ndarray, method: str, target: Target):
+        """Yield (classes (N,), Explanation) for each class rank (top-k) or each given class."""
+        channels_last = self.pre.layout == "nhwc"
+        if target.kind == "top":
+            e = explain(self.explainer, x, method, None, channels_last=channels_last)
+            self._check_classes(e.logits)
+            yield e.targets, e
+            order = np.argsort(-e.logits.reshape(len(x), -1), axis=1)
+            for r in range(1, min(target.k, order.shape[1])):
+                yield order[:, r], explain(self.explainer, x, method, order[:, r].tolist(), channels_last=channels_last)
+        else:
+            for c in target.classes:
+                e = explain(self.explainer, x, method, c, channels_last=channels_last)
+                self._check_classes(e.logits)
+                yield np.full(len(x), c), e
+
+    def _check_classes(self, logits: np.ndarray) -> None:
+        if self._classes_checked:
+            return
+        if logits.ndim != 2:
+            raise InputError(f"the explained score has shape {logits.shape}; onnxcam explain needs a classifier's "
+                             "(N, classes) scores")
+        k = logits.shape[1]
+        if self.labels is not None and len(self.labels) != k:
+            raise InputError(f"{len(self.labels)} class names ({self.labels_source}) for a model with {k} classes")
+        self._classes_checked = True
+
+    def _write(self, rep: ImageReport, rgb: np.ndarray, timings: dict, target: Target) -> None:
+        t = time.perf_counter()
+        h, w = rgb.shape[:2]
+        base = self.out / rep.image.base
+        inputs = {rep.image.path.resolve()} if rep.image.rgb is None else set()
+        entries = []
+        for m in rep.maps:
+            stem = f"{base.name}.{m.method}.{m.target}"
+            files = {"overlay": base.with_name(f"{stem}.overlay.png"), "heatmap": base.with_name(f"{stem}.heatmap.png")}
+            if self.save_raw:
+                files["raw"] = base.with_name(f"{stem}.npz")
+            _refuse_inputs(files.values(), inputs)
+            atomic_write(files["overlay"], image.encode_png(image.overlay(rgb, m.mask)))
+            atomic_write(files["heatmap"], image.encode_png(image.heatmap(m.mask, (w, h))))
+            if self.save_raw:
+                write_npz(files["raw"], **_raw_arrays(m))
+            m.files, m.source = files, None  # the batch's activations are no longer needed
+            entries.append({"method": m.method, "class": m.target, "label": m.label, "score": round(m.score, 6),
+                            "layers": self.layers, **{k: v.name for k, v in files.items()}})
+        timings["write_s"] = time.perf_counter() - t
+        record = {
+            "image": str(rep.image.path), "width": w, "height": h,
+            "model": self.model_name, "model_hash": self.explainer.digest,
+            "top": [{"class": c, "label": lab, "score": round(p, 6)} for c, lab, p in rep.top],
+            "target": str(target), "layers": self.layers, "explanations": entries,
+            "preprocess": self.pre.describe(), "labels": self.labels_source,
+            "timings": _rounded(timings), "onnxcam": __version__,
+        }
+        rep.json_path = base.with_name(f"{base.name}.json")
+        _refuse_inputs([rep.json_path], inputs)
+        write_json(rep.json_path, record)
+
+
+def _raw_arrays(m: Map) -> dict[str, np.ndarray]:
+    e, j = m.source, m.index
+    arrays = {"map": m.mask.astype(np.float32), "logits": e.logits[j], "target": np.int64(m.target),
+              "layers": np.array(e.layers)}
+    for n, layer in enumerate(e.layers):
+        arrays[f"lowres_{n}"] = e.raw[layer][j]
+        arrays[f"activations_{n}"] = e.result.activations[layer][j]
+        arrays[f"gradients_{n}"] = e.result.gradients[layer][j]
+    return arrays
+
+
+def _rounded(d):
+    if isinstance(d, dict):
+        return {k: _rounded(v) for k, v in d.items()}
+    return round(d, 4) if isinstance(d, float) else d
+
+
+def _labels(proto, labels_file) -> tuple[list[str] | None, str]:
+    """Class names: a file (or "imagenet" for the bundled ImageNet list), else the model's metadata, else none."""
+    if labels_file == "imagenet":
+        return preprocess.imagenet_labels(), "imagenet (bundled)"
+    if labels_file is not None:
+        return preprocess.read_labels(labels_file), f"file {labels_file}"
+    found = preprocess.labels_from_metadata(proto)
+    if found is not None:
+        return found, f"metadata {preprocess.LABELS_KEY}"
+    return None, "none"
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.reshape(len(logits), -1).astype(np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def _refuse_inputs(paths, inputs: set) -> None:
+    for p in paths:
+        if Path(p).resolve() in inputs:
+            raise InputError(f"refusing to write over the input file {p}: choose another --out folder")
