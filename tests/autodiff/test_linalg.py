@@ -4,7 +4,9 @@
 import numpy as np
 import pytest
 
-from .gradcheck import Case, check_case
+from onnxcam.errors import UnsupportedOpError
+
+from .gradcheck import Case, check_case, onnxcam_gradients
 
 rng = np.random.default_rng(4)
 M, K, N = 3, 4, 2
@@ -73,3 +75,9 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_rule(case):
     check_case(case)
+
+
+@pytest.mark.parametrize("eq, message", [("ii->i", "repeated"), ("...ij,jk->...ik", "'...'")])
+def test_einsum_refused(eq, message):
+    with pytest.raises(UnsupportedOpError, match=message):
+        onnxcam_gradients(_einsum(eq, (K, K), (K, K)) if "," in eq else _einsum(eq, (K, K)), np.ones(K))

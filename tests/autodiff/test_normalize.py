@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
+from onnxcam.errors import UnsupportedOpError
+
 from . import gradcheck
-from .gradcheck import Case, check_case
+from .gradcheck import Case, check_case, onnxcam_gradients
 
 rng = np.random.default_rng(5)
 X4 = rng.standard_normal((2, 3, 4, 5))
@@ -58,3 +60,13 @@ def test_rule(case, monkeypatch):
     if case.id.endswith("-numpy"):
         monkeypatch.setattr(gradcheck, "_reference", _bn_numpy)
     check_case(case)
+
+
+@pytest.mark.parametrize("case, message", [
+    (Case("LayerNormalization", {"x": LN_X, "scale": np.ones(4)}, ["x"], n_outputs=3, score_output=2), "InvStdDev"),
+    (Case("BatchNormalization", {"x": X4, **_bn_params()}, ["x"], {"training_mode": 1}, opset=15, n_outputs=3),
+     "training mode"),
+], ids=str)
+def test_refused(case, message):
+    with pytest.raises(UnsupportedOpError, match=message):
+        onnxcam_gradients(case, np.ones((2, 1, 1)))
