@@ -75,8 +75,8 @@ class Explainer:
             self._compiled(mg.input_shape)
 
     # ---- building ------------------------------------------------------------------------------------------
-    def _compiled(self, shape: tuple) -> _Compiled:
-        key = (self.digest, tuple(self.layers), self.score_name, tuple(shape[1:]), self.guided, self.device)
+    def _compiled(self, shape: tuple, n_seeds: int = 1) -> _Compiled:
+        key = (self.digest, tuple(self.layers), self.score_name, tuple(shape[1:]), self.guided, self.device, n_seeds)
         with _CACHE_LOCK:
             hit = _CACHE.get(key)
             if hit is not None:
@@ -87,7 +87,7 @@ class Explainer:
         if mg is None or tuple(mg.input_shape[1:]) != tuple(shape[1:]):
             mg = ModelGraph(self.proto, shape)
         self._graph_for_build = None  # the build mutates the graph; a second build re-reads the model
-        rw = rewrite.build(mg, self.layers, self.score_name, guided=self.guided)
+        rw = rewrite.build(mg, self.layers, self.score_name, guided=self.guided, n_seeds=n_seeds)
         sess = session(rw.model.SerializeToString(), self.device, rw.initializer_arrays())
         compiled = _Compiled(rw, sess, time.perf_counter() - start)
         log.debug("built the explainable model in %.3f s", compiled.build_seconds)
@@ -103,62 +103,63 @@ class Explainer:
         return self._compiled(self._input_shape).rewritten.full_model()
 
     @property
+    def build_seconds(self) -> float:
+        return self._compiled(self._input_shape).build_seconds
+
+    @property
     def providers(self) -> list[str]:
         return self._compiled(self._input_shape).session.get_providers()
 
     # ---- running -------------------------------------------------------------------------------------------
-    def run(self, x: np.ndarray, targets=None, *, seed: np.ndarray | None = None) -> Result:
-        """Explain a preprocessed batch `x` (float32, the model's own layout).
+    def run(self, x: np.ndarray, targets=None, *, top_k: int | None = None, seed: np.ndarray | None = None) -> Result:
+        """Explain a preprocessed batch `x` (float32, the model's own layout) in one onnxruntime run.
 
-        targets: None (each sample's top class), one int for all samples, or one int per sample.
+        targets: None (each sample's top class), one int for all samples, one int per sample, or an (N, S)
+            array of S classes per sample.
+        top_k: explain each sample's k best classes at once (instead of targets).
         seed: instead of targets, any weighting of the score, shaped like it (N, K, ...).
+        With S > 1 targets per sample, gradients are (N, S, ...) and targets (N, S).
         """
         x = self._check_input(x)
-        compiled = self._compiled(self._input_shape if self._static else x.shape)
-        rw = compiled.rewritten
         n = x.shape[0]
+        plan = _Plan.make(targets, top_k, seed, n)
+        compiled = self._compiled(self._input_shape if self._static else x.shape, plan.n_seeds)
+        rw = compiled.rewritten
         if rw.fixed_batch and n > 1 and self._input_shape[0] == 1:
-            parts = [self._run_one(compiled, x[i:i + 1], *_split_targets(targets, seed, i)) for i in range(n)]
-            return _concat(parts)
-        return self._run_one(compiled, x, targets, seed)
+            return _concat([self._run_one(compiled, x[i:i + 1], plan.sample(i)) for i in range(n)])
+        return self._run_one(compiled, x, plan)
 
-    def _run_one(self, compiled: _Compiled, x, targets, seed) -> Result:
+    def _run_one(self, compiled: _Compiled, x, plan: "_Plan") -> Result:
         rw = compiled.rewritten
         n = x.shape[0]
         score_shape = tuple(n if not isinstance(d, int) else d for d in rw.score_shape)
-        feeds = {rw.input_name: x}
-        top1 = False
-        if seed is not None:
-            seed = np.asarray(seed, dtype=np.float32)
-            if seed.shape != score_shape:
-                raise InputError(f"seed must have the score's shape {score_shape}, got {seed.shape}")
-        elif targets is None:
-            if not rw.has_top1:
-                raise InputError(f"the score {rw.score!r} is not (N, K): give a seed shaped like it")
-            seed, top1 = np.zeros(score_shape, np.float32), True
-        else:
-            seed = one_hot(targets, n, score_shape)
-        feeds[rewrite.SEED] = seed
-        if rw.has_top1:
-            feeds[rewrite.TOP1] = np.array(top1)
+        seeds = plan.seeds(score_shape, rw.has_ranking)
+        feeds = {rw.input_name: x, rewrite.SEED: seeds}
+        if rw.has_ranking:
+            feeds[rewrite.RANKED] = np.array(plan.ranked)
         names = list(rw.original_outputs)
         if rw.score not in names:
             names.append(rw.score)
-        if rw.has_top1:
-            names.append(rewrite.TOP1_CLASS)
+        if rw.has_ranking:
+            names.append(rewrite.TOP_CLASSES)
         for layer in rw.layers:
             names += [rewrite.act_name(layer), rewrite.grad_name(layer)]
         values = dict(zip(names, compiled.session.run(names, feeds)))
-        logits = values[rw.score]
-        chosen = values[rewrite.TOP1_CLASS] if top1 else (
-            np.argmax(seed.reshape(n, -1), axis=1) if seed.ndim == 2 else np.full(n, -1))
+        if plan.ranked:
+            classes = values[rewrite.TOP_CLASSES]
+            seeds = _one_hot_rows(classes, score_shape)
+        else:
+            classes = np.argmax(seeds.reshape(n, plan.n_seeds, -1), axis=2) if seeds.ndim == 3 else \
+                np.full((n, plan.n_seeds), -1)
+        squeeze = plan.single
         return Result(
-            logits=logits,
-            targets=np.asarray(chosen, dtype=np.int64),
+            logits=values[rw.score],
+            targets=np.asarray(classes[:, 0] if squeeze else classes, dtype=np.int64),
             activations={layer: values[rewrite.act_name(layer)] for layer in rw.layers},
-            gradients={layer: values[rewrite.grad_name(layer)] for layer in rw.layers},
+            gradients={layer: values[rewrite.grad_name(layer)][:, 0] if squeeze else values[rewrite.grad_name(layer)]
+                       for layer in rw.layers},
             outputs={k: values[k] for k in rw.original_outputs},
-            seed=seed if not top1 else _one_hot_rows(values[rewrite.TOP1_CLASS], score_shape),
+            seed=seeds[:, 0] if squeeze else seeds,
         )
 
     def _check_input(self, x) -> np.ndarray:
@@ -176,37 +177,73 @@ class Explainer:
         return np.ascontiguousarray(x)
 
 
-def one_hot(targets, n: int, score_shape: tuple) -> np.ndarray:
-    """Seed rows selecting one class per sample; validates the targets against the batch and the classes."""
-    if len(score_shape) != 2:
-        raise InputError(f"class targets need an (N, K) score; this score has shape {score_shape}: give a seed")
-    k = score_shape[1]
+@dataclass
+class _Plan:
+    """What to differentiate in one run: S seeds per sample, given or ranked in-graph."""
+
+    n_seeds: int
+    ranked: bool
+    single: bool  # results keep the (N, ...) shapes of one target per sample
+    classes: np.ndarray | None = None  # (N, S) explicit classes
+    seed: np.ndarray | None = None     # (N, K, ...) explicit weighting
+
+    @staticmethod
+    def make(targets, top_k, seed, n: int) -> "_Plan":
+        given = [name for name, v in (("targets", targets), ("top_k", top_k), ("seed", seed)) if v is not None]
+        if len(given) > 1:
+            raise InputError(f"give only one of targets, top_k and seed (got {', '.join(given)})")
+        if seed is not None:
+            return _Plan(1, False, True, seed=np.asarray(seed, np.float32))
+        if top_k is not None:
+            if not isinstance(top_k, (int, np.integer)) or top_k < 1:
+                raise InputError(f"top_k must be a positive int, not {top_k!r}")
+            return _Plan(int(top_k), True, False)
+        if targets is None:
+            return _Plan(1, True, True)
+        classes = _target_classes(targets, n)
+        return _Plan(classes.shape[1], False, classes.shape[1] == 1 and np.ndim(targets) < 2, classes=classes)
+
+    def seeds(self, score_shape: tuple, has_ranking: bool) -> np.ndarray:
+        n = score_shape[0]
+        if self.seed is not None:
+            if self.seed.shape != score_shape:
+                raise InputError(f"seed must have the score's shape {score_shape}, got {self.seed.shape}")
+            return self.seed[:, None]
+        if not has_ranking:
+            raise InputError(f"the score is not (N, K) but {score_shape}: give a seed shaped like it")
+        if self.ranked:
+            return np.zeros((n, self.n_seeds, score_shape[1]), np.float32)
+        bad = self.classes[(self.classes < 0) | (self.classes >= score_shape[1])]
+        if bad.size:
+            raise InputError(f"target class {int(bad[0])} is out of range: the score has {score_shape[1]} classes "
+                             f"(0..{score_shape[1] - 1})")
+        return _one_hot_rows(self.classes, score_shape)
+
+    def sample(self, i: int) -> "_Plan":
+        pick = (lambda a: None if a is None else a[i:i + 1])
+        return _Plan(self.n_seeds, self.ranked, self.single, pick(self.classes), pick(self.seed))
+
+
+def _target_classes(targets, n: int) -> np.ndarray:
+    """targets as an (N, S) int array; validates the count against the batch."""
+    if isinstance(targets, (bool, np.bool_)):
+        raise InputError(f"targets must be None, an int, or one int per sample; got {targets!r}")
     if isinstance(targets, (int, np.integer)):
-        classes = np.full(n, int(targets), np.int64)
-    else:
-        classes = np.asarray(list(targets) if not isinstance(targets, np.ndarray) else targets)
-        if classes.ndim != 1 or not np.issubdtype(classes.dtype, np.integer):
-            raise InputError(f"targets must be None, an int, or one int per sample; got {targets!r}")
-        if len(classes) != n:
-            raise InputError(f"got {len(classes)} targets for a batch of {n} samples")
-    bad = classes[(classes < 0) | (classes >= k)]
-    if bad.size:
-        raise InputError(f"target class {int(bad[0])} is out of range: the score has {k} classes (0..{k - 1})")
-    return _one_hot_rows(classes, score_shape)
+        return np.full((n, 1), int(targets), np.int64)
+    classes = np.asarray(targets)
+    if classes.ndim not in (1, 2) or classes.size == 0 or not np.issubdtype(classes.dtype, np.integer):
+        raise InputError(f"targets must be None, an int, one int per sample or (N, S) ints; got {targets!r}")
+    if len(classes) != n:
+        raise InputError(f"got {len(classes)} targets for a batch of {n} samples")
+    return classes.reshape(n, -1).astype(np.int64)
 
 
-def _one_hot_rows(classes, score_shape) -> np.ndarray:
-    seed = np.zeros((len(classes), score_shape[1]), np.float32)
-    seed[np.arange(len(classes)), classes] = 1.0
-    return seed
-
-
-def _split_targets(targets, seed, i):
-    if seed is not None:
-        return None, seed[i:i + 1]
-    if targets is None or isinstance(targets, (int, np.integer)):
-        return targets, None
-    return [list(targets)[i]], None
+def _one_hot_rows(classes: np.ndarray, score_shape) -> np.ndarray:
+    """(N, S) classes -> (N, S, K) one-hot seeds."""
+    classes = np.asarray(classes).reshape(len(classes), -1)
+    seeds = np.zeros(classes.shape + (score_shape[1],), np.float32)
+    np.put_along_axis(seeds, classes[:, :, None], 1.0, axis=2)
+    return seeds
 
 
 def _concat(parts: list[Result]) -> Result:

@@ -1,9 +1,12 @@
 """Build the explainable model: the original graph, plus the target activations and their gradients as outputs.
 
-Inputs added: `onnxcam_seed` (shaped like the score) weights the score of each sample and class; for a 2-D
-score, `onnxcam_top1` (bool scalar) replaces the seed by each sample's one-hot top class inside the graph, so
-the default target costs no extra run. Outputs added: the score, each layer's activation and gradient, and
-the top class of each sample.
+Inputs added: `onnxcam_seed`, shaped (N, S, *score.shape[1:]), holds S weightings of the score per sample;
+for a 2-D score, `onnxcam_ranked` (bool scalar) replaces them by one-hots of each sample's S top classes inside
+the graph, so the default target costs no extra run. Outputs added: the score, each layer's activation, its S
+gradients (N, S, *activation.shape[1:]), and the S top classes of each sample.
+
+S backward copies share one forward pass: explaining the top-5 classes costs one forward and five backward
+passes through the part of the graph after the layer (often just the head), not five inferences.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import onnx_graphsurgeon as gs
 from .autodiff.builder import Builder
 from .autodiff.engine import backward
 from .errors import LayerError
+from .graph import names
 from .graph.load import with_weights
 from .graph.model import ModelGraph
 
 SEED = "onnxcam_seed"
-TOP1 = "onnxcam_top1"
-TOP1_CLASS = "onnxcam_top1_class"
+RANKED = "onnxcam_ranked"
+TOP_CLASSES = "onnxcam_top_classes"
 
 
 def grad_name(layer: str) -> str:
@@ -40,7 +44,8 @@ class Rewritten:
     score: str
     layers: list[str]
     score_shape: tuple
-    has_top1: bool
+    has_ranking: bool
+    n_seeds: int
     fixed_batch: bool
     original_outputs: list[str]
     weights: list  # the large initializers, held apart from the (placeholder-carrying) model
@@ -69,42 +74,47 @@ def resolve_layers(mg: ModelGraph, layers: list[str] | None, score: str) -> list
         layers = [layers]
     if not layers:
         raise LayerError("layers is empty; give at least one tensor name, or None for the automatic choice")
+    # Module paths and Keras layer names answer too (graph/names.py).
+    layers = [names.resolve(mg.proto, name, mg.tensors) for name in layers]
     for name in layers:
-        mg.tensor(name)
         mg.check_reaches(name, score)
     return list(dict.fromkeys(layers))
 
 
-def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False) -> Rewritten:
+def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False, n_seeds: int = 1) -> Rewritten:
     graph = mg.graph
     score_t = mg.tensor(score)
     score_shape = mg.shape(score_t)
+    if score_shape is None:
+        raise LayerError(f"the rank of the score tensor {score!r} is unknown")
     dtype = np.float32
-    seed = gs.Variable(SEED, dtype=dtype, shape=list(score_shape) if score_shape else None)
-    graph.inputs.append(seed)
     b = Builder(mg, dtype, guided=guided)
+    seeds = gs.Variable(SEED, dtype=dtype, shape=[score_shape[0], n_seeds, *score_shape[1:]])
+    graph.inputs.append(seeds)
     original_outputs = [o.name for o in graph.outputs]
     extra_outputs = []
-    has_top1 = score_shape is not None and len(score_shape) == 2 and isinstance(score_shape[1], int)
-    if has_top1:
-        top1 = gs.Variable(TOP1, dtype=np.bool_, shape=[])
-        graph.inputs.append(top1)
-        s = score_t if score_t.dtype == dtype else b.cast(score_t, dtype)
-        best = b.op("ArgMax", s, axis=1, keepdims=1)
-        onehot = b.mask(b.op("Equal", best, b.ints(np.arange(score_shape[1]))))
-        seed_used = b.op("Where", top1, onehot, seed)
-        extra_outputs.append(_named(b, b.squeeze(best, [1]), TOP1_CLASS, np.int64))
+    has_ranking = len(score_shape) == 2 and isinstance(score_shape[1], int)
+    if has_ranking:
+        if n_seeds > score_shape[1]:
+            raise LayerError(f"asked for {n_seeds} targets per sample, but the score has {score_shape[1]} classes")
+        ranked = gs.Variable(RANKED, dtype=np.bool_, shape=[])
+        graph.inputs.append(ranked)
+        k = {"k": n_seeds} if b.opset < 10 else {}
+        _, top = b.op("TopK", score_t, None if k else b.ints([n_seeds]), axis=1, outputs=2, **k)  # (N, S) classes
+        onehot = b.mask(b.op("Equal", b.unsqueeze(top, [2]), b.ints(np.arange(score_shape[1]))))
+        seeds_used = b.op("Where", ranked, onehot, seeds)
+        extra_outputs.append(_named(b, top, TOP_CLASSES, np.int64))
     else:
-        seed_used = seed
-    if score_t.dtype is not None and np.dtype(score_t.dtype) != np.dtype(dtype):
-        seed_used = b.cast(seed_used, score_t.dtype)
+        seeds_used = seeds
     targets = [mg.tensor(name) for name in layers]
-    grads = backward(b, targets, score_t, seed_used)
+    per_seed = [backward(b, targets, score_t, b.op("Gather", seeds_used, b.ints(i), axis=1)) for i in range(n_seeds)]
     if score not in original_outputs:
         extra_outputs.append(_named(b, score_t, score, None, copy=False))
     for t in targets:
+        stacked = [b.unsqueeze(grads[t.name], [1]) for grads in per_seed]
+        grad = stacked[0] if n_seeds == 1 else b.op("Concat", *stacked, axis=1)
         extra_outputs.append(_named(b, t, act_name(t.name), t.dtype))
-        extra_outputs.append(_named(b, grads[t.name], grad_name(t.name), dtype))
+        extra_outputs.append(_named(b, grad, grad_name(t.name), dtype))
     graph.outputs.extend(extra_outputs)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
@@ -115,8 +125,8 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     model.metadata_props.extend(mg.proto.metadata_props)
     used = {t.name for t in model.graph.initializer}
     weights = [t for name, t in mg.weights.items() if name in used]
-    return Rewritten(model, mg.input_name, score, layers, score_shape, has_top1, mg.fixed_batch, original_outputs,
-                     weights)
+    return Rewritten(model, mg.input_name, score, layers, score_shape, has_ranking, n_seeds, mg.fixed_batch,
+                     original_outputs, weights)
 
 
 def _named(b: Builder, t: gs.Tensor, name: str, dtype, copy: bool = True) -> gs.Variable:

@@ -16,6 +16,26 @@ from ..errors import UnsupportedOpError
 from ..graph.model import BATCH, ModelGraph
 
 
+# Ops whose result does not depend on the float type of their inputs: no need to widen fp16 inputs for them.
+_DTYPE_AGNOSTIC = {"Shape", "Size", "Cast", "QuantizeLinear", "DequantizeLinear"}
+
+
+def _np_dtype(dtype):
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        import onnx
+        try:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
+        except Exception:
+            return None
+
+
+def _onnx_dtype(dtype) -> int:
+    from onnx import helper
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
 class Builder:
     def __init__(self, model: ModelGraph, dtype=np.float32, *, guided: bool = False):
         self.model = model
@@ -26,23 +46,46 @@ class Builder:
         self.node: gs.Node | None = None  # the forward node whose rule is running (for names and errors)
         self._ids = itertools.count()
         self._consts: dict = {}
+        self._emitted: set[str] = set()  # names of tensors this builder made (everything else is forward graph)
+        self._widened: dict[str, gs.Variable] = {}
 
     # ---- emitting ------------------------------------------------------------------------------------------
     def op(self, op_type: str, *inputs, outputs: int = 1, **attrs):
         """Add one node; inputs may be tensors, numpy arrays or numbers (-> constants of the gradient dtype)."""
         ins = [self._as_tensor(i) for i in inputs]
+        if op_type not in _DTYPE_AGNOSTIC:
+            ins = [self._widen(t) for t in ins]
         base = f"onnxcam_grad/{self.node.name if self.node is not None else 'seed'}/{op_type}_{next(self._ids)}"
         outs = [gs.Variable(f"{base}:{k}") for k in range(outputs)]
+        self._emitted.update(o.name for o in outs)
         attrs = {k: v for k, v in attrs.items() if v is not None}
         self.graph.nodes.append(gs.Node(op_type, name=base, attrs=attrs, inputs=ins, outputs=outs))
         return outs[0] if outputs == 1 else outs
+
+    def _widen(self, t):
+        """Forward tensors of a narrower float type (fp16/bf16 models) enter the gradient graph as float32, once.
+
+        The backward runs in float32: fp16 gradients of small scores underflow and lose the map.
+        """
+        if not isinstance(t, gs.Tensor) or t.name in self._emitted or t.dtype is None:
+            return t
+        dtype = _np_dtype(t.dtype)
+        if dtype is None or dtype.kind != "f" or dtype == self.dtype or dtype.itemsize >= self.dtype.itemsize:
+            return t
+        if t.name not in self._widened:
+            out = gs.Variable(f"onnxcam_grad/widen/{t.name}", dtype=self.dtype)
+            self.graph.nodes.append(gs.Node("Cast", name=f"onnxcam_grad/widen/{t.name}", inputs=[t], outputs=[out],
+                                            attrs={"to": _onnx_dtype(self.dtype)}))
+            self._emitted.add(out.name)
+            self._widened[t.name] = out
+        return self._widened[t.name]
 
     def const(self, value, dtype=None) -> gs.Constant:
         arr = np.asarray(value, dtype=dtype or (self.dtype if np.asarray(value).dtype.kind == "f" or
                                                isinstance(value, float) else None))
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
-            self._consts[key] = gs.Constant(f"onnxcam_const_{len(self._consts)}", np.ascontiguousarray(arr))
+            self._consts[key] = gs.Constant(f"onnxcam_const_{len(self._consts)}", arr.copy(order="C"))  # keeps 0-d
         return self._consts[key]
 
     def ints(self, values) -> gs.Constant:
@@ -98,8 +141,7 @@ class Builder:
         return self.op("ConstantOfShape", self.shape_of(t), value=gs.Constant("zero", np.zeros(1, self.dtype)))
 
     def cast(self, x, dtype):
-        from onnx import helper
-        return self.op("Cast", x, to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+        return self.op("Cast", x, to=_onnx_dtype(dtype))
 
     def mask(self, cond):
         """A boolean tensor as 0/1 in the gradient dtype."""

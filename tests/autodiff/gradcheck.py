@@ -74,11 +74,11 @@ def onnxcam_gradients(case: Case, seed: np.ndarray) -> dict:
     rw = rewrite.build(mg, list(case.wrt), f"y{case.score_output}")
     sess = cpu_session(rw.model.SerializeToString(), rw.initializer_arrays())
     feeds = {k: np.asarray(v, np.float32) for k, v in case.inputs.items() if k in case.wrt}
-    feeds[rewrite.SEED] = seed.astype(np.float32)
-    if rw.has_top1:
-        feeds[rewrite.TOP1] = np.array(False)
+    feeds[rewrite.SEED] = seed.astype(np.float32)[:, None]  # one seed per sample: (N, 1, ...)
+    if rw.has_ranking:
+        feeds[rewrite.RANKED] = np.array(False)
     names = [rewrite.grad_name(w) for w in case.wrt]
-    return dict(zip(case.wrt, sess.run(names, feeds)))
+    return {w: g[:, 0] for w, g in zip(case.wrt, sess.run(names, feeds))}
 
 
 def check_case(case: Case, directions: int = 3, seed: int = 0) -> None:

@@ -9,6 +9,8 @@ The contract, written once:
   so rules never compute a gradient nobody needs.
 - Rules registered with broadcast=True return gradients shaped like output 0; the walk sums them back to each
   input's shape. Every other rule returns gradients shaped exactly like its inputs.
+- Gradients are always in the builder's dtype (float32), also in fp16/bf16 models: b.op widens forward tensors
+  of narrower float types as they enter the gradient graph, so rules never cast gradients to forward types.
 - A rule that meets a form it cannot differentiate raises `b.error(...)`; the walk never invents zeros.
 """
 
