@@ -141,7 +141,7 @@ def _global_max_pool(b, n, gy):
 
 def _pool_out_size(b, n, in_sz) -> tuple:
     """The pool's output spatial size as the runtime computes it (see the module docstring)."""
-    return run_single_node(n, [np.zeros((1, 1) + tuple(in_sz), np.float32)], b.opset)[0].shape[2:]
+    return run_single_node(n, [np.zeros((1, 1) + tuple(in_sz), np.float32)], b.opset).shape[2:]
 
 
 def _argmax(b, n) -> gs.Tensor:
@@ -229,7 +229,7 @@ def _average_pool(b, n, gy):
     channels = b.static_dims(x, [1])[0]
 
     def grad():
-        averaged = run_single_node(n, [np.ones((1, 1) + tuple(in_sz), np.float32)], b.opset)[0]
+        averaged = run_single_node(n, [np.ones((1, 1) + tuple(in_sz), np.float32)], b.opset)
         out_sz = averaged.shape[2:]
         strides, dilations, begin = _geometry(b, n, in_sz, out_sz, kernel)
         count = np.ones((1, 1) + tuple(out_sz), np.float64)
@@ -247,26 +247,28 @@ def _average_pool(b, n, gy):
     return (grad,)
 
 
-def run_single_node(node: gs.Node, inputs: list[np.ndarray], opset: int) -> list[np.ndarray]:
-    """Run one copy of a forward node with onnxruntime on CPU: measures an op's exact runtime semantics.
+def run_single_node(node: gs.Node, inputs: list, opset: int) -> np.ndarray:
+    """Run a copy of a forward node on CPU with onnxruntime; its first output (see run_op)."""
+    attrs = {k: (np.asarray(v.values) if isinstance(v, gs.Constant) else v) for k, v in node.attrs.items()}
+    return run_op(node.op, inputs, attrs, opset)
 
-    Only the first output is asked for (a MaxPool's Indices would change nothing here).
+
+def run_op(op: str, inputs: list, attrs: dict, opset: int) -> np.ndarray:
+    """Run one op on CPU with onnxruntime and return its first output: how rules measure an op's exact runtime
+    semantics (output sizes, interpolation weights) at build time. None in `inputs` omits an optional input.
     """
     import onnx
 
     from ...runtime import cpu_session
 
+    helper = onnx.helper
     names = [f"in{i}" if x is not None else "" for i, x in enumerate(inputs)]
-    attrs = {k: (onnx.numpy_helper.from_array(np.asarray(v.values)) if isinstance(v, gs.Constant) else v)
-             for k, v in node.attrs.items()}
-    proto_node = onnx.helper.make_node(node.op, names, ["out"], **attrs)
-    dtype = onnx.helper.np_dtype_to_tensor_dtype(inputs[0].dtype)
-    graph = onnx.helper.make_graph(
-        [proto_node], "measure",
-        [onnx.helper.make_tensor_value_info(nm, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-         for nm, v in zip(names, inputs) if nm],
-        [onnx.helper.make_tensor_value_info("out", dtype, None)])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    attrs = {k: (onnx.numpy_helper.from_array(v) if isinstance(v, np.ndarray) else v) for k, v in attrs.items()}
+    feeds = {nm: np.asarray(v) for nm, v in zip(names, inputs) if nm}
+    graph = helper.make_graph(
+        [helper.make_node(op, names, ["out"], **attrs)], "measure",
+        [helper.make_tensor_value_info(nm, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for nm, v in feeds.items()],
+        [helper.make_tensor_value_info("out", helper.np_dtype_to_tensor_dtype(feeds["in0"].dtype), None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
-    feeds = {nm: v for nm, v in zip(names, inputs) if nm}
-    return cpu_session(model.SerializeToString()).run(None, feeds)
+    return cpu_session(model.SerializeToString()).run(["out"], feeds)[0]

@@ -1,5 +1,8 @@
 """Ops that move, select or copy elements. Reshapes map the gradient back with the input's run-time shape;
-selections, paddings and interpolations act per axis through a matrix (Builder.axis_matmul).
+copies (Expand, Tile) sum it back; selections, paddings and interpolations act on each axis through a matrix
+(Builder.axis_matmul), and their gradient is the product with the transposed matrix. The cheap special cases
+that dominate real models avoid the matrix: a unit-step Slice's gradient is a zero Pad, a constant Pad's is a Slice.
+Side inputs (starts, pads, scales, repeats...) must be constants.
 """
 
 from __future__ import annotations
@@ -7,6 +10,22 @@ from __future__ import annotations
 import numpy as np
 
 from . import rule
+from .conv_pool import run_op
+
+BIG = 2**62  # an end index past any axis, for Slice
+
+
+def _attr(n, name, default=None):
+    v = n.attrs.get(name, default)
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _side_input(b, n, i, what):
+    """The constant value of optional input i, or None when it is absent (or empty, as old opsets write it)."""
+    if len(n.inputs) <= i or not n.inputs[i].name:
+        return None
+    v = b.value(n.inputs[i], what)
+    return None if v.size == 0 else v
 
 
 @rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -32,3 +51,253 @@ def _concat(b, n, gy):
     def piece(i):
         return lambda: b.slice(gy[0], [offsets[i]], [offsets[i + 1]], [axis])
     return [piece(i) for i in range(len(n.inputs))]
+
+
+@rule("Split")
+def _split(b, n, gy):
+    """The pieces' gradients concatenated back, zeros for pieces no gradient reaches. The outputs' own shapes say
+    where each piece sits, whichever form (attribute, input, num_outputs) the split sizes take.
+    """
+    axis = int(n.attrs.get("axis", 0))
+    return (lambda: b.op("Concat", *[g if g is not None else b.zeros_like(o) for g, o in zip(gy, n.outputs)],
+                         axis=axis), None)
+
+
+@rule("Expand", broadcast=True)
+def _expand(b, n, gy):
+    return (lambda: gy[0], None)
+
+
+@rule("Tile")
+def _tile(b, n, gy):
+    """y = x repeated r_i times along each axis: view gy as [r_0, d_0, r_1, d_1, ...] and sum over the r_i."""
+    x = n.inputs[0]
+    repeats = [int(r) for r in b.value(n.inputs[1], "repeats")]
+    shape = b.shape(x)
+    dims = [d if isinstance(d, int) else -1 for d in shape]
+    if dims.count(-1) > 1:
+        raise b.error(f"needs static sizes of {x.name!r} (shape {shape}) but for one axis")
+
+    def grad():
+        g = b.op("Reshape", gy[0], b.ints([v for r, d in zip(repeats, dims) for v in (r, d)]))
+        g = b.reduce("ReduceSum", g, [2 * i for i in range(len(dims))], keepdims=False)
+        return g
+    return (grad, None)
+
+
+@rule("DepthToSpace", "SpaceToDepth")
+def _depth_to_space(b, n, gy):
+    """Both are a reshape, a transpose and a reshape: the gradient undoes them in reverse. SpaceToDepth is the
+    inverse of DCR DepthToSpace; CRD mode is undone explicitly.
+    """
+    x = n.inputs[0]
+    s = int(n.attrs["blocksize"])
+    if n.op == "SpaceToDepth":
+        return (lambda: b.op("DepthToSpace", gy[0], blocksize=s, mode="DCR"),)
+    if _attr(n, "mode", "DCR") == "DCR":
+        return (lambda: b.op("SpaceToDepth", gy[0], blocksize=s),)
+    c, h, w = b.static_dims(x, [1, 2, 3])
+
+    def grad():  # forward CRD: [N, C/s², s, s, H, W] -> perm (0, 1, 4, 2, 5, 3) -> [N, C/s², H*s, W*s]
+        g = b.op("Reshape", gy[0], b.ints([0, c // (s * s), h, s, w, s]))
+        g = b.op("Transpose", g, perm=[int(p) for p in np.argsort([0, 1, 4, 2, 5, 3])])
+        return b.op("Reshape", g, b.ints([0, c, h, w]))
+    return (grad,)
+
+
+# ---- selections: Slice, Gather ---------------------------------------------------------------------------------
+
+@rule("Slice")
+def _slice(b, n, gy):
+    """Unit-step axes: the gradient is gy padded with zeros back to the input's size. Other steps (negative ones
+    reverse) go through the selection matrix of the axis, so repeated sampling and order are exact.
+    """
+    x = n.inputs[0]
+    rank = len(b.shape(x))
+    if b.opset < 10:
+        starts, ends = n.attrs["starts"], n.attrs["ends"]
+        axes, steps = n.attrs.get("axes"), None
+    else:
+        starts, ends = b.value(n.inputs[1], "starts"), b.value(n.inputs[2], "ends")
+        axes, steps = _side_input(b, n, 3, "axes"), _side_input(b, n, 4, "steps")
+    axes = range(len(starts)) if axes is None else [int(a) % rank for a in axes]
+    steps = [1] * len(starts) if steps is None else steps
+    picks = {a: range(*slice(int(s), int(e), int(st)).indices(b.static_dims(x, [a])[0]))
+             for a, s, e, st in zip(axes, starts, ends, steps) if not _whole(s, e, st)}
+
+    def grad():
+        if any(len(p) == 0 for p in picks.values()):
+            return b.zeros_like(x)
+        g, begin, end = gy[0], [0] * rank, [0] * rank
+        for a, p in picks.items():
+            size = b.static_dims(x, [a])[0]
+            if p.step == 1:
+                begin[a], end[a] = p.start, size - p.stop
+            else:
+                g = b.axis_matmul(g, a, rank, _selection(p, size))
+        return b.pad(g, begin + end) if any(begin + end) else g
+    return (grad,) + (None,) * (len(n.inputs) - 1)
+
+
+def _whole(start, end, step) -> bool:
+    """A [0:INT_MAX:1] slice keeps the whole axis, whatever its (maybe symbolic) size."""
+    return int(start) == 0 and int(step) == 1 and int(end) >= 2**31 - 1
+
+
+def _selection(picked, size: int) -> np.ndarray:
+    """m[j, i] = how often output j reads input i (1 where i = picked[j]): from output to input positions."""
+    m = np.zeros((len(picked), size))
+    np.add.at(m, (np.arange(len(picked)), np.asarray(picked, dtype=np.int64)), 1.0)
+    return m
+
+
+@rule("Gather")
+def _gather(b, n, gy):
+    """y takes the slices of x at the (constant) indices along one axis: gy goes back through the selection matrix,
+    which adds up repeated indices. Index dims are flattened first; a scalar index removed the axis, so put it back.
+    """
+    x = n.inputs[0]
+    shape = b.shape(x)
+    rank = len(shape)
+    axis = int(n.attrs.get("axis", 0)) % rank
+    size = b.static_dims(x, [axis])[0]
+    idx = np.asarray(b.value(n.inputs[1], "indices"), dtype=np.int64)
+    if np.any((idx < -size) | (idx >= size)):
+        raise b.error(f"has indices outside [-{size}, {size})")
+
+    def grad():
+        g = gy[0]
+        if idx.ndim == 0:
+            g = b.unsqueeze(g, [axis])
+        elif idx.ndim > 1:
+            after = [d if isinstance(d, int) else -1 for d in shape[axis + 1:]]
+            g = b.op("Reshape", g, b.ints([0] * axis + [idx.size] + after))
+        return b.axis_matmul(g, axis, rank, _selection(idx.reshape(-1) % size, size))
+    return (grad, None)
+
+
+# ---- paddings: Pad -------------------------------------------------------------------------------------------
+
+@rule("Pad")
+def _pad(b, n, gy):
+    """Constant mode: the gradient is gy cropped back (and zero-padded where the pads were negative, i.e. crops).
+    Other modes (reflect, edge, wrap) copy input elements into the border: the gradient goes back through each
+    padded axis' copy matrix, measured by running Pad itself on an identity basis so it follows the runtime.
+    """
+    x = n.inputs[0]
+    rank = len(b.shape(x))
+    mode = _attr(n, "mode", "constant")
+    if b.opset < 11:
+        pads, axes = [int(p) for p in n.attrs["pads"]], list(range(rank))
+    else:
+        pads = [int(p) for p in b.value(n.inputs[1], "pads")]
+        axes = _side_input(b, n, 3, "axes")
+        axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+    k = len(axes)
+    begin, end = [0] * rank, [0] * rank
+    for i, a in enumerate(axes):
+        begin[a], end[a] = pads[i], pads[k + i]
+    padded = [a for a in range(rank) if begin[a] or end[a]]
+
+    def crop():
+        if not padded:
+            return gy[0]
+        g = b.slice(gy[0], [max(begin[a], 0) for a in padded], [-end[a] if end[a] > 0 else BIG for a in padded],
+                    padded)
+        grow = [max(-p, 0) for p in begin] + [max(-p, 0) for p in end]
+        return b.pad(g, grow) if any(grow) else g
+
+    def through_matrices():
+        g = gy[0]
+        for a in padded:
+            size = b.static_dims(x, [a])[0]
+            g = b.axis_matmul(g, a, rank, _pad_matrix(b, mode, size, begin[a], end[a]).T)
+        return g
+    return (crop if mode == "constant" else through_matrices,) + (None,) * (len(n.inputs) - 1)
+
+
+def _pad_matrix(b, mode: str, size: int, begin: int, end: int) -> np.ndarray:
+    """m[i, j] = how much output j of a padded axis takes from input i: Pad run on the rows of an identity."""
+    eye = np.eye(size, dtype=np.float32)
+    if b.opset < 11:
+        return run_op("Pad", [eye], {"mode": mode, "pads": [0, begin, 0, end]}, b.opset)
+    return run_op("Pad", [eye, np.array([0, begin, 0, end], np.int64)], {"mode": mode}, b.opset)
+
+
+# ---- interpolations: Resize, Upsample ------------------------------------------------------------------------
+
+@rule("Resize", "Upsample")
+def _resize(b, n, gy):
+    """Every mode of Resize is separable: each resized axis maps through a matrix. Each axis' matrix is measured
+    by running the op itself, with the node's attributes, on an identity basis laid along the channels of a
+    [1, L, 1, L] input (only the last axis resized), so nearest_mode, coordinate transformations, cubic
+    coefficients and antialiasing follow the runtime exactly; the gradient multiplies by the transposes.
+    """
+    x, y = n.inputs[0], n.outputs[0]
+    in_shape, out_shape = b.shape(x), b.shape(y)
+    rank = len(in_shape)
+    if _attr(n, "keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise b.error("uses keep_aspect_ratio_policy; not supported")
+    scales, sizes, roi = _resize_params(b, n, rank)
+
+    def grad():
+        g = gy[0]
+        for a in range(rank):
+            if not _resizes_axis(scales, sizes, roi, in_shape, out_shape, a, n):
+                continue
+            size_in, size_out = b.static_dims(x, [a])[0], b.static_dims(y, [a])[0]
+            m = _resize_matrix(b, n, a, size_in, size_out, scales, sizes, roi, rank)
+            g = b.axis_matmul(g, a, rank, m.T)
+        return g
+    return (grad,) + (None,) * (len(n.inputs) - 1)
+
+
+def _resize_params(b, n, rank):
+    """Full-rank scales, sizes and roi (each None when absent), with Resize-18's `axes` expanded."""
+    if n.op == "Upsample" or b.opset < 11:
+        scales, sizes, roi = b.value(n.inputs[1], "scales"), None, None
+    else:
+        roi, scales, sizes = (_side_input(b, n, i, what) for i, what in ((1, "roi"), (2, "scales"), (3, "sizes")))
+    axes = [int(a) % rank for a in n.attrs.get("axes", range(rank))]
+
+    def full(v, fill):
+        if v is None:
+            return None
+        out = [fill] * rank
+        for i, a in enumerate(axes):
+            out[a] = v[i]
+        return out
+    if roi is not None:
+        k = len(axes)
+        roi = list(zip(full(roi[:k], 0.0), full(roi[k:], 1.0)))
+    return full(scales, 1.0), full(sizes, None), roi
+
+
+def _resizes_axis(scales, sizes, roi, in_shape, out_shape, a, n) -> bool:
+    """Whether axis a is transformed at all (scale 1 on an uncropped axis is the identity in every mode)."""
+    crops = (_attr(n, "coordinate_transformation_mode") == "tf_crop_and_resize" and roi is not None
+             and tuple(roi[a]) != (0.0, 1.0))
+    same = in_shape[a] == out_shape[a] and (scales is None or float(scales[a]) == 1.0)
+    return crops or not same
+
+
+def _resize_matrix(b, n, axis, size_in, size_out, scales, sizes, roi, rank) -> np.ndarray:
+    """m[i, j]: the weight of input i in output j along `axis`, measured on a [1, L, 1, L] identity basis."""
+    basis = np.eye(size_in, dtype=np.float32).reshape(1, size_in, 1, size_in)
+    attrs = {k: (np.asarray(v.values) if hasattr(v, "values") else v) for k, v in n.attrs.items()
+             if k not in ("axes", "keep_aspect_ratio_policy")}
+    if "extrapolation_value" in attrs:
+        attrs["extrapolation_value"] = 0.0  # outputs outside the roi are constants: no gradient
+    scale = np.array([1, 1, 1, scales[axis]], np.float32) if scales is not None else None
+    if n.op == "Upsample" or b.opset < 11:
+        m = run_op(n.op, [basis, scale], attrs, b.opset)
+    else:
+        box = roi[axis] if roi is not None else (0.0, 1.0)
+        rois = np.array([0, 0, 0, box[0], 1, 1, 1, box[1]], np.float32)
+        size = None if sizes is None else np.array([1, size_in, 1, size_out], np.int64)
+        if size is not None and b.opset < 13:
+            scale = np.zeros(0, np.float32)  # Resize-11 wants an empty scales input next to sizes
+        m = run_op("Resize", [basis, rois, scale, size], attrs, b.opset)
+    if m.shape != (1, size_in, 1, size_out):
+        raise b.error(f"measured a resize of axis {axis} to {m.shape[-1]} elements, the model says {size_out}")
+    return m.reshape(size_in, size_out)

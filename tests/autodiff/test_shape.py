@@ -1,0 +1,188 @@
+"""Numerical checks of onnxcam/autodiff/rules/shape.py.
+
+The reference is onnx's evaluator in float64, and every such case also checks that onnxruntime's forward agrees
+with it. Where the evaluator lacks the form or computes it differently from onnxruntime (negative pads; Resize-10,
+Upsample linear, Resize-18 with negative axes; nearest_mode=floor and align_corners with scales, where the two
+disagree), the op is linear and the reference is onnxruntime's own forward with a unit step: the adjoint test of
+the gradient against the op the runtime really computes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from .gradcheck import Case, check_case
+from .test_conv_pool import check_against, check_forward, runtime_reference
+
+rng = np.random.default_rng(5)
+X = rng.standard_normal((2, 3, 4, 5))
+
+
+def ints(*v):
+    return np.array(v, np.int64)
+
+
+def floats(*v):
+    return np.array(v, np.float32)
+
+
+def case(op, inputs, opset=17, order=None, **attrs):
+    """A case on X (or the given x), differentiated with respect to x; other inputs are constants."""
+    inputs = {"x": X, **inputs} if "x" not in inputs else inputs
+    return Case(op, inputs, ["x"], attrs, opset, input_order=order,
+                id=f"{op}-{opset}-{ {k: v.tolist() for k, v in inputs.items() if k != 'x'} }-{attrs}")
+
+
+def split(opset, score, inputs=None, order=None, outputs=3, **attrs):
+    c = case("Split", inputs or {}, opset, order, **attrs)
+    c.n_outputs, c.score_output, c.id = outputs, score, f"{c.id}-output{score}"
+    return c
+
+
+RESHAPES = [
+    case("Reshape", {"s": ints(2, -1, 5)}),
+    case("Reshape", {"s": ints(0, 12, 5)}, 9),
+    case("Flatten", {}, 11, axis=2),
+    case("Flatten", {}, 13),
+    case("Squeeze", {"x": X[:, :1]}, 11, axes=[1]),
+    case("Squeeze", {"x": X[:, :1], "a": ints(-3)}, 13),
+    case("Unsqueeze", {}, 11, axes=[0, 3]),
+    case("Unsqueeze", {"a": ints(-1, 1)}, 18),
+    case("Transpose", {}, 9, perm=[0, 2, 3, 1]),
+    case("Transpose", {}, 13),
+    case("Concat", {"x": X, "c": X[:, :2]}, 9, order=["c", "x", "c"], axis=1),
+    case("Concat", {"x": X, "c": X[..., :1]}, 13, order=["x", "c", "x"], axis=-1),
+]
+
+SPLITS = [
+    split(9, 1, axis=2, outputs=2),  # equal halves, no sizes given
+    split(11, 0, axis=1, split=[1, 2], outputs=2),
+    split(11, 2, axis=-1, split=[2, 1, 2]),
+    split(13, 1, {"s": ints(1, 3, 1)}, axis=3),
+    split(18, 2, axis=3, num_outputs=3),  # 5 = 2 + 2 + 1
+    split(18, 0, {"s": ints(1, 1, 2)}, axis=2),
+]
+
+SLICES = [
+    case("Slice", {}, 9, starts=[1, -3], ends=[3, 100], axes=[1, 3]),  # negative start, clamped end
+    case("Slice", {}, 9, starts=[0, 1], ends=[-1, 3]),  # axes omitted
+    case("Slice", {"b": ints(1), "e": ints(4)}, 10),  # axes and steps omitted
+    case("Slice", {"b": ints(0, 4), "e": ints(3, 0), "a": ints(2, 3), "s": ints(2, -1)}, 10),  # step 2, reversed
+    case("Slice", {"b": ints(-1, 1), "e": ints(-100, 5), "a": ints(-1, 1), "s": ints(-2, 1)}, 13),  # clamped ends
+    case("Slice", {"b": ints(10, 0), "e": ints(-10, 2), "s": ints(-3, 1)}, 13,
+         order=["x", "b", "e", "", "s"]),  # start beyond the axis, steps without axes
+    case("Slice", {"b": ints(0, 1, 0), "e": ints(2**63 - 1, 4, 5), "a": ints(0, 2, 3), "s": ints(1, 1, 3)}, 18),
+]
+
+GATHERS = [
+    case("Gather", {"i": ints(2, 0, 2)}, 9, axis=1),  # repeated index: gradients add up
+    case("Gather", {"i": ints(-1, 1)}, 13, axis=-1),  # negative index and axis
+    case("Gather", {"i": np.array(3, np.int64)}, 13, axis=2),  # scalar index drops the axis
+    case("Gather", {"i": ints(1)}, 13),  # axis 0
+    case("Gather", {"i": ints(0, 4, 4, -5, 2, 2).reshape(2, 3)}, 18, axis=3),  # 2-D indices
+    case("Gather", {"i": ints(2, 1, 0, 1).reshape(2, 1, 2)}, 13, axis=1),
+]
+
+PADS = [
+    case("Pad", {}, 9, pads=[0, 0, 1, 2, 0, 1, 0, 1]),
+    case("Pad", {}, 9, pads=[0, 0, 2, 1, 0, 0, 1, 3], mode="reflect"),
+    case("Pad", {}, 10, pads=[0, 1, 2, 1, 0, 0, 3, 0], mode="edge"),
+    case("Pad", {"p": ints(0, 0, 1, 1, 0, 0, 2, 0)}, 11),
+    case("Pad", {"p": ints(0, 0, 1, 1, 0, 0, 2, 0), "v": np.array(1.5)}, 13),  # constant_value: no gradient
+    case("Pad", {"p": ints(0, 0, 3, 2, 0, 0, 2, 4)}, 13, mode="reflect"),
+    case("Pad", {"p": ints(1, 0, 0, 3, 0, 2, 4, 1)}, 13, mode="edge"),
+    case("Pad", {"p": ints(2, 1, 3, 2), "v": np.array(0.0), "a": ints(-1, 2)}, 18),  # axes input
+    case("Pad", {"p": ints(2, 1, 3, 2), "a": ints(3, 2)}, 18, order=["x", "p", "", "a"], mode="reflect"),
+    case("Pad", {"p": ints(0, 0, 1, 3, 0, 0, 2, 6), "a": ints(0, 1, 2, 3)}, 19, order=["x", "p", "", "a"],
+         mode="wrap"),  # wraps more than once
+    case("Pad", {"p": ints(0, 0, 1, 3, 0, 0, 2, 1)}, 21, mode="wrap"),
+]
+
+
+def resize(opset, scales=None, sizes=None, roi=None, h=1e-6, **attrs):
+    """Resize with its optional inputs in place: "" for absent ones, or empty tensors before opset 13."""
+    inputs, order = {"x": X}, ["x"]
+    if opset < 11:
+        inputs["s"], order = floats(*scales), order + ["s"]
+    else:
+        for name, value in (("r", roi), ("s", scales), ("z", sizes)):
+            if value is None and name in "rs" and opset < 13:
+                value = []  # roi and scales are not optional before opset 13
+            if value is not None:
+                inputs[name] = ints(*value) if name == "z" else floats(*value)
+            order.append(name if value is not None else "")
+    c = Case("Resize", inputs, ["x"], attrs, opset, input_order=order, h=h,
+             id=f"Resize-{opset}-s{scales}-z{sizes}-roi{roi}-{attrs}")
+    return c
+
+
+NEAREST = [resize(13, [1, 1, 1.5, 0.6], mode="nearest", nearest_mode=m, coordinate_transformation_mode=t)
+           for m in ("round_prefer_floor", "round_prefer_ceil", "ceil")
+           for t in ("half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel")]
+INTERPOLATING = [resize(opset, [1, 1, 1.7, 2.0] if by_scale else None, None if by_scale else [2, 3, 7, 3],
+                        mode=mode, coordinate_transformation_mode=t)
+                 for mode in ("linear", "cubic")
+                 for t, opset in (("half_pixel", 13), ("asymmetric", 11), ("pytorch_half_pixel", 13),
+                                  ("half_pixel_symmetric", 19))
+                 for by_scale in (True, False)]
+RESIZES = NEAREST + INTERPOLATING + [
+    resize(19, sizes=[2, 3, 7, 3], mode="linear", coordinate_transformation_mode="align_corners"),
+    resize(18, sizes=[2, 3, 7, 3], mode="cubic", coordinate_transformation_mode="align_corners"),
+    resize(11, [1, 1, 2, 2], roi=[0, 0, 0, 0, 1, 1, 1, 1], mode="linear"),
+    resize(11, sizes=[2, 3, 7, 3], roi=[0] * 8, mode="cubic", cubic_coeff_a=-0.5, exclude_outside=1),
+    resize(13, sizes=[2, 3, 6, 6], roi=[0, 0, 0.2, 0.1, 1, 1, 0.9, 0.7], mode="linear",
+           coordinate_transformation_mode="tf_crop_and_resize"),
+    resize(13, sizes=[2, 3, 6, 6], roi=[0, 0, -0.2, 0.1, 1, 1, 1.3, 0.7], mode="nearest",
+           coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=2.0),  # outside: constant
+    resize(18, [0.5, 0.6], mode="linear", antialias=1, axes=[2, 3]),
+    resize(18, sizes=[2, 3], mode="cubic", antialias=1, axes=[2, 3]),
+    resize(18, sizes=[3, 6], mode="linear", axes=[2, 3], keep_aspect_ratio_policy="stretch"),
+    resize(13, [1, 1, 2, 2], mode="nearest"),  # the common FPN upsampling
+    case("Upsample", {"s": floats(1, 1, 2, 3)}, 9, mode="nearest"),
+]
+
+COPIES = [
+    case("Expand", {"x": X[:1, :, :1], "s": ints(2, 3, 4, 5)}, 9),
+    case("Expand", {"x": X[0, 0, :, :1], "s": ints(2, 1, 1, 3)}, 13),  # rank grows
+    case("Tile", {"r": ints(1, 2, 1, 3)}, 9),
+    case("Tile", {"r": ints(2, 1, 2, 1)}, 13),
+    case("DepthToSpace", {"x": rng.standard_normal((1, 8, 2, 3))}, 11, blocksize=2),
+    case("DepthToSpace", {"x": rng.standard_normal((1, 8, 2, 3))}, 13, blocksize=2, mode="CRD"),
+    case("DepthToSpace", {"x": rng.standard_normal((2, 18, 2, 2))}, 13, blocksize=3, mode="DCR"),
+    case("SpaceToDepth", {"x": rng.standard_normal((1, 2, 4, 6))}, 13, blocksize=2),
+]
+
+CASES = RESHAPES + SPLITS + SLICES + GATHERS + PADS + RESIZES + COPIES
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_rule(case):
+    check_forward(case)
+    check_case(case)
+
+
+def runtime_case(c: Case) -> Case:
+    c.h = 1.0
+    return c
+
+
+# Linear forms onnx's evaluator lacks, or computes unlike onnxruntime: checked against the runtime (module doc).
+RUNTIME_CASES = [runtime_case(c) for c in [
+    case("Pad", {"p": ints(0, 0, -1, 2, 0, 1, 1, -2)}, 13),  # negative pads crop
+    case("Pad", {"p": ints(0, 0, -1, 2, 0, 0, 2, -2)}, 13, mode="reflect"),
+    case("Pad", {"p": ints(0, 0, 2, -1, 0, 0, -1, 2)}, 19, mode="wrap"),
+    case("Pad", {}, 9, pads=[0, -1, 1, 0, 0, 0, -2, 1], mode="edge"),
+    resize(10, [1, 1, 2, 1.5], mode="nearest"),
+    resize(10, [1, 1, 0.5, 1.5], mode="linear"),
+    resize(13, [1, 1, 1.5, 0.6], mode="nearest", nearest_mode="floor", coordinate_transformation_mode="half_pixel"),
+    resize(13, [1, 1, 1.7, 2.0], mode="linear", coordinate_transformation_mode="align_corners"),
+    resize(13, [1, 1, 1.7, 2.0], mode="cubic", coordinate_transformation_mode="align_corners"),
+    resize(18, sizes=[7, 8], mode="nearest", axes=[-2, -1]),
+    case("Upsample", {"s": floats(1, 1, 2, 1.5)}, 9, mode="linear"),
+]]
+
+
+@pytest.mark.parametrize("case", RUNTIME_CASES, ids=str)
+def test_rule_runtime_reference(case):
+    check_against(case, runtime_reference(case))
