@@ -151,7 +151,8 @@ def main():
               help="Folder for the pictures and JSON files.")
 @click.option("--method", "methods", default="gradcam,hirescam", show_default=True, callback=_parse_methods,
               help="CAM methods, comma-separated.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where onnxruntime runs; auto takes CUDA when it really works.")
 @debug_option
 def demo(out: Path, methods: list[str], device: str):
     """Explain the bundled sample photos with the bundled EfficientNet-Lite0.
@@ -210,8 +211,10 @@ def demo(out: Path, methods: list[str], device: str):
 @click.option("--labels", metavar="FILE",
               help="Class names, one per line or a JSON list; 'imagenet' for the bundled ImageNet names "
                    "[default: the model's metadata].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where onnxruntime runs; auto takes CUDA when it really works.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Images per onnxruntime run.")
 @click.option("--save-raw", is_flag=True,
               help="Also write an .npz per map: the map at input size, the low-resolution map, activations, "
                    "gradients and logits.")

@@ -162,6 +162,7 @@ class Runner:
         self.out = Path(out)
         self.save_raw = save_raw
         self._classes_checked = False
+        self._inputs: set[Path] = set()  # every input file of the run: outputs never replace one
         self.load_seconds = time.perf_counter() - start
 
     @property
@@ -173,11 +174,13 @@ class Runner:
 
     def run(self, files: list[ImageFile], batch_size: int = 8, target: Target | None = None):
         """Yield one list of ImageReport per batch (images that cannot be read carry their error, and are skipped)."""
+        self._inputs |= {f.path.resolve() for f in files if f.rgb is None}
         for i in range(0, len(files), max(1, batch_size)):
             yield self.explain_batch(files[i:i + batch_size], target)
 
     def explain_batch(self, files: list[ImageFile], target: Target | None = None) -> list[ImageReport]:
         target = target or self.target
+        self._inputs |= {f.path.resolve() for f in files if f.rgb is None}
         reports = [ImageReport(f) for f in files]
         timings: dict[int, dict] = {}
         images, xs = {}, []
@@ -243,7 +246,9 @@ class Runner:
         t = time.perf_counter()
         h, w = rgb.shape[:2]
         base = self.out / rep.image.base
-        inputs = {rep.image.path.resolve()} if rep.image.rgb is None else set()
+        inputs = self._inputs
+        rep.json_path = base.with_name(f"{base.name}.json")
+        _refuse_inputs([rep.json_path], inputs)
         entries = []
         for m in rep.maps:
             stem = f"{base.name}.{m.method}.{m.target}"
@@ -267,19 +272,21 @@ class Runner:
             "preprocess": self.pre.describe(), "labels": self.labels_source,
             "timings": _rounded(timings), "onnxcam": __version__,
         }
-        rep.json_path = base.with_name(f"{base.name}.json")
-        _refuse_inputs([rep.json_path], inputs)
         write_json(rep.json_path, record)
 
 
 def _raw_arrays(m: Map) -> dict[str, np.ndarray]:
+    """The map at input size, and per layer n: lowres_n (the method's raw map), activations_n, gradients_n."""
     e, j = m.source, m.index
     arrays = {"map": m.mask.astype(np.float32), "logits": e.logits[j], "target": np.int64(m.target),
               "layers": np.array(e.layers)}
+    raw = getattr(e, "raw", None) or {}
+    result = getattr(e, "result", None)
     for n, layer in enumerate(e.layers):
-        arrays[f"lowres_{n}"] = e.raw[layer][j]
-        arrays[f"activations_{n}"] = e.result.activations[layer][j]
-        arrays[f"gradients_{n}"] = e.result.gradients[layer][j]
+        for key, source in (("lowres", raw), ("activations", getattr(result, "activations", {})),
+                            ("gradients", getattr(result, "gradients", {}))):
+            if layer in source:
+                arrays[f"{key}_{n}"] = np.asarray(source[layer])[j]
     return arrays
 
 

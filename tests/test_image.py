@@ -1,0 +1,206 @@
+"""onnxcam/image.py, preprocess.py and files.py: reading odd images, model inputs, overlays, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxcam import files, image, preprocess
+from onnxcam.errors import InputError, ModelError
+
+PIL = pytest.importorskip("PIL.Image")
+
+
+def _write(path, bgr_or_gray):
+    assert cv2.imwrite(str(path), bgr_or_gray)
+    return path
+
+
+# ---- reading -----------------------------------------------------------------------------------------------------
+def test_reads_color_as_rgb(tmp_path):
+    bgr = np.zeros((4, 6, 3), np.uint8)
+    bgr[..., 0] = 255  # blue in OpenCV's order
+    rgb = image.read_image(_write(tmp_path / "b.png", bgr))
+    assert rgb.shape == (4, 6, 3) and rgb.dtype == np.uint8
+    assert (rgb[..., 2] == 255).all() and (rgb[..., :2] == 0).all()
+
+
+def test_gray_becomes_three_equal_channels(tmp_path):
+    gray = np.arange(24, dtype=np.uint8).reshape(4, 6) * 10
+    rgb = image.read_image(_write(tmp_path / "g.png", gray))
+    assert rgb.shape == (4, 6, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(rgb[..., c], gray)
+
+
+def test_16_bit_is_scaled_to_8_bit(tmp_path):
+    img16 = np.full((3, 3, 3), 65535, np.uint16)
+    img16[0, 0] = 257 * 100
+    rgb = image.read_image(_write(tmp_path / "deep.png", img16))
+    assert rgb.dtype == np.uint8
+    assert rgb[1, 1, 0] == 255 and rgb[0, 0, 0] == 100
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+    bgra = np.zeros((2, 2, 4), np.uint8)
+    bgra[0, 0] = (0, 0, 255, 255)  # opaque red
+    bgra[1, 1] = (0, 0, 0, 0)      # fully transparent black -> white
+    rgb = image.read_image(_write(tmp_path / "a.png", bgra))
+    assert tuple(rgb[0, 0]) == (255, 0, 0)
+    assert tuple(rgb[1, 1]) == (255, 255, 255)
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    # A 20x10 (w x h) JPEG whose left half is black and right half white, tagged "rotate 90 CW to display".
+    arr = np.zeros((10, 20, 3), np.uint8)
+    arr[:, 10:] = 255
+    img = PIL.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif, quality=95)
+    rgb = image.read_image(path)
+    assert rgb.shape[:2] == (20, 10)  # displayed upright: taller than wide
+    assert rgb[:8].mean() < 40 and rgb[12:].mean() > 215  # the black half is now on top
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "the file is empty"),
+    (b"not an image at all", "not an image, or a format OpenCV cannot read"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "not an image, or a format OpenCV cannot read"),  # truncated PNG
+])
+def test_undecodable_images_raise_input_error(tmp_path, content, message):
+    path = tmp_path / "bad.png"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match="cannot decode image .*bad.png") as err:
+        image.read_image(path)
+    assert message in str(err.value)
+
+
+def test_missing_image(tmp_path):
+    with pytest.raises(InputError, match="image not found"):
+        image.read_image(tmp_path / "nope.jpg")
+
+
+# ---- model inputs ------------------------------------------------------------------------------------------------
+def test_to_input_normalizes_and_lays_out():
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 0] = 255
+    pre = preprocess.Preprocess((4, 4), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    x = image.to_input(rgb, pre)
+    assert x.shape == (3, 4, 4) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0], 1.0)
+    np.testing.assert_allclose(x[1:], -1.0)
+    nhwc = image.to_input(rgb, preprocess.Preprocess((4, 4), (0.5,) * 3, (0.5,) * 3, layout="nhwc", color="bgr"))
+    assert nhwc.shape == (4, 4, 3)
+    np.testing.assert_allclose(nhwc[..., 2], 1.0)  # red is the last channel in BGR
+    gray = image.to_input(rgb, preprocess.Preprocess((4, 4), (0.0,), (1.0,), color="gray"))
+    assert gray.shape == (1, 4, 4)
+
+
+def test_lite0_metadata_gives_its_preprocessing():
+    proto = onnx.load(os.path.join(os.path.dirname(image.__file__), "data", "efficientnet_lite0.onnx"),
+                      load_external_data=False)
+    pre = preprocess.resolve(proto)
+    assert pre.size == (224, 224) and pre.layout == "nchw" and pre.color == "rgb"
+    x = image.to_input(np.full((300, 400, 3), 255, np.uint8), pre)
+    np.testing.assert_allclose(x, (255 - 127) / 128, rtol=1e-6)  # x = (pixel - 127) / 128
+    assert len(preprocess.labels_from_metadata(proto)) == 1000
+
+
+def _model(shape, meta=None):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    m = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]))
+    for k, v in (meta or {}).items():
+        m.metadata_props.add(key=k, value=v)
+    return m
+
+
+def test_layout_is_detected_from_the_input_shape():
+    assert preprocess.resolve(_model(["N", 3, 32, 32])).layout == "nchw"
+    nhwc = preprocess.resolve(_model(["N", 32, 32, 3]))
+    assert nhwc.layout == "nhwc" and nhwc.sources["layout"] == "model" and nhwc.size == (32, 32)
+    assert preprocess.resolve(_model(["N", 1, 28, 28])).color == "gray"
+
+
+def test_overrides_beat_metadata_and_defaults_are_imagenet():
+    meta = {preprocess.PREPROCESS_KEY: json.dumps({"mean": [0.5] * 3, "std": [0.25] * 3})}
+    pre = preprocess.resolve(_model(["N", 3, 32, 32], meta), std=(0.1, 0.2, 0.3), bgr=True)
+    assert pre.mean == (0.5,) * 3 and pre.sources["mean"] == "metadata"
+    assert pre.std == (0.1, 0.2, 0.3) and pre.sources["std"] == "option"
+    assert pre.color == "bgr"
+    plain = preprocess.resolve(_model(["N", 3, 32, 32]))
+    assert plain.mean == preprocess.IMAGENET_MEAN and plain.sources["mean"] == "default"
+
+
+def test_dynamic_size_needs_a_size_and_static_size_must_match():
+    with pytest.raises(InputError, match=r"dynamic spatial size \(\?, 3, \?, \?\): give the size with --size HxW"):
+        preprocess.resolve(_model([None, 3, None, None]))
+    assert preprocess.resolve(_model([None, 3, None, None]), size=(64, 48)).size == (64, 48)
+    with pytest.raises(InputError, match="--size 64x64 does not match the model's input size 32x32"):
+        preprocess.resolve(_model(["N", 3, 32, 32]), size=(64, 64))
+
+
+def test_bad_metadata_is_a_model_error():
+    with pytest.raises(ModelError, match="onnxcam.preprocess' is not valid JSON"):
+        preprocess.resolve(_model(["N", 3, 8, 8], {preprocess.PREPROCESS_KEY: "{oops"}))
+    with pytest.raises(ModelError, match="onnxcam.labels' must be a JSON list of strings"):
+        preprocess.labels_from_metadata(_model(["N", 3, 8, 8], {preprocess.LABELS_KEY: "{}"}))
+
+
+def test_read_labels_text_and_json(tmp_path):
+    (tmp_path / "a.txt").write_text("cat\ndog\n\n")
+    (tmp_path / "b.json").write_text('["cat", "dog"]')
+    assert preprocess.read_labels(tmp_path / "a.txt") == ["cat", "dog"]
+    assert preprocess.read_labels(tmp_path / "b.json") == ["cat", "dog"]
+    assert len(preprocess.imagenet_labels()) == 1000
+
+
+# ---- pictures ----------------------------------------------------------------------------------------------------
+def test_overlay_is_show_cam_on_image_at_the_original_resolution():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    mask = rng.random((7, 7)).astype(np.float32)
+    out = image.overlay(rgb, mask)
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    # pytorch-grad-cam 1.5.7 show_cam_on_image(img, mask, use_rgb=True), written out on the resized mask
+    big = cv2.resize(mask, (50, 30))
+    heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * big), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    cam = 0.5 * np.float32(heat) / 255 + 0.5 * np.float32(rgb) / 255
+    np.testing.assert_array_equal(out, np.uint8(255 * cam / np.max(cam)))
+    assert image.heatmap(mask, (50, 30)).shape == (30, 50, 3)
+
+
+def test_png_round_trip(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    files.atomic_write(path, image.encode_png(rgb))
+    np.testing.assert_array_equal(image.read_image(path), rgb)
+
+
+def test_side_by_side():
+    a, b = np.zeros((10, 20, 3), np.uint8), np.zeros((20, 20, 3), np.uint8)
+    assert image.side_by_side(a, b).shape == (10, 30, 3)
+
+
+# ---- atomic writes -----------------------------------------------------------------------------------------------
+def test_atomic_write_leaves_nothing_half_written(tmp_path, monkeypatch):
+    target = tmp_path / "out" / "result.json"
+    files.write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # the run is stopped between writing the temp file and renaming it
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 1}  # the old file is intact
+    assert sorted(p.name for p in target.parent.iterdir()) == ["result.json"]  # no temp file left
