@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+import onnxcam
 from onnxcam.cli import DEMO_MODEL, DEMO_SAMPLES, main
 from onnxcam.errors import ModelError
 
@@ -97,7 +98,7 @@ def test_every_command_has_help():
 
 def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "onnxcam", "--version"], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "onnxcam, version 0.1.0"
+    assert out.stdout.strip() == f"onnxcam, version {onnxcam.__version__}"
 
 
 # ---- explain -----------------------------------------------------------------------------------------------------
@@ -141,6 +142,25 @@ def test_explain_targets_by_rank_number_and_name(photos, tmp_path):
     assert result.exit_code == 0, result.stderr
     record = json.loads((tmp_path / "b" / "chelsea.json").read_text())
     assert [(e["class"], e["label"]) for e in record["explanations"]] == [(285, "Egyptian cat"), (967, "espresso")]
+
+
+def test_explain_a_chosen_layer(photos, tmp_path):
+    layer = "/_conv_head/Conv_output_0"
+    result = run("explain", LITE0, photos / "coffee.png", "--layer", layer, "--out", tmp_path, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads((tmp_path / "coffee.json").read_text())
+    assert record["layers"] == [layer] and record["top"][0]["class"] == 967
+
+
+def test_output_names_stay_unique(tmp_path):
+    from onnxcam.pipeline import find_images
+
+    (tmp_path / "a" / "deep").mkdir(parents=True)
+    for name in ("a/x.png", "a/x.jpg", "a/deep/x.png", "a/.hidden.png", "a/readme.txt"):
+        (tmp_path / name).write_bytes(b"")
+    found = find_images([tmp_path / "a", tmp_path / "a" / "x.png"])  # x.png given twice: explained once
+    assert [(f.path.relative_to(tmp_path).as_posix(), f.base.as_posix()) for f in found] == [
+        ("a/deep/x.png", "deep/x"), ("a/x.jpg", "x"), ("a/x.png", "x_png")]
 
 
 def test_folder_run_reports_and_skips_unreadable_images(photos, tmp_path):
