@@ -186,3 +186,20 @@ RUNTIME_CASES = [runtime_case(c) for c in [
 @pytest.mark.parametrize("case", RUNTIME_CASES, ids=str)
 def test_rule_runtime_reference(case):
     check_against(case, runtime_reference(case))
+
+
+def test_side_input_computed_at_run_time_is_a_clear_error():
+    """Indices that depend on the data cannot become a constant matrix: the error names the node and the input."""
+    from onnx import TensorProto, helper
+
+    from onnxcam import rewrite
+    from onnxcam.errors import UnsupportedOpError
+    from onnxcam.graph.model import ModelGraph
+
+    nodes = [helper.make_node("Gather", ["x", "i"], ["y"], name="pick", axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5]),
+                                           helper.make_tensor_value_info("i", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(UnsupportedOpError, match=r"Gather node 'pick'.*indices input 'i' to be constant"):
+        rewrite.build(ModelGraph(model), ["x"], "y")

@@ -145,9 +145,9 @@ def _whole(start, end, step) -> bool:
 
 
 def _selection(picked, size: int) -> np.ndarray:
-    """m[j, i] = how often output j reads input i (1 where i = picked[j]): from output to input positions."""
+    """m[j, i] = 1 where output j reads input i: maps gy to the input; inputs read twice add up in the product."""
     m = np.zeros((len(picked), size))
-    np.add.at(m, (np.arange(len(picked)), np.asarray(picked, dtype=np.int64)), 1.0)
+    m[np.arange(len(picked)), np.asarray(picked, dtype=np.int64)] = 1.0
     return m
 
 
