@@ -2,14 +2,18 @@
 1-D operands and broadcast batch dims, Einsum in explicit and implicit forms."""
 
 import numpy as np
+import onnx
 import pytest
+from onnx import helper, numpy_helper
 
 from onnxcam.errors import UnsupportedOpError
 
+from . import gradcheck
 from .gradcheck import Case, check_case, onnxcam_gradients
 
 rng = np.random.default_rng(4)
 M, K, N = 3, 4, 2
+SCALAR = ":scalar"  # a node input named "x:scalar" is x, fed with shape (1,), squeezed to rank 0 (see below)
 
 
 def r(*shape):
@@ -32,8 +36,8 @@ def _gemm_cases():
     return cases + [
         Case("Gemm", {"a": r(M, K), "b": r(K, N), "c": r(1, N)}, ["a", "b", "c"], {"beta": 0.5}, id="Gemm-C-1xN"),
         Case("Gemm", {"a": r(M, K), "b": r(K, N), "c": r(M, 1)}, ["a", "b", "c"], id="Gemm-C-Mx1"),
-        Case("Gemm", {"a": r(M, K), "b": r(K, N), "c": np.float64(0.3)}, ["a", "b", "c"], {"alpha": 2.0},
-             opset=11, id="Gemm-11-C-scalar"),
+        Case("Gemm", {"a": r(M, K), "b": r(K, N), "c": r(1)}, ["a", "b", "c"], {"alpha": 2.0}, opset=11,
+             input_order=["a", "b", "c" + SCALAR], id="Gemm-11-C-scalar"),
         Case("Gemm", {"a": r(M, K), "b": r(N, K), "c": r(N)}, ["a"], {"transB": 1}, opset=10, id="Gemm-10-C-row-a"),
     ]
 
@@ -72,8 +76,35 @@ CASES = [
 ]
 
 
+def with_rank0_io(make_model):
+    """onnxcam explains batch-first tensors (rewrite.build needs an axis 0 on the score and on each target), so
+    rank-0 operands and results are checked through a size-1 axis: Squeeze before, Unsqueeze after the node."""
+    def model(case, dtype):
+        proto = make_model(case, dtype)
+        graph, node = proto.graph, proto.graph.node[0]
+        for name in node.input:
+            if name.endswith(SCALAR):
+                graph.node.insert(0, _axis_op(case, graph, "Squeeze", name[:-len(SCALAR)], name))
+        inferred = onnx.shape_inference.infer_shapes(proto).graph
+        y = next(v for v in list(inferred.value_info) + list(inferred.output) if v.name == "y0")
+        if len(y.type.tensor_type.shape.dim) == 0:
+            node.output[0] = "y0" + SCALAR
+            graph.node.append(_axis_op(case, graph, "Unsqueeze", node.output[0], "y0"))
+        return proto
+    return model
+
+
+def _axis_op(case, graph, op, x, y):
+    """Squeeze/Unsqueeze on axis 0, with the axes as attribute (before opset 13) or as an initializer input."""
+    if case.opset < 13:
+        return helper.make_node(op, [x], [y], axes=[0])
+    graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), y + "/axes"))
+    return helper.make_node(op, [x, y + "/axes"], [y])
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_rule(case):
+def test_rule(case, monkeypatch):
+    monkeypatch.setattr(gradcheck, "_model", with_rank0_io(gradcheck._model))
     check_case(case)
 
 
