@@ -239,7 +239,7 @@ def explain(model, inputs, methods, layers, target, out, size, mean, std, layout
     files = find_images(inputs, exclude=[out])
     runner = Runner(model, methods=methods, layers=list(layers) or None, target=target, size=size, mean=mean,
                     std=std, layout=layout, bgr=bgr, labels=labels, device=device, out=out, save_raw=save_raw)
-    start, done, failed, written = time.perf_counter(), 0, 0, 0
+    start, failed, written = time.perf_counter(), 0, 0
     bar = len(files) > batch_size and sys.stderr.isatty()
     batches = runner.run(files, batch_size)
     if bar:

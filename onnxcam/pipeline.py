@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, image, preprocess
-from .cam.api import Explanation, explain
+from .cam.api import explain
 from .cam.methods import METHODS
 from .errors import InputError
 from .explainer import Explainer
@@ -125,7 +125,7 @@ class Map:
     score: float                    # the target's softmax probability
     mask: np.ndarray                # (H, W) in [0, 1] at the model's input size
     files: dict = field(default_factory=dict)
-    source: Explanation | None = field(default=None, repr=False)  # the batch's explanation, until written
+    source: object | None = field(default=None, repr=False)  # the batch's explanation, until written
     index: int = 0                  # this image's row in it
 
 
