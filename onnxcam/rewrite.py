@@ -85,8 +85,11 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     graph = mg.graph
     score_t = mg.tensor(score)
     score_shape = mg.shape(score_t)
-    if score_shape is None:
-        raise LayerError(f"the rank of the score tensor {score!r} is unknown")
+    if not score_shape:
+        raise LayerError(f"the score tensor {score!r} must have a batch axis; its shape is {score_shape}")
+    if score_t.dtype is not None and not np.issubdtype(np.dtype(score_t.dtype), np.floating):
+        raise LayerError(f"the score tensor {score!r} is {_type_name(score_t.dtype)}, not floating point: "
+                         "it has no gradient")
     dtype = np.float32
     b = Builder(mg, dtype, guided=guided)
     seeds = gs.Variable(SEED, dtype=dtype, shape=[score_shape[0], n_seeds, *score_shape[1:]])
@@ -127,6 +130,10 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     weights = [t for name, t in mg.weights.items() if name in used]
     return Rewritten(model, mg.input_name, score, layers, score_shape, has_ranking, n_seeds, mg.fixed_batch,
                      original_outputs, weights)
+
+
+def _type_name(dtype) -> str:
+    return onnx.TensorProto.DataType.Name(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
 
 
 def _named(b: Builder, t: gs.Tensor, name: str, dtype, copy: bool = True) -> gs.Variable:

@@ -52,6 +52,9 @@ class Builder:
     # ---- emitting ------------------------------------------------------------------------------------------
     def op(self, op_type: str, *inputs, outputs: int = 1, **attrs):
         """Add one node; inputs may be tensors, numpy arrays or numbers (-> constants of the gradient dtype)."""
+        inputs = list(inputs)
+        while inputs and inputs[-1] is None:  # omitted trailing optional inputs are left out, not named ""
+            inputs.pop()
         ins = [self._as_tensor(i) for i in inputs]
         if op_type not in _DTYPE_AGNOSTIC:
             ins = [self._widen(t) for t in ins]

@@ -49,7 +49,22 @@ def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Te
                 g = b.unbroadcast(g, b.shape(node.outputs[0]), b.shape(inp))
             grads.setdefault(inp.name, []).append(g)
     b.node = None
-    return {t.name: _total(b, grads, t.name) for t in targets}
+    result = {t.name: _total(b, grads, t.name) for t in targets}
+    for t in targets:
+        if result[t.name] is None:
+            raise _no_gradient(b, t, score)
+    return result
+
+
+def _no_gradient(b: Builder, target: gs.Tensor, score: gs.Tensor) -> UnsupportedOpError:
+    """A target that reaches the score only through integer tensors (rounding, argmax, casts) has no gradient."""
+    reach = b.model.backward_reach(score)
+    blockers = [f"{n.op} (node {n.name!r}) -> {o.name!r}"
+                for n in b.model.graph.nodes for o in n.outputs
+                if o.name in reach and o.name not in b.model.forward_reach([target])
+                and any(i.name in b.model.forward_reach([target]) for i in n.inputs)]
+    return UnsupportedOpError(f"layer {target.name!r} reaches the score {score.name!r} only through tensors that "
+                              f"carry no gradient (integer results): {'; '.join(blockers) or 'none found'}")
 
 
 def _total(b: Builder, grads: dict[str, list[gs.Tensor]], name: str) -> gs.Tensor | None:

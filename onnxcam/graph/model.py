@@ -107,11 +107,12 @@ class ModelGraph:
 
     # ---- paths ---------------------------------------------------------------------------------------------
     def forward_reach(self, starts: list[gs.Tensor]) -> set[str]:
+        """Tensors that depend differentiably on the starts (integer results such as ArgMax indices do not)."""
         seen, todo = {t.name for t in starts}, deque(starts)
         while todo:
             for node in todo.popleft().outputs:
                 for out in node.outputs:
-                    if out.name not in seen:
+                    if out.name not in seen and _carries_gradient(out, node):
                         seen.add(out.name)
                         todo.append(out)
         return seen
@@ -171,6 +172,19 @@ class ModelGraph:
                     if n in self.backward_reach(self.tensor(score))]
             hint = f"; close matches that do: {near[:5]}" if near else ""
             raise LayerError(f"layer {layer!r} does not reach the score tensor {score!r}{hint}")
+
+
+# Ops whose integer outputs stand for real values (quantized tensors): gradients pass through them.
+_QUANTIZED_PRODUCERS = {"QuantizeLinear", "DynamicQuantizeLinear"}
+
+
+def _carries_gradient(t: gs.Tensor, producer: gs.Node) -> bool:
+    if t.dtype is None or producer.op in _QUANTIZED_PRODUCERS or producer.op.startswith("QLinear"):
+        return True
+    try:
+        return np.issubdtype(np.dtype(t.dtype), np.floating)
+    except TypeError:  # onnx-only types (bfloat16, float8) arrive as TensorProto enums
+        return "FLOAT" in onnx.TensorProto.DataType.Name(int(t.dtype))
 
 
 def _is_spatial_map(shape: tuple | None) -> bool:
@@ -244,11 +258,12 @@ def _infer(skeleton: onnx.ModelProto, full: onnx.ModelProto, input_name: str, sh
 def _probe_missing_shapes(proto: onnx.ModelProto, full: onnx.ModelProto, input_name: str, shape: tuple) -> None:
     """Fill shapes that inference left unknown by running the model (`full`, with its weights) at batch 1 and 2."""
     known = {vi.name: vi for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input)}
+    measure_all = _shape_inference_unreliable(proto)
     missing = []
     for node in proto.graph.node:
         for out in node.output:
             vi = known.get(out)
-            if out and (vi is None or not _fully_shaped(vi)):
+            if out and (vi is None or not _fully_shaped(vi) or measure_all):
                 missing.append(out)
     if not missing:
         return
@@ -272,8 +287,17 @@ def _probe_missing_shapes(proto: onnx.ModelProto, full: onnx.ModelProto, input_n
 
 
 def _fully_shaped(vi: onnx.ValueInfoProto) -> bool:
+    """Every dim known: a number, or a symbol the model declared (inference's own 'unk__' names are unknowns)."""
     tt = vi.type.tensor_type
-    return tt.HasField("shape") and all(d.HasField("dim_value") or d.dim_param for d in tt.shape.dim)
+    return tt.HasField("shape") and all(
+        d.HasField("dim_value") or (d.dim_param and not d.dim_param.startswith("unk__")) for d in tt.shape.dim)
+
+
+def _shape_inference_unreliable(proto: onnx.ModelProto) -> bool:
+    """onnx's inference disagrees with onnxruntime on ceil_mode pools whose last window starts in the end
+    padding, and everything after such a pool inherits the error: then every shape is measured."""
+    return any(n.op_type in ("MaxPool", "AveragePool", "LpPool") and
+               any(a.name == "ceil_mode" and a.i for a in n.attribute) for n in proto.graph.node)
 
 
 def _probe(proto, input_name, shape, names):
@@ -282,6 +306,9 @@ def _probe(proto, input_name, shape, names):
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     have = {o.name for o in probe.graph.output}
+    for out in probe.graph.output:
+        if out.type.tensor_type.elem_type == 0:  # an UNDEFINED declared type makes onnxruntime refuse the model
+            out.ClearField("type")
     for name in names:
         if name not in have:
             probe.graph.output.add().name = name
