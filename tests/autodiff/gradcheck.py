@@ -33,6 +33,7 @@ class Case:
     score_output: int = 0  # which output is differentiated
     input_order: list | None = None  # node input names in order ("" for an omitted optional input)
     id: str = ""
+    domain: str = ""  # e.g. "com.microsoft" (then a reference other than onnx's evaluator is needed)
     rtol: float = 1e-4
     h: float = 1e-6
 
@@ -43,7 +44,7 @@ class Case:
 def _model(case: Case, dtype) -> onnx.ModelProto:
     order = case.input_order if case.input_order is not None else list(case.inputs)
     outs = [f"y{i}" for i in range(case.n_outputs)]
-    node = helper.make_node(case.op, order, outs, **case.attrs)
+    node = helper.make_node(case.op, order, outs, domain=case.domain or None, **case.attrs)
     graph_inputs, inits = [], []
     for name, value in case.inputs.items():
         value = np.asarray(value)
@@ -57,7 +58,8 @@ def _model(case: Case, dtype) -> onnx.ModelProto:
     graph = helper.make_graph([node], "case", graph_inputs,
                               [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in outs],
                               initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)])
+    opsets = [helper.make_opsetid("", case.opset)] + ([helper.make_opsetid(case.domain, 1)] if case.domain else [])
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     return model
 

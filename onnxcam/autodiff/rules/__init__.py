@@ -32,20 +32,27 @@ class Rule:
 RULES: dict[str, list[Rule]] = {}
 
 
-def rule(*ops: str, broadcast: bool = False, opsets: tuple[int, int] = (1, 10_000)):
-    """Register `fn` as the gradient rule of each op in `ops`, for the ai.onnx opsets in `opsets` (inclusive)."""
+def rule(*ops: str, broadcast: bool = False, opsets: tuple[int, int] = (1, 10_000), domain: str = ""):
+    """Register `fn` as the gradient rule of each op in `ops`, for the ai.onnx opsets in `opsets` (inclusive).
+
+    Ops of another domain (com.microsoft's QLinear*/Fused* kernels) are registered as "domain:Op" and match
+    whatever that domain's version.
+    """
     def register(fn):
         for op in ops:
-            RULES.setdefault(op, []).append(Rule(op, fn, broadcast, *opsets))
+            RULES.setdefault(rule_key(op, domain), []).append(Rule(op, fn, broadcast, *opsets))
         return fn
     return register
 
 
+def rule_key(op: str, domain: str = "") -> str:
+    return op if domain in ("", "ai.onnx") else f"{domain}:{op}"
+
+
 def find_rule(op: str, opset: int, domain: str = "") -> Rule | None:
-    if domain not in ("", "ai.onnx"):
-        return None
-    for r in RULES.get(op, []):
-        if r.min_opset <= opset <= r.max_opset:
+    default = domain in ("", "ai.onnx")
+    for r in RULES.get(rule_key(op, domain), []):
+        if not default or r.min_opset <= opset <= r.max_opset:
             return r
     return None
 
