@@ -1,4 +1,4 @@
-"""explain(): the functional face of onnxcam."""
+"""explain(): the functional face of the CAM methods."""
 
 from __future__ import annotations
 
@@ -8,29 +8,65 @@ import numpy as np
 
 from ..errors import InputError
 from ..explainer import Explainer, Result
-from .methods import METHODS
-from .postprocess import aggregate_layers, layer_map
+from . import cams, guided
+
+# method name -> class; "gradcam++" has "gradcampp" as an alias for command lines and file names
+CLASSES = {
+    "gradcam": cams.GradCAM,
+    "hirescam": cams.HiResCAM,
+    "gradcam_elementwise": cams.GradCAMElementWise,
+    "gradcam++": cams.GradCAMPlusPlus,
+    "gradcampp": cams.GradCAMPlusPlus,
+    "xgradcam": cams.XGradCAM,
+    "layercam": cams.LayerCAM,
+    "eigencam": cams.EigenCAM,
+    "eigengradcam": cams.EigenGradCAM,
+    "kpca_cam": cams.KPCA_CAM,
+    "counterfactual_gradcam": cams.CounterfactualGradCAM,
+    "cam": cams.CAM,
+    "saliency": cams.Saliency,
+    "gradient_x_input": cams.GradientXInput,
+    "guided_backprop": guided.GuidedBackprop,
+    "guided_gradcam": guided.GuidedGradCAM,
+}
+_INPUT_METHODS = {"saliency", "gradient_x_input", "guided_backprop"}
 
 
 @dataclass
 class Explanation:
-    maps: np.ndarray            # (N, H, W) float32 in [0, 1] at the input's spatial size
-    raw: dict                   # layer -> (N, h, w) raw map (before ReLU and scaling)
-    logits: np.ndarray          # (N, K)
-    targets: np.ndarray         # (N,)
-    layers: list
+    maps: np.ndarray            # (N, H, W) float32 in [0, 1] at the input's size; (N, H, W, C) for the guided methods
+    raw: dict                   # layer -> (N, h, w) raw map before ReLU and scaling (Grad-CAM's for guided_gradcam)
+    logits: np.ndarray          # (N, K): the score
+    targets: np.ndarray         # (N,): the explained classes (-1 where the seed is not one class)
+    layers: list                # the target layers, as tensor names
     method: str
-    result: Result              # activations and gradients
+    result: Result              # the run's activations and gradients
 
 
-def explain(model, x: np.ndarray, method: str = "hirescam", targets=None, layers=None, *,
-            device: str = "auto", channels_last: bool = False) -> Explanation:
-    """Explain a preprocessed batch with one CAM method; model is a path/bytes/ModelProto or an Explainer."""
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
-    ex = model if isinstance(model, Explainer) else Explainer(model, layers=layers, device=device)
-    r = ex.run(x, targets)
-    size = (x.shape[2], x.shape[1]) if channels_last else (x.shape[-1], x.shape[-2])
-    raw = {layer: METHODS[method](r.activations[layer], r.gradients[layer]) for layer in ex.layers}
-    maps = aggregate_layers([layer_map(raw[layer], size) for layer in ex.layers])
-    return Explanation(maps, raw, r.logits, r.targets, list(ex.layers), method, r)
+def explain(model, x, method: str = "hirescam", targets=None, layers=None, *, device: str = "auto",
+            eigen_smooth: bool = False, aug_smooth: bool = False, channels_last: bool | None = None,
+            **options) -> Explanation:
+    """Explain a preprocessed batch with one method; model is a path, bytes, ModelProto or Explainer.
+
+    method: one of onnxcam.cam.api.CLASSES (gradcam, hirescam, gradcam++, ..., guided_gradcam).
+    targets: None (each sample's top class), an int, or one target per sample (ints or onnxcam.targets objects).
+    layers: target layer names or module paths, None for the automatic choice (ignored by input-space methods).
+    options: passed to the method's class (e.g. kernel= for kpca_cam, score= / output= / input_shape=).
+    """
+    cls = CLASSES.get(method)
+    if cls is None:
+        raise InputError(f"unknown method {method!r}; choose from {', '.join(CLASSES)}")
+    if method in _INPUT_METHODS:
+        device = model.device if isinstance(model, Explainer) else device
+        obj = cls(model, device=device, channels_last=channels_last, **options)
+    elif isinstance(model, Explainer):
+        obj = cls(model, layers, channels_last=channels_last, **options)
+    else:
+        obj = cls(model, layers, device=device, channels_last=channels_last, **options)
+    if method == "guided_backprop":
+        maps = obj(x, targets)
+    else:
+        maps = obj(x, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
+    inner = obj.gradcam if method == "guided_gradcam" else obj
+    r = inner.result
+    return Explanation(maps, dict(getattr(inner, "raw", {})), r.logits, r.targets, list(inner.target_layers), method, r)

@@ -1,22 +1,135 @@
-"""CAM methods as pure functions of a layer's activations A and gradients G, both (N, C, h, w).
+"""CAM methods as pure numpy functions of a layer's activations A and gradients G, both (N, C, h, w) float32.
 
-Each returns the raw low-resolution map (N, h, w) before ReLU and scaling.
+Each returns the raw low-resolution map (N, h, w), before the ReLU and scaling of postprocess.py. G is
+d(sum over samples of the target score) / dA, as the engine returns it. The arithmetic is pytorch-grad-cam 1.5.7's,
+operation for operation in float32, so identical A and G give identical maps.
+
+With eigen_smooth=True, the methods that weight the activations project the weighted activations on their first
+principal component (projection.py) instead of summing them over channels, as pytorch-grad-cam does.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
+from .projection import get_2d_projection, get_2d_projection_kernel
 
-def gradcam(activations: np.ndarray, grads: np.ndarray) -> np.ndarray:
-    """Grad-CAM (Selvaraju et al., arXiv 1610.02391): channel weights = spatially averaged gradients."""
-    weights = np.mean(grads, axis=(2, 3))
-    return (weights[:, :, None, None] * activations).sum(axis=1)
-
-
-def hirescam(activations: np.ndarray, grads: np.ndarray) -> np.ndarray:
-    """HiResCAM (Draelos & Carin, arXiv 2011.08891): gradient x activation summed over channels."""
-    return (grads * activations).sum(axis=1)
+log = logging.getLogger(__name__)
+_SPATIAL = (2, 3)
 
 
-METHODS = {"gradcam": gradcam, "hirescam": hirescam}
+def _reduce(weighted: np.ndarray, eigen_smooth: bool) -> np.ndarray:
+    return get_2d_projection(weighted) if eigen_smooth else weighted.sum(axis=1)
+
+
+def _with_channel_weights(weights: np.ndarray, activations: np.ndarray, eigen_smooth: bool) -> np.ndarray:
+    return _reduce(weights[:, :, None, None] * activations, eigen_smooth)
+
+
+# ---- channel-weight methods: a weight per channel, map = sum_c w_c A_c ----------------------------------------------
+def gradcam(activations: np.ndarray, grads: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al., arXiv 1610.02391): w_c = mean over space of dY/dA_c."""
+    return _with_channel_weights(np.mean(grads, axis=_SPATIAL), activations, eigen_smooth)
+
+
+def counterfactual_gradcam(activations: np.ndarray, grads: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """Counterfactual Grad-CAM (Grad-CAM paper, section 'Counterfactual Explanations'): negated gradients.
+
+    Highlights the regions whose removal would make the network more confident in the target.
+    """
+    return gradcam(activations, -grads, eigen_smooth)
+
+
+def gradcam_plusplus(activations: np.ndarray, grads: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """Grad-CAM++ (Chattopadhyay et al., arXiv 1710.11063, eq. 19), with pytorch-grad-cam's closed form:
+
+    a_kij = g^2 / (2 g^2 + sum_ab A_kab g^3 + 1e-6)  (0 where g == 0),  w_k = sum_ij a_kij relu(g_kij).
+    """
+    grads_2 = grads ** 2
+    grads_3 = grads_2 * grads
+    sum_activations = np.sum(activations, axis=_SPATIAL)[:, :, None, None]
+    alpha = grads_2 / (2 * grads_2 + sum_activations * grads_3 + 0.000001)
+    alpha = np.where(grads != 0, alpha, 0)
+    weights = np.sum(np.maximum(grads, 0) * alpha, axis=_SPATIAL)
+    return _with_channel_weights(weights, activations, eigen_smooth)
+
+
+def xgradcam(activations: np.ndarray, grads: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """XGrad-CAM (Fu et al., arXiv 2008.02312): w_c = sum_ij g_cij A_cij / (sum_ij A_cij + 1e-7)."""
+    sum_activations = np.sum(activations, axis=_SPATIAL)[:, :, None, None]
+    weights = (grads * activations / (sum_activations + 1e-7)).sum(axis=_SPATIAL)
+    return _with_channel_weights(weights, activations, eigen_smooth)
+
+
+def cam(activations: np.ndarray, class_weights: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """CAM (Zhou et al., arXiv 1512.04150): map = sum_c W[target, c] A_c, for models ending in GAP + linear.
+
+    class_weights (N, C): the head's weights of each sample's target; the engine gives them as the gradient of the
+    score with respect to the pooled features (exactly W[target] for a linear head).
+    """
+    return _with_channel_weights(class_weights, activations, eigen_smooth)
+
+
+# ---- element-wise methods -------------------------------------------------------------------------------------------
+def hirescam(activations: np.ndarray, grads: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """HiResCAM (Draelos & Carin, arXiv 2011.08891): map = sum_c g_c * A_c (no spatial averaging)."""
+    if eigen_smooth:
+        log.warning("HiResCAM's faithfulness guarantees do not hold if smoothing is applied")
+    return _reduce(grads * activations, eigen_smooth)
+
+
+def gradcam_elementwise(activations: np.ndarray, grads: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """Element-wise Grad-CAM (pytorch-grad-cam's GradCAMElementWise): map = sum_c relu(g_c * A_c)."""
+    return _reduce(np.maximum(grads * activations, 0), eigen_smooth)
+
+
+def layercam(activations: np.ndarray, grads: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """LayerCAM (Jiang et al., IEEE TIP 2021): map = sum_c relu(g_c) * A_c."""
+    return _reduce(np.maximum(grads, 0) * activations, eigen_smooth)
+
+
+# ---- principal-component methods (eigen_smooth does not apply) ------------------------------------------------------
+def eigencam(activations: np.ndarray, grads: np.ndarray | None = None, eigen_smooth: bool = False) -> np.ndarray:
+    """Eigen-CAM (Muhammad & Yeasin, arXiv 2008.00299): the activations' first principal component. No gradients."""
+    return get_2d_projection(activations)
+
+
+def eigengradcam(activations: np.ndarray, grads: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """Eigen-Grad-CAM (pytorch-grad-cam): the first principal component of g * A."""
+    return get_2d_projection(grads * activations)
+
+
+def kpca_cam(activations: np.ndarray, grads: np.ndarray | None = None, eigen_smooth: bool = False, *,
+             kernel: str = "sigmoid", gamma: float | None = None) -> np.ndarray:
+    """KPCA-CAM (Karmani et al., arXiv 2410.00267): the activations' first kernel principal component."""
+    return get_2d_projection_kernel(activations, kernel, gamma)
+
+
+# ---- input-space maps (A is the model input) ------------------------------------------------------------------------
+def saliency(inputs: np.ndarray, grads: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """Saliency (Simonyan et al., arXiv 1312.6034): max over channels of |dY/dx|."""
+    return np.abs(grads).max(axis=1)
+
+
+def gradient_x_input(inputs: np.ndarray, grads: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """Gradient x input (Shrikumar et al., arXiv 1605.01713), summed over channels: HiResCAM at the input."""
+    return _reduce(grads * inputs, eigen_smooth)
+
+
+METHODS = {
+    "gradcam": gradcam,
+    "hirescam": hirescam,
+    "gradcam_elementwise": gradcam_elementwise,
+    "gradcam++": gradcam_plusplus,
+    "xgradcam": xgradcam,
+    "layercam": layercam,
+    "eigencam": eigencam,
+    "eigengradcam": eigengradcam,
+    "kpca_cam": kpca_cam,
+    "counterfactual_gradcam": counterfactual_gradcam,
+    "cam": cam,
+    "saliency": saliency,
+    "gradient_x_input": gradient_x_input,
+}

@@ -29,3 +29,12 @@ def aggregate_layers(per_layer: list[np.ndarray]) -> np.ndarray:
     stacked = np.concatenate([m[:, None, :, :] for m in per_layer], axis=1)
     stacked = np.maximum(stacked, 0)
     return scale_cam_image(np.mean(stacked, axis=1))
+
+
+def deprocess_image(img: np.ndarray) -> np.ndarray:
+    """A guided-backprop map (H, W, C) -> uint8 for display: standardise, scale by 0.1 around 0.5, clip (as
+    pytorch-grad-cam's deprocess_image, after the Keras Grad-CAM example)."""
+    img = img - np.mean(img)
+    img = img / (np.std(img) + 1e-5)
+    img = np.clip(img * 0.1 + 0.5, 0, 1)
+    return np.uint8(img * 255)

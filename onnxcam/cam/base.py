@@ -1,0 +1,250 @@
+"""BaseCAM: pytorch-grad-cam's calling convention on an ONNX model.
+
+    cam = GradCAM(model="model.onnx", target_layers=["layer4"])
+    grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(281)] * len(x))   # (N, H, W) in [0, 1]
+    cam.outputs                                                                        # the logits of that call
+
+One onnxruntime run gives the outputs, every target layer's activations and the gradients of the targets' score
+(explainer.py); the method turns each layer's (activations, gradients) into a raw map (methods.py), and the maps are
+post-processed exactly as pytorch-grad-cam 1.5.7 does (postprocess.py).
+
+Where pytorch-grad-cam takes torch modules and tensors, this takes layer names (ONNX tensor names, or the exporting
+framework's module paths: graph/names.py) and numpy arrays (torch tensors are converted). Differences on purpose:
+a target list whose length is not the batch size raises ValueError (pytorch-grad-cam zip-truncates it), and the
+default score is the logits even when the model ends in a Softmax (give score=<output name> to explain that).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from ..errors import InputError
+from ..explainer import Explainer, Result
+from ..graph.load import load_model
+from .postprocess import aggregate_layers, layer_map
+from .targets import ClassifierOutputTarget, as_target, seeds
+
+log = logging.getLogger(__name__)
+
+# aug_smooth: pytorch-grad-cam's default test-time augmentation (ttach): horizontal flip x brightness factors,
+# in ttach's order (flip outer, factor inner); each map is flipped back, then the maps are averaged.
+AUG_FLIPS = (False, True)
+AUG_FACTORS = (0.9, 1, 1.1)
+
+
+class BaseCAM:
+    """A CAM method over target layers of an ONNX model; subclasses set `method` (a function of methods.py).
+
+    model: a path, bytes, onnx.ModelProto, or an Explainer (whose layers are then the target layers).
+    target_layers: layer names (tensor names, node names, module paths, Keras layer names), or None for the last
+        4-D activation with a spatial size > 1 before the score.
+    reshape_transform: a numpy function applied to activations and gradients, e.g. tokens -> (N, C, h, w).
+    device: "auto", "cpu" or "cuda". score / output / input_shape: as for Explainer.
+    channels_last: whether the input is (N, H, W, C); None guesses it from its shape. Each activation's layout is
+        guessed from how its dims scale with the input's.
+    """
+
+    method: Callable = None
+    guided = False
+    # the score's shape per input shape, learnt from the runs (for targets whose seed needs it)
+    _score_shapes: dict
+
+    def __init__(self, model, target_layers: Sequence[str] | str | None = None,
+                 reshape_transform: Callable | None = None, *, device: str = "auto", score: str | None = None,
+                 output: str | None = None, input_shape: tuple[int, ...] | None = None,
+                 channels_last: bool | None = None):
+        if isinstance(model, Explainer):
+            # Reuse it when it already computes what this method needs; else build one on its model.
+            self.model = model.proto
+            layers = self._explainer_layers(self.model, model.layers if target_layers is None else target_layers)
+            if model.guided == self.guided and list(layers) == list(model.layers):
+                self.explainer = model
+            else:
+                self.explainer = Explainer(self.model, layers, model.score_name, model.device,
+                                           input_shape=input_shape, guided=self.guided)
+        else:
+            self.model = load_model(model)
+            layers = self._explainer_layers(self.model, target_layers)
+            self.explainer = Explainer(self.model, layers, score, device, output=output, input_shape=input_shape,
+                                       guided=self.guided)
+        self.reshape_transform = reshape_transform
+        self.channels_last = channels_last
+        self.outputs: np.ndarray | None = None
+        self.result: Result | None = None
+        self.raw: dict[str, np.ndarray] = {}
+        self._score_shapes = {}
+
+    # ---- what to build -------------------------------------------------------------------------------------
+    def _explainer_layers(self, proto: onnx.ModelProto, target_layers):
+        return None if target_layers is None else _as_list(target_layers)
+
+    @property
+    def target_layers(self) -> list[str]:
+        """The target layers as tensor names (module paths resolved)."""
+        return list(self.explainer.layers)
+
+    # ---- calling -------------------------------------------------------------------------------------------
+    def __call__(self, input_tensor, targets=None, aug_smooth: bool = False, eigen_smooth: bool = False) -> np.ndarray:
+        """(N, H, W) float32 maps in [0, 1] at the input's spatial size.
+
+        targets: None (each sample's top class), or one target per sample (onnxcam.targets; an int means
+        ClassifierOutputTarget(int)). aug_smooth: average over flips and brightness changes of the input.
+        eigen_smooth: first principal component of the weighted activations instead of their channel sum.
+        """
+        x = as_numpy_input(input_tensor)
+        if aug_smooth:
+            return self.forward_augmentation_smoothing(x, targets, eigen_smooth)
+        return self.forward(x, targets, eigen_smooth)
+
+    def forward(self, x: np.ndarray, targets=None, eigen_smooth: bool = False) -> np.ndarray:
+        r = self.run(x, targets)
+        size = self.target_size(x)
+        self.raw = {layer: self.raw_map(r, layer, x, eigen_smooth) for layer in self.target_layers}
+        return aggregate_layers([layer_map(raw, size) for raw in self.raw.values()])
+
+    def forward_augmentation_smoothing(self, x: np.ndarray, targets=None, eigen_smooth: bool = False) -> np.ndarray:
+        w_axis = 2 if self._input_channels_last(x) else 3
+        cams, kept = [], None
+        for flip in AUG_FLIPS:
+            for factor in AUG_FACTORS:
+                augmented = np.flip(x, axis=w_axis) if flip else x
+                if factor != 1:
+                    augmented = augmented * factor
+                cam = self.forward(np.ascontiguousarray(augmented), targets, eigen_smooth)
+                cams.append(np.flip(cam, axis=2) if flip else cam)
+                if not flip and factor == 1:
+                    kept = (self.raw, self.outputs, self.result)
+        self.raw, self.outputs, self.result = kept  # what the plain input gave
+        return np.mean(np.float32(cams), axis=0)
+
+    def run(self, x: np.ndarray, targets=None) -> Result:
+        """One explain run for the targets (two when a target's seed needs the outputs); sets self.outputs."""
+        ex = self.explainer
+        n = x.shape[0]
+        if targets is None:
+            r = ex.run(x)
+        else:
+            targets = _target_list(targets, n)
+            if all(type(t) is ClassifierOutputTarget for t in targets):
+                r = ex.run(x, [t.category for t in targets])
+            else:
+                shape = self._score_shape(x)
+                outputs = np.zeros((n, *shape), np.float32)
+                if any(getattr(t, "needs_output", False) for t in targets):
+                    outputs = ex.run(x, seed=outputs).logits  # a first run for the logits (zero seed: no target)
+                r = ex.run(x, seed=seeds(targets, outputs))
+        self._score_shapes[x.shape[1:]] = r.logits.shape[1:]
+        self.outputs, self.result = r.logits, r
+        return r
+
+    # ---- per layer -----------------------------------------------------------------------------------------
+    def raw_map(self, r: Result, layer: str, x: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+        """The method's raw (N, h, w) map of one layer, before ReLU and scaling."""
+        activations, grads = self.layer_arrays(r, layer, x)
+        return self.method(activations, grads, eigen_smooth)
+
+    def layer_arrays(self, r: Result, layer: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A layer's activations and gradients as (N, C, h, w)."""
+        a, g = r.activations[layer], r.gradients[layer]
+        if self.reshape_transform is not None:
+            a, g = self.reshape_transform(a), self.reshape_transform(g)
+        elif a.ndim == 4 and self._channels_last(a.shape, x):
+            a, g = a.transpose(0, 3, 1, 2), g.transpose(0, 3, 1, 2)
+        if a.ndim != 4:
+            raise InputError(f"layer {layer!r} has shape {a.shape}; CAM methods need a 4-D (N, C, h, w) activation "
+                             "(give a reshape_transform for token or 3-D layouts)")
+        return np.float32(a), np.float32(g)
+
+    def target_size(self, x: np.ndarray) -> tuple[int, int]:
+        """(W, H) of the input, where the maps are resized to."""
+        return (x.shape[2], x.shape[1]) if self._input_channels_last(x) else (x.shape[-1], x.shape[-2])
+
+    # ---- layouts -------------------------------------------------------------------------------------------
+    def _input_channels_last(self, x: np.ndarray) -> bool:
+        if self.channels_last is not None:
+            return bool(self.channels_last)
+        if x.ndim != 4:
+            raise InputError(f"the input must be a 4-D image batch, got shape {x.shape}")
+        return _looks_nhwc(x.shape)
+
+    def _channels_last(self, shape: tuple, x: np.ndarray) -> bool:
+        """Guess an activation's layout: the one whose spatial dims scale like the input's; else the input's.
+
+        (Exporters from channels-last frameworks often keep NCHW inside: tf2onnx moves its Transposes outward.)
+        """
+        nhwc = self._input_channels_last(x)
+        height, width = (x.shape[1], x.shape[2]) if nhwc else (x.shape[2], x.shape[3])
+        fits = [_scales_like((h, w), (height, width)) for h, w in ((shape[2], shape[3]), (shape[1], shape[2]))]
+        if fits[0] != fits[1]:
+            return fits[1]
+        return nhwc
+
+    def _score_shape(self, x: np.ndarray) -> tuple:
+        """One sample's score shape at x's size (known after a run; else from the built model)."""
+        key = x.shape[1:]
+        if key not in self._score_shapes:
+            ex = self.explainer
+            # Explainer builds per input size for dynamic models; the built model records the score's shape.
+            compiled = ex._compiled(ex._input_shape if ex._static else x.shape)
+            shape = compiled.rewritten.score_shape
+            if shape is None or not all(isinstance(d, int) for d in shape[1:]):
+                raise InputError(f"the score {ex.score_name!r} has no static shape; give targets as a seed array")
+            self._score_shapes[key] = tuple(shape[1:])
+        return self._score_shapes[key]
+
+    # ---- context manager (nothing to release: no hooks) ----------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_value, exc_tb):
+        return None
+
+
+def as_numpy_input(value) -> np.ndarray:
+    """A torch tensor (detached, on the CPU) or an array-like -> a contiguous float32 numpy array."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    value = np.asarray(value)
+    if not np.issubdtype(value.dtype, np.number):
+        raise InputError(f"input_tensor must be numeric, not {value.dtype}")
+    return np.ascontiguousarray(value, dtype=np.float32)
+
+
+def input_name(proto: onnx.ModelProto) -> str:
+    init = {t.name for t in proto.graph.initializer}
+    for inp in proto.graph.input:
+        if inp.name not in init:
+            return inp.name
+    raise InputError("the model has no inputs")
+
+
+def _target_list(targets, n: int) -> list:
+    if isinstance(targets, (int, np.integer)):
+        targets = [targets] * n
+    targets = list(targets)
+    if len(targets) != n:
+        raise InputError(f"got {len(targets)} targets for a batch of {n} samples; give one per sample "
+                         f"(pytorch-grad-cam would silently explain only the first {min(len(targets), n)})")
+    return [as_target(t) for t in targets]
+
+
+def _as_list(layers) -> list:
+    return [layers] if isinstance(layers, str) else list(layers)
+
+
+def _looks_nhwc(shape: tuple) -> bool:
+    small = (1, 3, 4)
+    return shape[3] in small and shape[1] not in small
+
+
+def _scales_like(hw: tuple, input_hw: tuple) -> bool:
+    """True when (h, w) is the input's (H, W) divided by one stride in both directions (within rounding)."""
+    (h, w), (height, width) = hw, input_hw
+    if not (0 < h <= height and 0 < w <= width):
+        return False
+    sh, sw = height / h, width / w
+    return abs(sh - sw) <= 0.15 * max(sh, sw)
