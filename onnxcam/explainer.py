@@ -140,10 +140,11 @@ class Explainer:
         names = list(rw.original_outputs)
         if rw.score not in names:
             names.append(rw.score)
+        names += [n for n in (rw.act_outputs[layer] for layer in rw.layers) if n not in names]
         if rw.has_ranking:
             names.append(rewrite.TOP_CLASSES)
         for layer in rw.layers:
-            names += [rewrite.act_name(layer), rewrite.grad_name(layer)]
+            names.append(rewrite.grad_name(layer))
         values = dict(zip(names, compiled.session.run(names, feeds)))
         if plan.ranked:
             classes = values[rewrite.TOP_CLASSES]
@@ -155,7 +156,7 @@ class Explainer:
         return Result(
             logits=values[rw.score],
             targets=np.asarray(classes[:, 0] if squeeze else classes, dtype=np.int64),
-            activations={layer: values[rewrite.act_name(layer)] for layer in rw.layers},
+            activations={layer: values[rw.act_outputs[layer]] for layer in rw.layers},
             gradients={layer: values[rewrite.grad_name(layer)][:, 0] if squeeze else values[rewrite.grad_name(layer)]
                        for layer in rw.layers},
             outputs={k: values[k] for k in rw.original_outputs},

@@ -49,6 +49,7 @@ class Rewritten:
     fixed_batch: bool
     original_outputs: list[str]
     weights: list  # the large initializers, held apart from the (placeholder-carrying) model
+    act_outputs: dict  # layer -> the graph output holding its activation
 
     def full_model(self) -> onnx.ModelProto:
         """The rewritten model with its weights inline, e.g. to save it."""
@@ -106,19 +107,18 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
         _, top = b.op("TopK", score_t, None if k else b.ints([n_seeds]), axis=1, outputs=2, **k)  # (N, S) classes
         onehot = b.mask(b.op("Equal", b.unsqueeze(top, [2]), b.ints(np.arange(score_shape[1]))))
         seeds_used = b.op("Where", ranked, onehot, seeds)
-        extra_outputs.append(_named(b, top, TOP_CLASSES, np.int64))
+        extra_outputs.append(_renamed(top, TOP_CLASSES, np.int64))
     else:
         seeds_used = seeds
     targets = [mg.tensor(name) for name in layers]
     per_seed = [backward(b, targets, score_t, b.op("Gather", seeds_used, b.ints(i), axis=1)) for i in range(n_seeds)]
-    if score not in original_outputs:
-        extra_outputs.append(_named(b, score_t, score, None, copy=False))
+    exposed = _expose(b, [score_t] + targets, set(original_outputs))
+    act_outputs = {t.name: act_name(t.name) if not t.inputs else t.name for t in targets}
     for t in targets:
         stacked = [b.unsqueeze(grads[t.name], [1]) for grads in per_seed]
         grad = stacked[0] if n_seeds == 1 else b.op("Concat", *stacked, axis=1)
-        extra_outputs.append(_named(b, t, act_name(t.name), t.dtype))
-        extra_outputs.append(_named(b, grad, grad_name(t.name), dtype))
-    graph.outputs.extend(extra_outputs)
+        extra_outputs.append(_renamed(grad, grad_name(t.name), dtype))
+    graph.outputs.extend(exposed + extra_outputs)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = mg.proto.ir_version
@@ -129,18 +129,36 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     used = {t.name for t in model.graph.initializer}
     weights = [t for name, t in mg.weights.items() if name in used]
     return Rewritten(model, mg.input_name, score, layers, score_shape, has_ranking, n_seeds, mg.fixed_batch,
-                     original_outputs, weights)
+                     original_outputs, weights, act_outputs)
 
 
 def _type_name(dtype) -> str:
     return onnx.TensorProto.DataType.Name(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
 
 
-def _named(b: Builder, t: gs.Tensor, name: str, dtype, copy: bool = True) -> gs.Variable:
-    """Expose tensor `t` as a graph output called `name` (an Identity, so graph inputs can be exposed too)."""
-    if not copy:
+def _expose(b: Builder, tensors: list[gs.Tensor], already: set[str]) -> list[gs.Tensor]:
+    """Forward tensors to add as graph outputs under their own names (once each).
+
+    A node's output is listed as it is: an Identity in front of it can make onnxruntime's EliminateIdentity
+    pass drop a tensor that other nodes still read (seen on a tf2onnx MobileNetV2). A graph input (the
+    model input, for saliency) cannot be an output too: it gets an Identity named act_name(input).
+    """
+    exposed = []
+    for t in tensors:
+        if t.name in already:
+            continue
+        already.add(t.name)
+        if not t.inputs:
+            out = gs.Variable(act_name(t.name), dtype=t.dtype)
+            b.graph.nodes.append(gs.Node("Identity", name=f"onnxcam_out/{t.name}", inputs=[t], outputs=[out]))
+            t = out
         t.dtype = t.dtype or np.float32
-        return t
-    out = gs.Variable(name, dtype=dtype or t.dtype)
-    b.graph.nodes.append(gs.Node("Identity", name=f"onnxcam_out/{name}", inputs=[t], outputs=[out]))
-    return out
+        exposed.append(t)
+    return exposed
+
+
+def _renamed(t: gs.Variable, name: str, dtype) -> gs.Variable:
+    """A tensor the builder made, renamed to be a graph output."""
+    t.name = name
+    t.dtype = dtype
+    return t

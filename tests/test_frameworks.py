@@ -21,14 +21,9 @@ ACT_RTOL, GRAD_RTOL = 1e-5, 1e-4
 
 # Layers onnxcam cannot explain yet, keyed "<framework>/<model>:<framework layer name>", with the exact cause;
 # strict, so a fix shows up as XPASS and the entry must go.
-KNOWN_FAILURES: dict[str, str] = {
-    "keras/mobilenet_v2:block_6_expand_relu": (
-        "onnxruntime 1.31.1 rejects the explainable model at load: 'Invalid model. Node input "
-        "mobilenet_v2_1/block_6_expand_relu_1/Relu6:0 is not a graph input, initializer, or output of a previous "
-        "node'. Its graph optimizer EliminateIdentity breaks it (the Identity exposing the activation, whose "
-        "Clip output also feeds a Pad); with disabled_optimizers=['EliminateIdentity'] it loads and the "
-        "gradient matches Keras to 2.9e-7"),
-}
+# The Keras MobileNetV2 at block_6_expand_relu once failed to load: an Identity exposing the activation let
+# onnxruntime's EliminateIdentity drop a tensor a Pad still read. rewrite.py now exposes node outputs directly.
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def rel_err(a, b) -> float:
