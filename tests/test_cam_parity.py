@@ -277,3 +277,14 @@ def test_pytorch_grad_cam_targets_are_accepted():
     cam = onnxcam.GradCAM(c.onnx, ["layer4"], device="cpu")
     np.testing.assert_array_equal(cam(c.x, [TorchTarget(k) for k in CLASSES]), cam(c.x, CLASSES))
     assert isinstance(cam.outputs, np.ndarray) and cam.outputs.shape == (2, 10)
+
+
+def test_saliency_and_gradient_x_input_match_torch_autograd():
+    c = case("resnet18")
+    x = c.x.clone().requires_grad_(True)
+    c.model(x)[torch.arange(2), torch.as_tensor(CLASSES)].sum().backward()
+    g, xv = x.grad.numpy(), c.x.numpy()
+    want_sal = aggregate_layers([layer_map(np.abs(g).max(axis=1), (SIZE, SIZE))])
+    want_gxi = aggregate_layers([layer_map((g * xv).sum(axis=1), (SIZE, SIZE))])
+    assert np.abs(onnxcam.Saliency(c.onnx, device="cpu")(c.x, CLASSES) - want_sal).max() < TOL
+    assert np.abs(onnxcam.GradientXInput(c.onnx, device="cpu")(c.x, CLASSES) - want_gxi).max() < TOL

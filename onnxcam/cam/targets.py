@@ -47,7 +47,7 @@ class ClassifierOutputSoftmaxTarget(ClassifierOutputTarget):
     needs_output = True
 
     def __call__(self, model_output: np.ndarray):
-        p = _softmax(np.asarray(model_output, np.float32))
+        p = _softmax(np.asarray(model_output))
         return p[self.category] if p.ndim == 1 else p[:, self.category]
 
     def seed(self, output: np.ndarray) -> np.ndarray:
