@@ -188,18 +188,48 @@ def test_rule_runtime_reference(case):
     check_against(case, runtime_reference(case))
 
 
-def test_side_input_computed_at_run_time_is_a_clear_error():
-    """Indices that depend on the data cannot become a constant matrix: the error names the node and the input."""
+def _runtime_gather(opset, axis, x_shape, idx):
+    """Gather whose indices are a graph input (computed at run time); d(sum(u * y))/dx from onnxcam."""
     from onnx import TensorProto, helper
 
     from onnxcam import rewrite
-    from onnxcam.errors import UnsupportedOpError
     from onnxcam.graph.model import ModelGraph
+    from onnxcam.runtime import cpu_session
 
-    nodes = [helper.make_node("Gather", ["x", "i"], ["y"], name="pick", axis=1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5]),
-                                           helper.make_tensor_value_info("i", TensorProto.INT64, [3])],
+    nodes = [helper.make_node("Gather", ["x", "i"], ["y"], name="pick", axis=axis)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape)),
+                                           helper.make_tensor_value_info("i", TensorProto.INT64, list(idx.shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    with pytest.raises(UnsupportedOpError, match=r"Gather node 'pick'.*indices input 'i' to be constant"):
-        rewrite.build(ModelGraph(model), ["x"], "y")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    rw = rewrite.build(ModelGraph(model), ["x"], "y")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    y = np.take(x, idx, axis=axis)
+    u = rng.standard_normal(y.shape).astype(np.float32)
+    feeds = {"x": x, "i": idx, rewrite.SEED: u[:, None]}
+    if rw.has_ranking:
+        feeds[rewrite.RANKED] = np.array(False)
+    got = cpu_session(rw.model.SerializeToString()).run([rewrite.grad_name("x")], feeds)[0][:, 0]
+    return got, u
+
+
+@pytest.mark.parametrize("axis,idx", [(1, np.array([3, 0, 3, -1])), (0, np.array([1, 1, 0])),
+                                      (2, np.array([[0, 2], [2, -3]]))], ids=str)
+def test_gather_with_run_time_indices_scatters_back(axis, idx):
+    """The dynamo exporter flattens through Gather with indices computed from the batch size: the gradient is a
+    scatter-add (repeated indices add up, negative ones count from the end), checked against numpy."""
+    x_shape = (2, 5, 3)
+    got, u = _runtime_gather(18, axis, x_shape, idx)
+    want = np.zeros(x_shape)
+    moved = np.moveaxis(want, axis, 0)
+    gu = np.moveaxis(u.astype(np.float64), list(range(axis, axis + idx.ndim)), list(range(idx.ndim)))
+    np.add.at(moved, idx % x_shape[axis], gu)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_run_time_indices_before_opset_16_are_a_clear_error():
+    from onnxcam.errors import UnsupportedOpError
+
+    with pytest.raises(UnsupportedOpError, match=r"Gather node 'pick'.*run time.*opset 16"):
+        _runtime_gather(13, 1, (2, 5), np.array([1, 2, 3]))

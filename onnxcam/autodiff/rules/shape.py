@@ -160,8 +160,11 @@ def _gather(b, n, gy):
     shape = b.shape(x)
     rank = len(shape)
     axis = int(n.attrs.get("axis", 0)) % rank
-    size = b.static_dims(x, [axis])[0]
-    idx = np.asarray(b.value(n.inputs[1], "indices"), dtype=np.int64)
+    known = b.model.value(n.inputs[1])
+    if known is None or not isinstance(shape[axis], int):
+        return (_gather_scatter(b, n, gy, axis, rank), None)
+    size = shape[axis]
+    idx = np.asarray(known, dtype=np.int64)
     if np.any((idx < -size) | (idx >= size)):
         raise b.error(f"has indices outside [-{size}, {size})")
 
@@ -174,6 +177,30 @@ def _gather(b, n, gy):
             g = b.op("Reshape", g, b.ints([0] * axis + [idx.size] + after))
         return b.axis_matmul(g, axis, rank, _selection(idx.reshape(-1) % size, size))
     return (grad, None)
+
+
+def _gather_scatter(b, n, gy, axis: int, rank: int):
+    """Indices computed at run time (e.g. the dynamo exporter's as_strided flatten, which depends on the batch):
+    scatter-add gy into zeros with ScatterND(reduction='add') along the gathered axis, moved to the front."""
+    if b.opset < 16:
+        raise b.error("has indices computed at run time; their gradient needs ScatterND reduction='add' (opset 16+)")
+    x, idx = n.inputs
+    k = len(b.shape(idx))
+
+    def grad():
+        to_front = [axis] + [a for a in range(rank) if a != axis]
+        data = b.zeros_like(x)
+        g = gy[0]
+        if axis:
+            data = b.op("Transpose", data, perm=to_front)
+            g = b.op("Transpose", g, perm=list(range(axis, axis + k)) + list(range(axis)) +
+                     list(range(axis + k, rank - 1 + k)))
+        i = idx if idx.dtype == np.int64 else b.cast(idx, np.int64)
+        size = b.op("Gather", b.shape_of(x), b.ints(axis))
+        i = b.op("Where", b.op("Less", i, b.ints(0)), b.op("Add", i, size), i)  # negative indices count from the end
+        out = b.op("ScatterND", data, b.unsqueeze(i, [k]), g, reduction="add")
+        return b.op("Transpose", out, perm=[int(p) for p in np.argsort(to_front)]) if axis else out
+    return grad
 
 
 # ---- paddings: Pad -------------------------------------------------------------------------------------------
