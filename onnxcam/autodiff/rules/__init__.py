@@ -59,4 +59,4 @@ def find_rule(op: str, opset: int, domain: str = "") -> Rule | None:
 
 def load_all() -> None:
     """Import every rule module (registration happens at import)."""
-    from . import activations, conv_pool, elementwise, linalg, normalize, quantize, reduce, shape  # noqa: F401
+    from . import activations, conv_pool, elementwise, fused, linalg, normalize, qlinear, quantize, reduce, shape  # noqa: F401
