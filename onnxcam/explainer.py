@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -22,6 +23,35 @@ log = logging.getLogger(__name__)
 _CACHE: OrderedDict = OrderedDict()  # (digest, layers, score, shape, guided, device) -> _Compiled
 _CACHE_SIZE = 8
 _CACHE_LOCK = threading.Lock()
+_ANALYSES: dict = {}  # (digest, layers, score, output, input_shape) -> what Explainer.__init__ resolved
+_DIGESTS: dict = {}  # (path, size, mtime) -> model digest
+
+
+def _digest_of(path) -> str:
+    """The model digest of a file, remembered per (path, size, mtime)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return model_digest(load_model(path))  # load_model raises the clear error
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    with _CACHE_LOCK:
+        if key in _DIGESTS:
+            return _DIGESTS[key]
+    digest = model_digest(load_model(path))
+    with _CACHE_LOCK:
+        _DIGESTS[key] = digest
+    return digest
+
+
+def _analyse(mg: ModelGraph, layers, score, output, input_shape) -> tuple:
+    """Resolve the names and the input contract once per model and request."""
+    score_name = rewrite.resolve_score(mg, score, output)
+    chosen = rewrite.resolve_layers(mg, layers, score_name)
+    declared = mg.declared_input_shape or (None,) * len(mg.input_shape)
+    static = input_shape is not None or all(isinstance(d, int) for d in declared[1:])
+    # What x must look like: None marks a free dim (the batch, and dynamic sizes built per size).
+    expect = (None,) + tuple(d if static else (d if isinstance(d, int) else None) for d in mg.input_shape[1:])
+    return mg.input_name, score_name, chosen, static, expect, mg.input_shape
 
 
 @dataclass
@@ -56,23 +86,32 @@ class Explainer:
 
     def __init__(self, model, layers=None, score=None, device: str = "auto", *, output: str | None = None,
                  input_shape: tuple[int, ...] | None = None, guided: bool = False):
-        self.proto: onnx.ModelProto = load_model(model)
-        self.digest = model_digest(self.proto)
+        self._source = model
+        self._proto: onnx.ModelProto | None = None
+        self.digest = _digest_of(model) if isinstance(model, (str, os.PathLike)) else model_digest(self.proto)
         self.device = device
         self.guided = guided
-        mg = ModelGraph(self.proto, _guess_shape(self.proto, input_shape))
-        self.input_name = mg.input_name
-        self.score_name = rewrite.resolve_score(mg, score, output)
-        self.layers = rewrite.resolve_layers(mg, layers, self.score_name)
-        declared = mg.declared_input_shape or (None,) * len(mg.input_shape)
-        self._static = input_shape is not None or all(isinstance(d, int) for d in declared[1:])
-        # What x must look like: None marks a free dim (the batch, and dynamic sizes built per size).
-        self._expect = (None,) + tuple(d if self._static else (d if isinstance(d, int) else None)
-                                       for d in mg.input_shape[1:])
-        self._input_shape = mg.input_shape
-        self._graph_for_build = mg  # reused by the first build, so the analysis is not done twice
+        self._graph_for_build = None
+        key = (self.digest, None if layers is None else tuple([layers] if isinstance(layers, str) else layers),
+               score, output, None if input_shape is None else tuple(input_shape))
+        with _CACHE_LOCK:
+            found = _ANALYSES.get(key)
+        if found is None:
+            mg = ModelGraph(self.proto, _guess_shape(self.proto, input_shape))
+            found = _analyse(mg, layers, score, output, input_shape)
+            self._graph_for_build = mg  # reused by the first build, so the analysis is not done twice
+            with _CACHE_LOCK:
+                _ANALYSES[key] = found
+        self.input_name, self.score_name, self.layers, self._static, self._expect, self._input_shape = found
         if self._static:
-            self._compiled(mg.input_shape)
+            self._compiled(self._input_shape)
+
+    @property
+    def proto(self) -> onnx.ModelProto:
+        """The model, read on first use: a second Explainer on an unchanged file builds nothing, reads nothing."""
+        if self._proto is None:
+            self._proto = load_model(self._source)
+        return self._proto
 
     # ---- building ------------------------------------------------------------------------------------------
     def _compiled(self, shape: tuple, n_seeds: int = 1) -> _Compiled:

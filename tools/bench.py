@@ -1,0 +1,210 @@
+"""Benchmark: what an explanation costs, against a plain inference and against pytorch-grad-cam, in one run.
+
+For each model and batch size, on the same machine, inputs and thread count, with interleaved repetitions and
+medians, it times:
+  ort           plain onnxruntime inference of the original model (the baseline: ratio 1.00)
+  last-gradcam  onnxcam Grad-CAM at the last stage (run + map), and last-hirescam likewise
+  mid-gradcam   onnxcam Grad-CAM at the middle stage (the end of the second-to-last stage)
+  top5          onnxcam gradients for each sample's top-5 classes in one call (last stage)
+  pgc-gradcam   pytorch-grad-cam 1.5.7 GradCAM on the torch model (last stage), pgc-hirescam likewise
+and reports the graph build time (cold, then cached) and peak memory (a subprocess per mode).
+
+    python tools/bench.py                          # all models, batch 1 and 8, writes bench-results.json
+    python tools/bench.py --models resnet50 --batches 1 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODELS = ["resnet50", "mobilenet_v2", "efficientnet_b0", "lite0"]
+
+
+def torch_model(name):
+    import torch
+    import torchvision
+    if name == "lite0":
+        from efficientnet_lite_pytorch import EfficientNet
+        torch.manual_seed(0)
+        model = EfficientNet.from_name("efficientnet-lite0")
+    else:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(weights=None)
+    model.eval()
+    for m in model.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    return model
+
+
+def export(model, size):
+    import torch
+    f = io.BytesIO()
+    torch.onnx.export(model, (torch.zeros(1, 3, size, size),), f, dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    return f.getvalue()
+
+
+def middle_layer(model_bytes, last_layer):
+    """The end of the second-to-last stage: the last 4-D activation on the path with twice the last's size."""
+    from onnxcam.graph.model import ModelGraph, _is_spatial_map
+    import onnx
+    mg = ModelGraph(onnx.load_from_string(model_bytes))
+    h = mg.shape(mg.tensor(last_layer))[2]
+    score = mg.default_score()
+    nodes, on_path = mg.path_nodes([mg.tensor(mg.input_name)], mg.tensor(score))
+    for node in reversed(nodes):
+        for out in node.outputs:
+            shape = mg.shape(out)
+            if out.name in on_path and _is_spatial_map(shape) and shape[2] == 2 * h:
+                return out.name
+    raise SystemExit("no middle stage found")
+
+
+def run_bench(name, batch, reps, size=224):
+    import onnxruntime as ort
+    import torch
+    from pytorch_grad_cam import GradCAM as PGradCAM, HiResCAM as PHiResCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    import onnxcam
+    from onnxcam.cam.api import explain
+    from onnxcam.explainer import _CACHE
+
+    torch.set_num_threads(os.cpu_count())
+    model = torch_model(name)
+    model_bytes = export(model, size)
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    xt = torch.from_numpy(x)
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    plain = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+    _CACHE.clear()
+    t0 = time.perf_counter()
+    ex_last = onnxcam.Explainer(model_bytes, device="cpu")
+    build_cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    onnxcam.Explainer(model_bytes, device="cpu")
+    build_cached = time.perf_counter() - t0
+    ex_mid = onnxcam.Explainer(model_bytes, layers=[middle_layer(model_bytes, ex_last.layers[0])], device="cpu")
+    ex_last.run(x, top_k=5)  # build the 5-seed graph outside the timed loop
+
+    target_layer = _torch_layer_for(model, name)
+    pgc = {"gradcam": PGradCAM(model=model, target_layers=[target_layer]),
+           "hirescam": PHiResCAM(model=model, target_layers=[target_layer])}
+    targets = [ClassifierOutputTarget(3)] * batch
+
+    modes = {
+        "ort": lambda: plain.run(None, {"input": x}),
+        "last-gradcam": lambda: explain(ex_last, x, "gradcam"),
+        "last-hirescam": lambda: explain(ex_last, x, "hirescam"),
+        "mid-gradcam": lambda: explain(ex_mid, x, "gradcam"),
+        "top5": lambda: ex_last.run(x, top_k=5),
+        "pgc-gradcam": lambda: pgc["gradcam"](input_tensor=xt, targets=targets),
+        "pgc-hirescam": lambda: pgc["hirescam"](input_tensor=xt, targets=targets),
+    }
+    times = {k: [] for k in modes}
+    for fn in modes.values():
+        fn()  # warm-up
+    for _ in range(reps):  # interleaved: every mode sees the same machine state
+        for k, fn in modes.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": name, "batch": batch, "median_s": med,
+            "ratio_to_ort": {k: v / med["ort"] for k, v in med.items()},
+            "pgc_over_onnxcam_gradcam": med["pgc-gradcam"] / med["last-gradcam"],
+            "build_cold_s": build_cold, "build_cached_s": build_cached}
+
+
+def _torch_layer_for(model, name):
+    if name.startswith("resnet"):
+        return model.layer4[-1]
+    if name == "lite0":
+        return _lite0_last(model)
+    return model.features[-1]
+
+
+def _lite0_last(model):
+    """The module whose output is Lite0's final 4-D activation (the ReLU6 after the head conv)."""
+    mods = [m for m in model.modules() if isinstance(m, __import__("torch").nn.ReLU6)]
+    return mods[-1]
+
+
+def peak_memory(name, batch, mode, size=224):
+    """Peak RSS (MiB) of a fresh process that loads the model and runs `mode` 3 times."""
+    code = f"""
+import resource, sys, numpy as np
+sys.path.insert(0, {ROOT!r})
+sys.argv = ['x']
+from tools.bench import torch_model, export
+b = export(torch_model({name!r}), {size})
+x = np.zeros(({batch}, 3, {size}, {size}), np.float32)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if {mode!r} == 'ort':
+    import onnxruntime as ort
+    s = ort.InferenceSession(b, providers=['CPUExecutionProvider'])
+    for _ in range(3): s.run(None, {{'input': x}})
+else:
+    import onnxcam
+    ex = onnxcam.Explainer(b, device='cpu')
+    for _ in range(3): ex.run(x)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench-results.json"))
+    args = ap.parse_args()
+    rows = []
+    for name in args.models.split(","):
+        for batch in [int(b) for b in args.batches.split(",")]:
+            row = run_bench(name, batch, args.reps)
+            if not args.no_memory:
+                ort_mb, cam_mb = peak_memory(name, batch, "ort"), peak_memory(name, batch, "onnxcam")
+                row["peak_mib"] = {"ort": ort_mb, "onnxcam": cam_mb, "ratio": cam_mb / ort_mb}
+            rows.append(row)
+            print(_line(row), flush=True)
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "python": platform.python_version()}
+    with open(args.out, "w") as f:
+        json.dump({"machine": machine, "rows": rows}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+def _line(row):
+    r = row["ratio_to_ort"]
+    mem = f" mem x{row['peak_mib']['ratio']:.2f}" if "peak_mib" in row else ""
+    return (f"{row['model']:>15} b{row['batch']:<2} ort {row['median_s']['ort'] * 1e3:7.1f} ms | "
+            f"last-gradcam x{r['last-gradcam']:.2f} last-hirescam x{r['last-hirescam']:.2f} "
+            f"mid x{r['mid-gradcam']:.2f} top5 x{r['top5']:.2f} | pgc x{r['pgc-gradcam']:.2f} "
+            f"(onnxcam {row['pgc_over_onnxcam_gradcam']:.1f}x faster) | build {row['build_cold_s']:.2f}s "
+            f"cached {row['build_cached_s'] * 1e3:.0f}ms{mem}")
+
+
+if __name__ == "__main__":
+    main()
