@@ -100,9 +100,14 @@ def activations():
     return np.maximum(a, 0)
 
 
-def test_eigen_projection_matches_pytorch_grad_cam(activations):
+@pytest.mark.parametrize("shape", [(3, 16, 7, 7), (2, 256, 4, 4), (2, 64, 1, 9)])
+def test_eigen_projection_matches_pytorch_grad_cam(activations, shape):
+    """Also with more channels than positions, where the SVD's shapes differ from pytorch-grad-cam's call."""
     svd = pytest.importorskip("pytorch_grad_cam.utils.svd_on_activations")
-    np.testing.assert_array_equal(get_2d_projection(activations), svd.get_2d_projection(activations))
+    a = activations if shape == activations.shape else np.maximum(
+        np.random.default_rng(4).standard_normal(shape).astype(np.float32), 0)
+    want = svd.get_2d_projection(a)
+    np.testing.assert_allclose(get_2d_projection(a), want, atol=1e-6 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -118,3 +123,10 @@ def test_deprocess_image_matches_pytorch_grad_cam():
     image = pytest.importorskip("pytorch_grad_cam.utils.image")
     img = np.random.default_rng(0).standard_normal((8, 8, 3)).astype(np.float32)
     np.testing.assert_array_equal(deprocess_image(img), image.deprocess_image(img))
+
+
+def test_reshape_transform_applies_to_activations_and_gradients(model, x):
+    """pytorch-grad-cam's hook for token layouts; here a numpy function (a flip, to see it act)."""
+    plain = onnxcam.HiResCAM(model, [RELU], device="cpu")
+    flipped = onnxcam.HiResCAM(model, [RELU], reshape_transform=lambda t: t[:, :, ::-1, :], device="cpu")
+    np.testing.assert_array_equal(flipped(x, [1, 2]), plain(x, [1, 2])[:, ::-1, :])

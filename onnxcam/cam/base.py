@@ -17,6 +17,8 @@ default score is the logits even when the model ends in a Softmax (give score=<o
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -61,11 +63,7 @@ class BaseCAM:
             # Reuse it when it already computes what this method needs; else build one on its model.
             self.model = model.proto
             layers = self._explainer_layers(self.model, model.layers if target_layers is None else target_layers)
-            if model.guided == self.guided and list(layers) == list(model.layers):
-                self.explainer = model
-            else:
-                self.explainer = Explainer(self.model, layers, model.score_name, model.device,
-                                           input_shape=input_shape, guided=self.guided)
+            self.explainer = _derived(model, list(layers), self.guided, input_shape)
         else:
             self.model = load_model(model)
             layers = self._explainer_layers(self.model, target_layers)
@@ -202,6 +200,25 @@ class BaseCAM:
 
     def __exit__(self, exc_type, exc_value, exc_tb):
         return None
+
+
+# Explainers built on a given Explainer's model, for methods that need other layers (CAM, input gradients) or
+# guided gradients: kept while that Explainer lives, so that explain(explainer, ...) in a loop analyses once.
+_DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DERIVED_LOCK = threading.Lock()
+
+
+def _derived(ex: Explainer, layers: list, guided: bool, input_shape) -> Explainer:
+    if guided == ex.guided and layers == list(ex.layers):
+        return ex
+    key = (tuple(layers), guided, None if input_shape is None else tuple(input_shape))
+    with _DERIVED_LOCK:
+        found = _DERIVED.setdefault(ex, {}).get(key)
+    if found is None:
+        found = Explainer(ex.proto, layers, ex.score_name, ex.device, input_shape=input_shape, guided=guided)
+        with _DERIVED_LOCK:
+            _DERIVED[ex][key] = found
+    return found
 
 
 def as_numpy_input(value) -> np.ndarray:
