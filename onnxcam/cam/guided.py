@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..explainer import Result
+from ..explainer import Explainer, Result
 from .base import BaseCAM, as_numpy_input, input_name
 from .cams import GradCAM
 
@@ -64,7 +64,7 @@ class GuidedGradCAM:
 
     def __init__(self, model, target_layers=None, reshape_transform=None, **options):
         self.gradcam = GradCAM(model, target_layers, reshape_transform, **options)
-        self.guided = GuidedBackprop(self.gradcam.model, **options)
+        self.guided = GuidedBackprop(model if isinstance(model, Explainer) else self.gradcam.model, **options)
 
     @property
     def target_layers(self) -> list[str]:

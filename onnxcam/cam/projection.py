@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InputError
+
 KERNELS = ("linear", "poly", "rbf", "sigmoid", "cosine")
 
 
@@ -41,7 +43,7 @@ def get_2d_projection_kernel(activation_batch: np.ndarray, kernel: str = "sigmoi
     """(N, C, h, w) -> (N, h, w): projection on the first kernel principal axis (scikit-learn's defaults:
     gamma = 1 / C, coef0 = 1, degree = 3)."""
     if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}")
+        raise InputError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}")
     batch = np.where(np.isnan(activation_batch), 0, activation_batch).astype(activation_batch.dtype, copy=False)
     projections = []
     for activations in batch:
