@@ -49,6 +49,10 @@ def transposed_conv(b, g, weight, *, group, strides, dilations, begin, in_sz, ou
     Slice and fill the input's uncovered tail with Pad (asymmetric ConvTranspose pads are unreliable in onnxruntime).
     """
     nd = len(kernel)
+    if all(s == 1 for s in strides) and b.opset >= 10:
+        flipped = _as_stride1_conv(b, g, weight, group, dilations, begin, in_sz, out_sz, kernel)
+        if flipped is not None:
+            return flipped
     full = [(out_sz[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 for i in range(nd)]
     extra = [in_sz[i] + 2 * begin[i] - full[i] for i in range(nd)]
     if all(0 <= extra[i] < strides[i] for i in range(nd)):
@@ -61,6 +65,31 @@ def transposed_conv(b, g, weight, *, group, strides, dilations, begin, in_sz, ou
     if any(tail):
         g = b.pad(g, [0, 0] + [0] * nd + [0, 0] + tail)
     return g
+
+
+def _as_stride1_conv(b, g, weight, group, dilations, begin, in_sz, out_sz, kernel):
+    """With stride 1 the adjoint of a convolution is itself a convolution: same dilations, the kernel flipped in
+    space with its in/out channels swapped (per group), begin/end pads (k-1)d - pad. onnxruntime's Conv kernels
+    (NCHWc, depthwise) are several times faster than its ConvTranspose, and the weight transform is folded once
+    at session start. None when a pad exceeds (k-1)d (the window never fully inside): then ConvTranspose."""
+    nd = len(kernel)
+    span = [(kernel[i] - 1) * dilations[i] for i in range(nd)]
+    end = [out_sz[i] - in_sz[i] - begin[i] + span[i] for i in range(nd)]  # the forward's effective end pad
+    new_begin = [span[i] - begin[i] for i in range(nd)]
+    new_end = [span[i] - end[i] for i in range(nd)]
+    if min(new_begin + new_end) < 0:
+        return None
+    out_ch, in_per_group = b.static_dims(weight, [0, 1])
+    w = weight
+    if group == 1:
+        w = b.op("Transpose", w, perm=[1, 0] + list(range(2, 2 + nd)))
+    else:  # (g * M/g, C/g, k) -> (g * C/g, M/g, k)
+        w = b.op("Reshape", w, b.ints([group, out_ch // group, in_per_group] + list(kernel)))
+        w = b.op("Transpose", w, perm=[0, 2, 1] + list(range(3, 3 + nd)))
+        w = b.op("Reshape", w, b.ints([group * in_per_group, out_ch // group] + list(kernel)))
+    if any(k > 1 for k in kernel):
+        w = b.slice(w, [-1] * nd, [-(2 ** 62)] * nd, list(range(2, 2 + nd)), [-1] * nd)
+    return b.op("Conv", g, w, group=group, dilations=list(dilations), pads=new_begin + new_end)
 
 
 def _spatial(b, t, nd):
