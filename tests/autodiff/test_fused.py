@@ -184,11 +184,11 @@ def test_what_onnxruntime_fuses(kind, act, tmp_path):
 def _same_gradients(original, optimized, layers, x, targets):
     """Explaining the saved model gives the original's logits and gradients.
 
-    Measured on Lite0 over 40 random inputs x 3 layers: 36 bit-identical, the worst relative L2 difference
-    1.3e-3 (max 0.4% of the largest gradient). The differences are ReLU6 masks that flip where a pre-activation
-    lies within float32 rounding of 0 or 6: the original's gradient reads the output of an unfused Conv, the
-    saved model's a FusedConv, and the two round differently. Asserted: relative L2 <= 1e-2 and at most 1 in
-    1000 elements different.
+    Measured on Lite0 over 40 random inputs x these 3 layers: 114 of 120 bit-identical, the worst relative L2
+    difference 1.5e-3, the worst element 0.9% of the largest gradient. Those are ReLU6 masks that flip where a
+    pre-activation lies within float32 rounding of 0 or 6 (the original's gradient reads the output of an
+    unfused Conv, the saved model's a FusedConv, which round differently); one flip deep in the net moves many
+    elements of an early layer a little. Asserted: relative L2 <= 1e-2, every element within 5% of the largest.
     """
     ra = onnxcam.Explainer(original, layers=layers, device="cpu").run(x, targets=targets)
     rb = onnxcam.Explainer(optimized, layers=layers, device="cpu").run(x, targets=targets)
@@ -197,7 +197,7 @@ def _same_gradients(original, optimized, layers, x, targets):
         g, want = rb.gradients[layer], ra.gradients[layer]
         assert np.abs(want).max() > 0
         assert np.linalg.norm(g - want) <= 1e-2 * np.linalg.norm(want), layer
-        assert np.mean(g != want) <= 1e-3, layer
+        assert np.abs(g - want).max() <= 5e-2 * np.abs(want).max(), layer
 
 
 def test_resnet18_saved_by_onnxruntime(tmp_path):
@@ -222,8 +222,7 @@ def test_lite0_saved_by_onnxruntime(tmp_path):
     optimized = ort_optimized(original, tmp_path)
     ops = [n.op_type for n in optimized.graph.node]
     assert ops.count("FusedConv") == 33 and "Clip" not in ops  # every conv + ReLU6
-    # Layers whose output feeds no Pad: see the report of issue 5 on onnxruntime's EliminateIdentity.
-    layers = ["/_blocks.0/_swish/Clip_output_0", "/_blocks.10/_swish_1/Clip_output_0", "/_swish_1/Clip_output_0"]
+    layers = ["/_swish/Clip_output_0", "/_blocks.8/_swish/Clip_output_0", "/_swish_1/Clip_output_0"]
     x = np.float32(np.random.default_rng(0).standard_normal((2, 3, 224, 224)))
     _same_gradients(original, optimized, layers, x, [285, 967])
 
