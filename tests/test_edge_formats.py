@@ -172,6 +172,23 @@ def test_the_explained_forward_is_the_deployed_forward(build, quantized, lite0):
     assert diff <= 1e-5, f"{build}: logits differ from onnxruntime's by {diff}"
 
 
+def test_qdq_build_saved_by_onnxruntime(quantized, lite0, fp32, tmp_path):
+    """The QDQ build as onnxruntime saves it after ORT_ENABLE_EXTENDED: QLinearConv, QLinearAdd, QGemm... with
+    the leftover QuantizeLinear/DequantizeLinear. Measured: the same maps as the QOperator build (0.972 / 0.988),
+    logits identical to onnxruntime's run of the saved file."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "saved.onnx")
+    ort.InferenceSession(quantized["qdq"], opts, providers=["CPUExecutionProvider"])
+    saved = opts.optimized_model_filepath
+    assert {"QLinearConv", "QLinearAdd", "QGemm"} <= {n.op_type for n in onnx.load(saved).graph.node}
+    needs_quantized_paths(saved)
+    _, x, _ = lite0
+    maps, r = gradcam_maps(saved, x)
+    assert min(correlations(maps, fp32[None][0])) > LAST_LAYER_MIN
+    assert float(np.abs(r.logits - plain_logits(saved, x)).max()) <= 1e-5
+
+
 # At a middle layer the quantized model's own clamps matter: quantize_static folds every ReLU6 into the range of
 # the op before it, and qlinear.py gives those saturated outputs zero gradient. Measured correlations at
 # /_blocks.14/Add_output_0 (chelsea, coffee): QOperator 0.847 / 0.731 (per-tensor weights 0.871 / 0.658, int8
