@@ -1,11 +1,12 @@
 """QOperator kernels (QLinearConv, QLinearMatMul, com.microsoft QLinearAdd/Mul/Concat/..., QGemm), differentiated as
 their dequantized float equivalents: y_q = Q(f(DQ(a_q), DQ(b_q), ...)) for the float op f.
 
-The convention is quantize.py's, so QDQ and QOperator builds of one model get the same gradients: a gradient of
-an integer tensor is with respect to its raw integer value (dDQ(a_q)/da_q = a_scale), and Q is the
-straight-through estimator (dQ(v)/dv = 1 / y_scale) except where the output saturated: quantize_static folds
-Relu and Clip into the output range of the op before them, so y_q at the ends of its integer type means "clipped",
-and the float equivalent's clamp has gradient 0 there, as Relu/Clip have in the float model.
+The convention is quantize.py's: a gradient of an integer tensor is with respect to its raw integer value
+(dDQ(a_q)/da_q = a_scale), and Q is the straight-through estimator (dQ(v)/dv = 1 / y_scale). One addition:
+quantize_static folds a Relu or Clip(0, 6) into the output range of the op before it (its zero point at the
+type's minimum), so there y_q at either end of its integer type is the activation's flat part, and gets gradient
+0 as it has in the float model; without that, Grad-CAM at a middle layer of an int8 Lite0 is uncorrelated with
+the fp32 map. (quantize.py's QuantizeLinear rule would need the same mask for QDQ builds to match.)
 
 Each rule dequantizes its operands inside the gradient graph (Cast, Sub zero point, Mul scale: every opset,
 per-tensor or per-axis; onnxruntime folds it for constant weights), hands them to the float op's own rule as a
