@@ -43,6 +43,23 @@ def _digest_of(path) -> str:
     return digest
 
 
+def _quantization(proto: onnx.ModelProto, mg: ModelGraph, layers: list[str]) -> tuple:
+    """How the model is quantized, and the per-tensor (scale, zero point) of each integer layer."""
+    from .autodiff.rules.qlinear import is_quantized, quantization_of
+
+    kind = is_quantized(proto)
+    found = {}
+    for layer in layers if kind else []:
+        dtype = mg.tensor(layer).dtype
+        if dtype is not None and np.dtype(dtype).kind in "iu":
+            q = quantization_of(proto, layer)
+            if q is None or np.size(q[0]) != 1:
+                log.warning("layer %r is an integer tensor without a per-tensor scale: reported raw", layer)
+                continue
+            found[layer] = (float(np.ravel(q[0])[0]), 0.0 if q[1] is None else float(np.ravel(q[1])[0]))
+    return kind, found
+
+
 def _analyse(mg: ModelGraph, layers, score, output, input_shape) -> tuple:
     """Resolve the names and the input contract once per model and request."""
     score_name = rewrite.resolve_score(mg, score, output)
@@ -51,7 +68,9 @@ def _analyse(mg: ModelGraph, layers, score, output, input_shape) -> tuple:
     static = input_shape is not None or all(isinstance(d, int) for d in declared[1:])
     # What x must look like: None marks a free dim (the batch, and dynamic sizes built per size).
     expect = (None,) + tuple(d if static else (d if isinstance(d, int) else None) for d in mg.input_shape[1:])
-    return mg.input_name, score_name, chosen, static, expect, mg.input_shape
+    dtype = mg.tensor(mg.input_name).dtype
+    dtype = np.dtype(dtype) if dtype is not None and np.dtype(dtype).kind == "f" else np.dtype(np.float32)
+    return mg.input_name, score_name, chosen, static, expect, mg.input_shape, dtype
 
 
 @dataclass
@@ -64,6 +83,7 @@ class Result:
     gradients: dict[str, np.ndarray]
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     seed: np.ndarray | None = None
+    quantized: str | None = None  # "qdq"/"qoperator": a quantized model, differentiated as its float equivalent
 
 
 @dataclass
@@ -71,6 +91,8 @@ class _Compiled:
     rewritten: rewrite.Rewritten
     session: object
     build_seconds: float
+    quantized: str | None = None  # "qdq" / "qoperator": differentiated as the dequantized float equivalent
+    dequantize: dict = field(default_factory=dict)  # integer layer -> (scale, zero point)
 
 
 class Explainer:
@@ -102,7 +124,8 @@ class Explainer:
             self._graph_for_build = mg  # reused by the first build, so the analysis is not done twice
             with _CACHE_LOCK:
                 _ANALYSES[key] = found
-        self.input_name, self.score_name, self.layers, self._static, self._expect, self._input_shape = found
+        (self.input_name, self.score_name, self.layers, self._static, self._expect, self._input_shape,
+         self._input_dtype) = found
         if self._static:
             self._compiled(self._input_shape)
 
@@ -128,7 +151,7 @@ class Explainer:
         self._graph_for_build = None  # the build mutates the graph; a second build re-reads the model
         rw = rewrite.build(mg, self.layers, self.score_name, guided=self.guided, n_seeds=n_seeds)
         sess = session(rw.model.SerializeToString(), self.device, rw.initializer_arrays())
-        compiled = _Compiled(rw, sess, time.perf_counter() - start)
+        compiled = _Compiled(rw, sess, time.perf_counter() - start, *_quantization(self.proto, mg, self.layers))
         log.debug("built the explainable model in %.3f s", compiled.build_seconds)
         with _CACHE_LOCK:
             _CACHE[key] = compiled
@@ -192,23 +215,29 @@ class Explainer:
             classes = np.argmax(seeds.reshape(n, plan.n_seeds, -1), axis=2) if seeds.ndim == 3 else \
                 np.full((n, plan.n_seeds), -1)
         squeeze = plan.single
+        acts = {layer: values[rw.act_outputs[layer]] for layer in rw.layers}
+        grads = {layer: values[rewrite.grad_name(layer)] for layer in rw.layers}
+        for layer, (scale, zero) in compiled.dequantize.items():
+            # Integer layers are reported as the real values they stand for: d/d(real) = d/dq / scale.
+            acts[layer] = ((acts[layer].astype(np.float32) - zero) * scale).astype(np.float32)
+            grads[layer] = (grads[layer] / scale).astype(np.float32)
         return Result(
             logits=values[rw.score],
             targets=np.asarray(classes[:, 0] if squeeze else classes, dtype=np.int64),
-            activations={layer: values[rw.act_outputs[layer]] for layer in rw.layers},
-            gradients={layer: values[rewrite.grad_name(layer)][:, 0] if squeeze else values[rewrite.grad_name(layer)]
-                       for layer in rw.layers},
+            activations=acts,
+            gradients={layer: g[:, 0] if squeeze else g for layer, g in grads.items()},
             outputs={k: values[k] for k in rw.original_outputs},
             seed=seeds[:, 0] if squeeze else seeds,
+            quantized=compiled.quantized,
         )
 
     def _check_input(self, x) -> np.ndarray:
         if not isinstance(x, np.ndarray):
             raise InputError(f"x must be a numpy array, not {type(x).__name__}")
-        if x.dtype != np.float32:
+        if x.dtype != self._input_dtype:
             if not np.issubdtype(x.dtype, np.number):
-                raise InputError(f"x must be float32, not {x.dtype}")
-            x = x.astype(np.float32)
+                raise InputError(f"x must be a float array ({self._input_dtype}), not {x.dtype}")
+            x = x.astype(self._input_dtype)  # e.g. fp16 models take fp16 inputs
         want = self._expect
         if x.ndim != len(want) or any(d is not None and d != got for d, got in zip(want, x.shape)):
             raise InputError(f"input {self.input_name!r} expects shape {_fmt(want)}; got {x.shape}")
@@ -293,7 +322,7 @@ def _concat(parts: list[Result]) -> Result:
         activations={k: cat([p.activations[k] for p in parts]) for k in parts[0].activations},
         gradients={k: cat([p.gradients[k] for p in parts]) for k in parts[0].gradients},
         outputs={k: cat([p.outputs[k] for p in parts]) for k in parts[0].outputs},
-        seed=cat([p.seed for p in parts]))
+        seed=cat([p.seed for p in parts]), quantized=parts[0].quantized)
 
 
 def _guess_shape(proto: onnx.ModelProto, given):

@@ -6,6 +6,8 @@ targets. Models get seeded random weights; nothing is downloaded. Inputs are cho
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,15 @@ STAGES = {
     "inception_v3": (160, ["Mixed_5b", "Mixed_6a", "Mixed_7c"]),
 }
 EXPORTERS = ["torchscript", "dynamo"]
+EXPLICIT = [5, 17]
+
+
+@functools.lru_cache(maxsize=None)
+def _model_and_input(name):
+    """The seeded model and its well-conditioned input, found once for both exporters."""
+    size, modules = STAGES[name]
+    model = make_model(name)
+    return model, well_conditioned_input(model, size, modules, EXPLICIT)
 TOL = 1e-4
 
 
@@ -36,9 +47,8 @@ TOL = 1e-4
 @pytest.mark.parametrize("name", list(STAGES))
 def test_gradients_match_torch(name, exporter):
     size, modules = STAGES[name]
-    model = make_model(name)
-    explicit = [5, 17]
-    x = well_conditioned_input(model, size, modules, explicit)
+    model, x = _model_and_input(name)
+    explicit = EXPLICIT
     onnx_model = export(model, x, exporter)
     logits, acts, _ = torch_gradients(model, x, modules, [0, 0])
     layers = [find_tensor(onnx_model, x.numpy(), a) for a in acts]

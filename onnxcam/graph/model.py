@@ -110,9 +110,12 @@ class ModelGraph:
         """Tensors that depend differentiably on the starts (integer results such as ArgMax indices do not)."""
         seen, todo = {t.name for t in starts}, deque(starts)
         while todo:
-            for node in todo.popleft().outputs:
-                for out in node.outputs:
-                    if out.name not in seen and _carries_gradient(out, node):
+            t = todo.popleft()
+            for node in t.outputs:
+                moves = _moves_data(node, t)
+                for k, out in enumerate(node.outputs):
+                    moved = moves and (k == 0 or node.op == "Split")
+                    if out.name not in seen and (moved or _carries_gradient(out, node)):
                         seen.add(out.name)
                         todo.append(out)
         return seen
@@ -175,7 +178,15 @@ class ModelGraph:
 
 
 # Ops whose integer outputs stand for real values (quantized tensors): gradients pass through them.
-_QUANTIZED_PRODUCERS = {"QuantizeLinear", "DynamicQuantizeLinear"}
+_QUANTIZED_PRODUCERS = {"QuantizeLinear", "DynamicQuantizeLinear", "QGemm"}
+# Ops that only move or select values: an integer (quantized) tensor stays quantized through them.
+_MOVES = {"Pad", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split", "Concat", "Identity",
+          "MaxPool", "Gather", "Resize", "Upsample", "DepthToSpace", "SpaceToDepth", "Tile", "Expand"}
+
+
+def _moves_data(node: gs.Node, t: gs.Tensor) -> bool:
+    """True when `node` moves the values of `t` (its data input; any input of a Concat) to its outputs."""
+    return node.op in _MOVES and (node.op == "Concat" or (bool(node.inputs) and node.inputs[0] is t))
 
 
 def _carries_gradient(t: gs.Tensor, producer: gs.Node) -> bool:

@@ -7,6 +7,8 @@ tensor in "quantized units". Scales and zero points get no gradient.
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import rule
 
 
@@ -26,6 +28,14 @@ def _scale(b, n):
 
 @rule("QuantizeLinear")
 def _quantize(b, n, gy):
+    """Straight through (1 / scale); with a per-tensor scale also 0 where a folded Relu/ReLU6 range clamps, as
+    for the QOperator kernels (qlinear._unquantize_gradient explains why the maps need it)."""
+    from .qlinear import _unquantize_gradient
+
+    scale = n.inputs[1]
+    value = b.model.value(scale)
+    if value is not None and np.size(value) == 1:
+        return (lambda: _unquantize_gradient(b, n, gy[0], 1, 2), None, None)
     return (lambda: b.op("Div", gy[0], _scale(b, n)), None, None)
 
 
