@@ -239,6 +239,8 @@ def explain(model, inputs, methods, layers, target, out, size, mean, std, layout
     files = find_images(inputs, exclude=[out])
     runner = Runner(model, methods=methods, layers=list(layers) or None, target=target, size=size, mean=mean,
                     std=std, layout=layout, bgr=bgr, labels=labels, device=device, out=out, save_raw=save_raw)
+    if runner.quantized:
+        click.echo(f"Note: {runner.differentiated_as}")
     start, failed, written = time.perf_counter(), 0, 0
     bar = len(files) > batch_size and sys.stderr.isatty()
     batches = runner.run(files, batch_size)

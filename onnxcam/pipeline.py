@@ -26,6 +26,7 @@ from .cam.api import explain
 from .cam.methods import METHODS
 from .errors import InputError
 from .explainer import Explainer
+from .autodiff.rules.qlinear import is_quantized
 from .files import atomic_write, write_json, write_npz
 from .graph.load import load_model
 
@@ -158,6 +159,7 @@ class Runner:
         self.labels, self.labels_source = _labels(proto, labels)
         self.target = target if isinstance(target, Target) else parse_target(target, self.labels)
         self.explainer = Explainer(proto, layers=layers, device=device, input_shape=self.pre.input_shape(1))
+        self.quantized = is_quantized(proto)
         self.methods = list(dict.fromkeys(methods))
         self.out = Path(out)
         self.save_raw = save_raw
@@ -168,6 +170,14 @@ class Runner:
     @property
     def layers(self) -> list[str]:
         return list(self.explainer.layers)
+
+    @property
+    def differentiated_as(self) -> str:
+        """What the gradients are gradients of: said next to every explanation of a quantized model."""
+        if not self.quantized:
+            return "the model itself"
+        return (f"int8 {self.quantized} model, differentiated as its dequantized float equivalent (straight-through "
+                "rounding; zero gradient where a folded Relu/ReLU6 range saturates)")
 
     def label(self, c: int) -> str:
         return self.labels[c] if self.labels and 0 <= c < len(self.labels) else f"class {c}"
@@ -270,6 +280,7 @@ class Runner:
             "top": [{"class": c, "label": lab, "score": round(p, 6)} for c, lab, p in rep.top],
             "target": str(target), "layers": self.layers, "explanations": entries,
             "preprocess": self.pre.describe(), "labels": self.labels_source,
+            "quantized": self.quantized, "differentiated_as": self.differentiated_as,
             "timings": _rounded(timings), "onnxcam": __version__,
         }
         write_json(rep.json_path, record)

@@ -290,3 +290,22 @@ def test_gradcam_maps_helper_is_onnxcams_gradcam(lite0, fp32):
     proto, x, _ = lite0
     np.testing.assert_allclose(fp32[None][0], explain(proto, x, "gradcam", targets=TARGETS, device="cpu").maps,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("build", ["qoperator", "qdq"])
+def test_cli_says_a_quantized_model_was_differentiated_as_its_float_equivalent(quantized, build, tmp_path):
+    """Issue 5: 'differentiate them as their dequantized float equivalents; say so in the output'."""
+    import json
+
+    from click.testing import CliRunner
+
+    from onnxcam.cli import main
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["explain", str(quantized[build]), str(DEMO_SAMPLES / "chelsea.png"),
+                                       "--out", str(out), "--labels", "imagenet"])
+    assert result.exit_code == 0, result.output
+    assert f"Note: int8 {build} model, differentiated as its dequantized float equivalent" in result.output
+    record = json.loads((out / "chelsea.json").read_text())
+    assert record["quantized"] == build and "dequantized float equivalent" in record["differentiated_as"]
+    assert record["top"][0]["class"] == 285
