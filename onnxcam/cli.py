@@ -205,6 +205,8 @@ def demo(out: Path, methods: list[str], device: str):
                    "last spatial activation before the score].")
 @click.option("--target", default="top1", show_default=True, metavar="top1|topK|CLASS[,CLASS]",
               help="Which classes to explain: each image's best k, or class numbers or names.")
+@click.option("--output", "output", metavar="NAME",
+              help="For models with several outputs: the output whose classes are explained [default: the first].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="onnxcam-out", show_default=True,
               help="Output folder.")
 @model_options
@@ -219,8 +221,8 @@ def demo(out: Path, methods: list[str], device: str):
               help="Also write an .npz per map: the map at input size, the low-resolution map, activations, "
                    "gradients and logits.")
 @debug_option
-def explain(model, inputs, methods, layers, target, out, size, mean, std, layout, bgr, labels, device, batch_size,
-            save_raw):
+def explain(model, inputs, methods, layers, target, output, out, size, mean, std, layout, bgr, labels, device,
+            batch_size, save_raw):
     """Explain MODEL's predictions on INPUTS (image files, or folders searched recursively).
 
     Writes, per image and method: an overlay PNG (the heatmap on the image, at its original resolution), the
@@ -238,7 +240,8 @@ def explain(model, inputs, methods, layers, target, out, size, mean, std, layout
 
     files = find_images(inputs, exclude=[out])
     runner = Runner(model, methods=methods, layers=list(layers) or None, target=target, size=size, mean=mean,
-                    std=std, layout=layout, bgr=bgr, labels=labels, device=device, out=out, save_raw=save_raw)
+                    std=std, layout=layout, bgr=bgr, labels=labels, device=device, out=out, save_raw=save_raw,
+                    output=output)
     if runner.quantized:
         click.echo(f"Note: {runner.differentiated_as}")
     start, failed, written = time.perf_counter(), 0, 0

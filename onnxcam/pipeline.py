@@ -148,7 +148,7 @@ class Runner:
 
     def __init__(self, model, *, methods=("gradcam",), layers=None, target: str | Target = "top1", size=None,
                  mean=None, std=None, layout: str = "auto", bgr: bool = False, labels=None, device: str = "auto",
-                 out: str | Path = "onnxcam-out", save_raw: bool = False):
+                 out: str | Path = "onnxcam-out", save_raw: bool = False, output: str | None = None):
         start = time.perf_counter()
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
@@ -158,7 +158,8 @@ class Runner:
         self.pre = preprocess.resolve(proto, size=size, mean=mean, std=std, layout=layout, bgr=bgr)
         self.labels, self.labels_source = _labels(proto, labels)
         self.target = target if isinstance(target, Target) else parse_target(target, self.labels)
-        self.explainer = Explainer(proto, layers=layers, device=device, input_shape=self.pre.input_shape(1))
+        self.explainer = Explainer(proto, layers=layers, device=device, input_shape=self.pre.input_shape(1),
+                                   output=output)
         self.quantized = is_quantized(proto)
         self.methods = list(dict.fromkeys(methods))
         self.out = Path(out)

@@ -295,6 +295,23 @@ def test_nhwc_and_gray_models(photos, tmp_path):
     assert json.loads((tmp_path / "b" / "coffee.json").read_text())["preprocess"]["color"] == "gray"
 
 
+def test_output_picks_the_head_of_a_two_output_model(photos, tmp_path):
+    """A model with a 3-class and a 5-class head: --output chooses which one's classes are explained."""
+    path = tiny_model(tmp_path / "two.onnx")
+    model = onnx.load(str(path))
+    rng = np.random.default_rng(1)
+    model.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "fc2"))
+    model.graph.node.append(helper.make_node("Gemm", ["flat", "fc2"], ["aux"], transB=1))
+    model.graph.output.append(helper.make_tensor_value_info("aux", TensorProto.FLOAT, ["N", 5]))
+    onnx.save(model, str(path))
+    result = run("explain", path, photos / "coffee.png", "--out", tmp_path / "o", "--output", "aux", "--target", "4")
+    assert result.exit_code == 0, result.stderr
+    assert len(json.loads((tmp_path / "o" / "coffee.json").read_text())["top"]) == 5
+    bad = run("explain", path, photos / "coffee.png", "--out", tmp_path / "o", "--output", "nope")
+    assert "no output named 'nope'" in one_line_error(bad)
+    assert onnxcam.Explainer(str(path), output="aux", device="cpu").score_name == "aux"
+
+
 # ---- layers and info ---------------------------------------------------------------------------------------------
 def test_layers_marks_the_automatic_choice():
     result = run("layers", LITE0)
