@@ -14,7 +14,7 @@ import onnx
 
 from . import rewrite
 from .errors import InputError
-from .graph.load import load_model, model_digest
+from .graph.load import detach_weights, load_model, model_digest, with_weights
 from .graph.model import ModelGraph
 from .runtime import session
 
@@ -98,7 +98,8 @@ class _Compiled:
 class Explainer:
     """Differentiate a model's score with respect to chosen activations, in standard ONNX ops.
 
-    model: a path (external data next to it loads), bytes or an onnx.ModelProto.
+    model: a path (external data next to it loads), bytes, an onnx.ModelProto (left untouched), or another
+        Explainer (its loaded model is shared, nothing is read again).
     layers: ONNX tensor names, or None for the last 4-D activation with spatial size > 1 before the score.
     score: a float tensor name, or None for the logits (the input of a final Softmax/LogSoftmax, if any).
     device: "auto" (CUDA when onnxruntime really runs there, else CPU), "cpu" or "cuda".
@@ -109,8 +110,15 @@ class Explainer:
     def __init__(self, model, layers=None, score=None, device: str = "auto", *, output: str | None = None,
                  input_shape: tuple[int, ...] | None = None, guided: bool = False):
         self._source = model
-        self._proto: onnx.ModelProto | None = None
-        self.digest = _digest_of(model) if isinstance(model, (str, os.PathLike)) else model_digest(self.proto)
+        self._proto: onnx.ModelProto | None = None  # a skeleton: large weights live in self._weights
+        self._weights: dict | None = None  # released after each build: the session holds its own copy
+        if isinstance(model, Explainer):
+            self._source, self._proto, self._weights, self.digest = model._source, model._proto, model._weights, \
+                model.digest
+        elif isinstance(model, (str, os.PathLike)):
+            self.digest = _digest_of(model)
+        else:
+            self.digest = self._load()
         self.device = device
         self.guided = guided
         self._graph_for_build = None
@@ -119,7 +127,7 @@ class Explainer:
         with _CACHE_LOCK:
             found = _ANALYSES.get(key)
         if found is None:
-            mg = ModelGraph(self.proto, _guess_shape(self.proto, input_shape))
+            mg = ModelGraph(self.proto, _guess_shape(self.proto, input_shape), self.weights)
             found = _analyse(mg, layers, score, output, input_shape)
             self._graph_for_build = mg  # reused by the first build, so the analysis is not done twice
             with _CACHE_LOCK:
@@ -131,10 +139,29 @@ class Explainer:
 
     @property
     def proto(self) -> onnx.ModelProto:
-        """The model, read on first use: a second Explainer on an unchanged file builds nothing, reads nothing."""
+        """The model without its large weights, read on first use: a second Explainer on an unchanged file
+        builds nothing and reads nothing."""
         if self._proto is None:
-            self._proto = load_model(self._source)
+            self._load()
         return self._proto
+
+    @property
+    def weights(self) -> dict:
+        """{name: numpy array} of the model's large initializers (the proto holds placeholders for them),
+        read again from the source when a build needs them after they were released."""
+        if self._weights is None:
+            self._load()
+        return self._weights
+
+    def _load(self) -> str:
+        """Read the model once and hold each large weight once, as numpy (the proto keeps placeholders);
+        returns the model digest."""
+        source = self._source
+        proto = load_model(source)
+        owned = not isinstance(source, onnx.ModelProto) or proto is not source  # inlining functions copies
+        digest = model_digest(proto)
+        self._proto, self._weights = detach_weights(proto, owned)
+        return digest
 
     # ---- building ------------------------------------------------------------------------------------------
     def _compiled(self, shape: tuple, n_seeds: int = 1) -> _Compiled:
@@ -147,11 +174,13 @@ class Explainer:
         start = time.perf_counter()
         mg = self._graph_for_build
         if mg is None or tuple(mg.input_shape[1:]) != tuple(shape[1:]):
-            mg = ModelGraph(self.proto, shape)
+            mg = ModelGraph(self.proto, shape, self.weights)
         self._graph_for_build = None  # the build mutates the graph; a second build re-reads the model
         rw = rewrite.build(mg, self.layers, self.score_name, guided=self.guided, n_seeds=n_seeds)
-        sess = session(rw.model.SerializeToString(), self.device, rw.initializer_arrays())
+        sess = session(rw.model.SerializeToString(), self.device, rw.weights)
         compiled = _Compiled(rw, sess, time.perf_counter() - start, *_quantization(self.proto, mg, self.layers))
+        # onnxruntime copied the weights: holding a second copy would double the memory of big models.
+        rw.weights, mg.weights, self._weights = {}, {}, None
         log.debug("built the explainable model in %.3f s", compiled.build_seconds)
         with _CACHE_LOCK:
             _CACHE[key] = compiled
@@ -162,7 +191,9 @@ class Explainer:
     @property
     def explainable_model(self) -> onnx.ModelProto:
         """The rewritten model (original graph + activations and gradients as outputs), for inspection."""
-        return self._compiled(self._input_shape).rewritten.full_model()
+        return with_weights(self._compiled(self._input_shape).rewritten.model, self.weights)
+
+
 
     @property
     def build_seconds(self) -> float:

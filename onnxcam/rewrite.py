@@ -48,7 +48,7 @@ class Rewritten:
     n_seeds: int
     fixed_batch: bool
     original_outputs: list[str]
-    weights: list  # the large initializers, held apart from the (placeholder-carrying) model
+    weights: dict  # name -> numpy array of the large initializers (placeholders in the model)
     act_outputs: dict  # layer -> the graph output holding its activation
 
     def full_model(self) -> onnx.ModelProto:
@@ -56,7 +56,7 @@ class Rewritten:
         return with_weights(self.model, self.weights)
 
     def initializer_arrays(self) -> dict:
-        return {t.name: onnx.numpy_helper.to_array(t) for t in self.weights}
+        return self.weights
 
 
 def resolve_score(mg: ModelGraph, score: str | None, output: str | None = None) -> str:
@@ -127,7 +127,7 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     del model.metadata_props[:]
     model.metadata_props.extend(mg.proto.metadata_props)
     used = {t.name for t in model.graph.initializer}
-    weights = [t for name, t in mg.weights.items() if name in used]
+    weights = {name: a for name, a in mg.weights.items() if name in used}
     return Rewritten(model, mg.input_name, score, layers, score_shape, has_ranking, n_seeds, mg.fixed_batch,
                      original_outputs, weights, act_outputs)
 

@@ -42,8 +42,8 @@ def cpu_session(model_bytes: bytes, initializers: dict | None = None) -> ort.Inf
 def session(model_bytes: bytes, device: str = "auto", initializers: dict | None = None) -> ort.InferenceSession:
     """A session on the requested device; 'cuda' fails loudly if onnxruntime would run it on the CPU.
 
-    initializers: numpy values of the model's placeholder weights (graph/load.py split_weights); onnxruntime
-    uses their memory directly, so the session keeps them alive.
+    initializers: numpy values of the model's placeholder weights (graph/load.py split_weights). onnxruntime
+    copies them into the session (tests/test_runtime.py checks it), so the caller may drop them afterwards.
     """
     if device not in DEVICES:
         raise DeviceError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
@@ -60,7 +60,6 @@ def session(model_bytes: bytes, device: str = "auto", initializers: dict | None 
         sess = ort.InferenceSession(model_bytes, sess_options=opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise ModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") from exc
-    sess._onnxcam_keepalive = values  # the session reads these buffers for its whole life
     if want_cuda and sess.get_providers()[0] != "CUDAExecutionProvider":
         if device == "cuda":
             raise DeviceError("onnxruntime fell back to the CPU although device='cuda' was requested")

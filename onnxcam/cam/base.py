@@ -69,6 +69,7 @@ class BaseCAM:
             layers = self._explainer_layers(self.model, target_layers)
             self.explainer = Explainer(self.model, layers, score, device, output=output, input_shape=input_shape,
                                        guided=self.guided)
+            self.model = self.explainer.proto  # the weight-less skeleton: the weights now live in the Explainer
         self.reshape_transform = reshape_transform
         self.channels_last = channels_last
         self.outputs: np.ndarray | None = None
@@ -215,7 +216,7 @@ def _derived(ex: Explainer, layers: list, guided: bool, input_shape) -> Explaine
     with _DERIVED_LOCK:
         found = _DERIVED.setdefault(ex, {}).get(key)
     if found is None:
-        found = Explainer(ex.proto, layers, ex.score_name, ex.device, input_shape=input_shape, guided=guided)
+        found = Explainer(ex, layers, ex.score_name, ex.device, input_shape=input_shape, guided=guided)
         with _DERIVED_LOCK:
             _DERIVED[ex][key] = found
     return found

@@ -64,7 +64,7 @@ class GuidedGradCAM:
 
     def __init__(self, model, target_layers=None, reshape_transform=None, **options):
         self.gradcam = GradCAM(model, target_layers, reshape_transform, **options)
-        self.guided = GuidedBackprop(model if isinstance(model, Explainer) else self.gradcam.model, **options)
+        self.guided = GuidedBackprop(self.gradcam.explainer, **options)  # shares the loaded model
 
     @property
     def target_layers(self) -> list[str]:

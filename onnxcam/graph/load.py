@@ -106,13 +106,37 @@ def is_placeholder(t: onnx.TensorProto) -> bool:
         e.key == "location" and e.value == PLACEHOLDER_LOCATION for e in t.external_data)
 
 
-def with_weights(skeleton: onnx.ModelProto, weights: list[onnx.TensorProto]) -> onnx.ModelProto:
-    """A self-contained copy of a skeleton model, its placeholders replaced by the real initializers."""
+def with_weights(skeleton: onnx.ModelProto, weights: dict) -> onnx.ModelProto:
+    """A self-contained copy of a skeleton model, its placeholders replaced by the real values (numpy arrays)."""
     full = _copy_without(skeleton, "graph")
     full.graph.CopyFrom(_copy_without(skeleton.graph, "initializer"))
-    real = {t.name: t for t in weights}
-    full.graph.initializer.extend(real.get(t.name, t) for t in skeleton.graph.initializer)
+    full.graph.initializer.extend(onnx.numpy_helper.from_array(weights[t.name], t.name) if t.name in weights else t
+                                  for t in skeleton.graph.initializer)
     return full
+
+
+def detach_weights(proto: onnx.ModelProto, owned: bool) -> tuple[onnx.ModelProto, dict]:
+    """(a skeleton of the model, {name: numpy array} of its large weights): each weight is held once, as numpy.
+
+    The skeleton is a new message: once the caller drops an owned proto (read here from a path or bytes), its
+    memory goes (protobuf frees a message's arena only with the message). A caller's proto is left as it is.
+    """
+    skeleton, big = split_weights(proto)
+    return skeleton, {t.name: _array(t).copy() if not owned else _array(t) for t in big}
+
+
+def _array(t: onnx.TensorProto):
+    """A tensor's value as a numpy array that owns no second copy (raw bytes are read once)."""
+    import numpy as np
+
+    if t.HasField("raw_data") and t.data_type in _RAW_DTYPES:
+        return np.frombuffer(t.raw_data, dtype=_RAW_DTYPES[t.data_type]).reshape(tuple(t.dims))
+    return onnx.numpy_helper.to_array(t)
+
+
+_RAW_DTYPES = {onnx.TensorProto.FLOAT: "<f4", onnx.TensorProto.FLOAT16: "<f2", onnx.TensorProto.DOUBLE: "<f8",
+               onnx.TensorProto.INT8: "i1", onnx.TensorProto.UINT8: "u1", onnx.TensorProto.INT32: "<i4",
+               onnx.TensorProto.INT64: "<i8"}
 
 
 def _copy_without(message, skipped: str):

@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import InputError, LayerError, ModelError
-from .load import split_weights
+from .load import detach_weights
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,13 @@ def default_opset(proto: onnx.ModelProto) -> int:
 class ModelGraph:
     """The graph of one model at one input size (batch left symbolic)."""
 
-    def __init__(self, proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = None):
+    def __init__(self, proto: onnx.ModelProto, input_shape: tuple[int, ...] | None = None,
+                 weights: dict | None = None):
+        """proto: a model, or a skeleton (graph/load.py detach_weights) whose large weights are in `weights`."""
+        if weights is None:
+            proto, weights = detach_weights(proto, owned=False)
         self.proto = proto
+        self.weights = weights  # name -> numpy array of each large initializer (placeholders in the graph)
         self.opset = default_opset(proto)
         inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
         if not inputs:
@@ -48,9 +53,7 @@ class ModelGraph:
         self.declared_input_shape = declared
         self.fixed_batch = isinstance(declared[0], int) if declared else False
         self.input_shape = _resolve_input_shape(declared, input_shape, self.input_name)
-        skeleton, weights = split_weights(proto)
-        self.weights = {t.name: t for t in weights}  # large initializers: placeholders in the graph
-        self.graph = gs.import_onnx(_infer(skeleton, proto, self.input_name, self.input_shape))
+        self.graph = gs.import_onnx(_infer(proto, weights, self.input_name, self.input_shape))
         self.graph.toposort()
         self.tensors = self.graph.tensors()
         self._order = {id(n): i for i, n in enumerate(self.graph.nodes)}
@@ -84,7 +87,7 @@ class ModelGraph:
 
     def _evaluate(self, t: gs.Tensor) -> np.ndarray | None:
         if t.name in self.weights:
-            return onnx.numpy_helper.to_array(self.weights[t.name])
+            return self.weights[t.name]
         if isinstance(t, gs.Constant):
             return np.asarray(t.values)
         node = self.producer(t)
@@ -239,7 +242,7 @@ def _fmt(shape) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
-def _infer(skeleton: onnx.ModelProto, full: onnx.ModelProto, input_name: str, shape: tuple) -> onnx.ModelProto:
+def _infer(skeleton: onnx.ModelProto, weights: dict, input_name: str, shape: tuple) -> onnx.ModelProto:
     """Shape inference on the weight-less skeleton with the input's shape pinned (batch symbolic)."""
     pinned = onnx.ModelProto()
     pinned.CopyFrom(skeleton)
@@ -262,12 +265,12 @@ def _infer(skeleton: onnx.ModelProto, full: onnx.ModelProto, input_name: str, sh
     except Exception as exc:  # inference is a convenience; the probe below recovers shapes it misses
         log.debug("shape inference failed: %s", exc)
         inferred = pinned
-    _probe_missing_shapes(inferred, full, input_name, shape)
+    _probe_missing_shapes(inferred, weights, input_name, shape)
     return inferred
 
 
-def _probe_missing_shapes(proto: onnx.ModelProto, full: onnx.ModelProto, input_name: str, shape: tuple) -> None:
-    """Fill shapes that inference left unknown by running the model (`full`, with its weights) at batch 1 and 2."""
+def _probe_missing_shapes(proto: onnx.ModelProto, weights: dict, input_name: str, shape: tuple) -> None:
+    """Fill shapes that inference left unknown by running the model (with its weights) at batch 1 and 2."""
     known = {vi.name: vi for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input)}
     measure_all = _shape_inference_unreliable(proto)
     missing = []
@@ -278,7 +281,7 @@ def _probe_missing_shapes(proto: onnx.ModelProto, full: onnx.ModelProto, input_n
                 missing.append(out)
     if not missing:
         return
-    shapes = _probe(full, input_name, shape, missing)
+    shapes = _probe(proto, weights, input_name, shape, missing)
     shapes, dtypes = shapes
     for name, (s1, s2) in shapes.items():
         dims = [BATCH if a != b else a for a, b in zip(s1, s2)] if s2 is not None else list(s1)
@@ -311,7 +314,7 @@ def _shape_inference_unreliable(proto: onnx.ModelProto) -> bool:
                any(a.name == "ceil_mode" and a.i for a in n.attribute) for n in proto.graph.node)
 
 
-def _probe(proto, input_name, shape, names):
+def _probe(proto, weights, input_name, shape, names):
     from ..runtime import cpu_session  # local: graph analysis otherwise needs no runtime
 
     probe = onnx.ModelProto()
@@ -323,7 +326,8 @@ def _probe(proto, input_name, shape, names):
     for name in names:
         if name not in have:
             probe.graph.output.add().name = name
-    sess = cpu_session(probe.SerializeToString())
+    del probe.graph.value_info[:]  # the probe measures; half-inferred shapes must not constrain it
+    sess = cpu_session(probe.SerializeToString(), weights)
     elem = {i.name: i.type for i in sess.get_inputs()}
     results = []
     batches = (1,) if isinstance(shape[0], int) else (1, 2)
