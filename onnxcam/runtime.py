@@ -13,6 +13,9 @@ from .errors import DeviceError, ModelError
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
+# Extra onnxruntime session config entries for every session onnxcam creates (e.g. the benchmark turns off
+# intra-op spinning so that several sessions on one small machine do not steal each other's cores).
+SESSION_CONFIG: dict[str, str] = {}
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,6 +35,8 @@ def _options() -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    for key, value in SESSION_CONFIG.items():
+        opts.add_session_config_entry(key, value)
     return opts
 
 

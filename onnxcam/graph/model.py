@@ -314,6 +314,9 @@ def _shape_inference_unreliable(proto: onnx.ModelProto) -> bool:
                any(a.name == "ceil_mode" and a.i for a in n.attribute) for n in proto.graph.node)
 
 
+_PROBE_CHUNK = 24
+
+
 def _probe(proto, weights, input_name, shape, names):
     from ..runtime import cpu_session  # local: graph analysis otherwise needs no runtime
 
@@ -338,12 +341,16 @@ def _probe(proto, weights, input_name, shape, names):
             dims = [n if i == 0 and not isinstance(d, int) else d for i, d in enumerate(shape)] \
                 if inp.name == input_name else [d if isinstance(d, int) else 1 for d in inp.shape]
             feed[inp.name] = rng.standard_normal(dims).astype(_np_type(elem[inp.name]))
-        try:
-            outs = sess.run(names, feed)
-        except Exception as exc:
-            raise ModelError(f"a probe run to find tensor shapes failed: {exc}") from exc
-        results.append([o.shape for o in outs])
-        dtypes = {name: onnx.helper.np_dtype_to_tensor_dtype(o.dtype) for name, o in zip(names, outs)}
+        shapes, dtypes = [], {}
+        for start in range(0, len(names), _PROBE_CHUNK):  # a few tensors per run bounds the probe's memory
+            chunk = names[start:start + _PROBE_CHUNK]
+            try:
+                outs = sess.run(chunk, feed)
+            except Exception as exc:
+                raise ModelError(f"a probe run to find tensor shapes failed: {exc}") from exc
+            shapes += [o.shape for o in outs]
+            dtypes.update({name: onnx.helper.np_dtype_to_tensor_dtype(o.dtype) for name, o in zip(chunk, outs)})
+        results.append(shapes)
     second = results[1] if len(results) > 1 else [None] * len(names)
     shapes = {name: (tuple(a), None if b is None else tuple(b)) for name, a, b in zip(names, results[0], second)}
     return shapes, dtypes
