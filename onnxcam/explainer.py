@@ -195,6 +195,12 @@ class Explainer:
 
 
 
+    def score_shape(self, input_shape: tuple | None = None) -> tuple:
+        """The score's static shape (batch symbolic) for inputs of `input_shape` (needed for dynamic-size models)."""
+        if input_shape is None and not self._static:
+            raise InputError(f"input {self.input_name!r} has a dynamic size: give the input shape")
+        return tuple(self._compiled(self._input_shape if self._static else tuple(input_shape)).rewritten.score_shape)
+
     @property
     def build_seconds(self) -> float:
         return self._compiled(self._input_shape).build_seconds

@@ -107,7 +107,7 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
         _, top = b.op("TopK", score_t, None if k else b.ints([n_seeds]), axis=1, outputs=2, **k)  # (N, S) classes
         onehot = b.mask(b.op("Equal", b.unsqueeze(top, [2]), b.ints(np.arange(score_shape[1]))))
         seeds_used = b.op("Where", ranked, onehot, seeds)
-        extra_outputs.append(_renamed(top, TOP_CLASSES, np.int64))
+        extra_outputs.append(_renamed(top, TOP_CLASSES, np.int64, [score_shape[0], n_seeds]))
     else:
         seeds_used = seeds
     targets = [mg.tensor(name) for name in layers]
@@ -117,7 +117,9 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     for t in targets:
         stacked = [b.unsqueeze(grads[t.name], [1]) for grads in per_seed]
         grad = stacked[0] if n_seeds == 1 else b.op("Concat", *stacked, axis=1)
-        extra_outputs.append(_renamed(grad, grad_name(t.name), dtype))
+        shape = mg.shape(t)
+        extra_outputs.append(_renamed(grad, grad_name(t.name), dtype,
+                                      None if shape is None else [shape[0], n_seeds, *shape[1:]]))
     graph.outputs.extend(exposed + extra_outputs)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
@@ -157,8 +159,9 @@ def _expose(b: Builder, tensors: list[gs.Tensor], already: set[str]) -> list[gs.
     return exposed
 
 
-def _renamed(t: gs.Variable, name: str, dtype) -> gs.Variable:
-    """A tensor the builder made, renamed to be a graph output."""
+def _renamed(t: gs.Variable, name: str, dtype, shape) -> gs.Variable:
+    """A tensor the builder made, renamed to be a graph output (typed and shaped, as a valid model needs)."""
     t.name = name
     t.dtype = dtype
+    t.shape = shape
     return t

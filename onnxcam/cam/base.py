@@ -187,10 +187,8 @@ class BaseCAM:
         key = x.shape[1:]
         if key not in self._score_shapes:
             ex = self.explainer
-            # Explainer builds per input size for dynamic models; the built model records the score's shape.
-            compiled = ex._compiled(ex._input_shape if ex._static else x.shape)
-            shape = compiled.rewritten.score_shape
-            if shape is None or not all(isinstance(d, int) for d in shape[1:]):
+            shape = ex.score_shape(x.shape)
+            if not all(isinstance(d, int) for d in shape[1:]):
                 raise InputError(f"the score {ex.score_name!r} has no static shape; give targets as a seed array")
             self._score_shapes[key] = tuple(shape[1:])
         return self._score_shapes[key]
