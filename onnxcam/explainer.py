@@ -228,7 +228,7 @@ class Explainer:
             return _concat([self._run_one(compiled, x[i:i + 1], plan.sample(i)) for i in range(n)])
         return self._run_one(compiled, x, plan)
 
-    def _run_one(self, compiled: _Compiled, x, plan: "_Plan") -> Result:
+    def _run_one(self, compiled: _Compiled, x, plan: _Plan) -> Result:
         rw = compiled.rewritten
         n = x.shape[0]
         score_shape = tuple(n if not isinstance(d, int) else d for d in rw.score_shape)
@@ -294,7 +294,7 @@ class _Plan:
     seed: np.ndarray | None = None     # (N, K, ...) explicit weighting
 
     @staticmethod
-    def make(targets, top_k, seed, n: int) -> "_Plan":
+    def make(targets, top_k, seed, n: int) -> _Plan:
         given = [name for name, v in (("targets", targets), ("top_k", top_k), ("seed", seed)) if v is not None]
         if len(given) > 1:
             raise InputError(f"give only one of targets, top_k and seed (got {', '.join(given)})")
@@ -325,7 +325,7 @@ class _Plan:
                              f"(0..{score_shape[1] - 1})")
         return _one_hot_rows(self.classes, score_shape)
 
-    def sample(self, i: int) -> "_Plan":
+    def sample(self, i: int) -> _Plan:
         pick = (lambda a: None if a is None else a[i:i + 1])
         return _Plan(self.n_seeds, self.ranked, self.single, pick(self.classes), pick(self.seed))
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, image, preprocess
+from .autodiff.rules.qlinear import is_quantized
 from .cam.api import explain
 from .cam.methods import METHODS
 from .errors import InputError
 from .explainer import Explainer
-from .autodiff.rules.qlinear import is_quantized
 from .files import atomic_write, write_json, write_npz
 from .graph.load import load_model
 

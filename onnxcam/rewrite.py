@@ -21,7 +21,6 @@ from .autodiff.builder import Builder
 from .autodiff.engine import backward
 from .errors import LayerError
 from .graph import names
-from .graph.load import with_weights
 from .graph.model import ModelGraph
 
 SEED = "onnxcam_seed"
@@ -51,11 +50,8 @@ class Rewritten:
     weights: dict  # name -> numpy array of the large initializers (placeholders in the model)
     act_outputs: dict  # layer -> the graph output holding its activation
 
-    def full_model(self) -> onnx.ModelProto:
-        """The rewritten model with its weights inline, e.g. to save it."""
-        return with_weights(self.model, self.weights)
-
     def initializer_arrays(self) -> dict:
+        """The weights to give onnxruntime (Explainer empties them once its session holds a copy)."""
         return self.weights
 
 

@@ -67,8 +67,9 @@ def export(model, size):
 
 def middle_layer(model_bytes, last_layer):
     """The end of the second-to-last stage: the last 4-D activation on the path with twice the last's size."""
-    from onnxcam.graph.model import ModelGraph, _is_spatial_map
     import onnx
+
+    from onnxcam.graph.model import ModelGraph, _is_spatial_map
     mg = ModelGraph(onnx.load_from_string(model_bytes))
     h = mg.shape(mg.tensor(last_layer))[2]
     score = mg.default_score()
@@ -84,8 +85,10 @@ def middle_layer(model_bytes, last_layer):
 def run_bench(name, batch, reps, size=224):
     import onnxruntime as ort
     import torch
-    from pytorch_grad_cam import GradCAM as PGradCAM, HiResCAM as PHiResCAM
+    from pytorch_grad_cam import GradCAM as PGradCAM
+    from pytorch_grad_cam import HiResCAM as PHiResCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     import onnxcam
     from onnxcam.cam.api import explain
     from onnxcam.explainer import _CACHE

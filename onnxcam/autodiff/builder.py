@@ -15,7 +15,6 @@ import onnx_graphsurgeon as gs
 from ..errors import UnsupportedOpError
 from ..graph.model import BATCH, ModelGraph
 
-
 # Ops whose result does not depend on the float type of their inputs: no need to widen fp16 inputs for them.
 _DTYPE_AGNOSTIC = {"Shape", "Size", "Cast", "QuantizeLinear", "DequantizeLinear"}
 
@@ -27,7 +26,7 @@ def _np_dtype(dtype):
         import onnx
         try:
             return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
-        except Exception:
+        except (KeyError, TypeError, ValueError):  # types numpy cannot hold (float8, ...): never widened
             return None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..explainer import Explainer, Result
+from ..explainer import Result
 from .base import BaseCAM, as_numpy_input, input_name
 from .cams import GradCAM
 

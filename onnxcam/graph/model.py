@@ -262,7 +262,7 @@ def _infer(skeleton: onnx.ModelProto, weights: dict, input_name: str, shape: tup
                     d.dim_param = v
     try:
         inferred = onnx.shape_inference.infer_shapes(pinned, strict_mode=False, data_prop=True)
-    except Exception as exc:  # inference is a convenience; the probe below recovers shapes it misses
+    except Exception as exc:  # noqa: BLE001 - inference is a convenience; the probe below recovers what it misses
         log.debug("shape inference failed: %s", exc)
         inferred = pinned
     _probe_missing_shapes(inferred, weights, input_name, shape)
