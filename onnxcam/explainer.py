@@ -254,6 +254,8 @@ class Explainer:
         squeeze = plan.single
         acts = {layer: values[rw.act_outputs[layer]] for layer in rw.layers}
         grads = {layer: values[rewrite.grad_name(layer)] for layer in rw.layers}
+        if rw.n_seeds == 1:  # the graph leaves out the seed axis when there is one seed
+            grads = {layer: g[:, None] for layer, g in grads.items()}
         for layer, (scale, zero) in compiled.dequantize.items():
             # Integer layers are reported as the real values they stand for: d/d(real) = d/dq / scale.
             acts[layer] = ((acts[layer].astype(np.float32) - zero) * scale).astype(np.float32)

@@ -3,7 +3,8 @@
 Inputs added: `onnxcam_seed`, shaped (N, S, *score.shape[1:]), holds S weightings of the score per sample;
 for a 2-D score, `onnxcam_ranked` (bool scalar) replaces them by one-hots of each sample's S top classes inside
 the graph, so the default target costs no extra run. Outputs added: the score, each layer's activation, its S
-gradients (N, S, *activation.shape[1:]), and the S top classes of each sample.
+gradients (N, S, *activation.shape[1:]; with S = 1 just the activation's shape, which saves onnxruntime a copy),
+and the S top classes of each sample.
 
 S backward copies share one forward pass: explaining the top-5 classes costs one forward and five backward
 passes through the part of the graph after the layer (often just the head), not five inferences.
@@ -111,11 +112,13 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     exposed = _expose(b, [score_t] + targets, set(original_outputs))
     act_outputs = {t.name: act_name(t.name) if not t.inputs else t.name for t in targets}
     for t in targets:
-        stacked = [b.unsqueeze(grads[t.name], [1]) for grads in per_seed]
-        grad = stacked[0] if n_seeds == 1 else b.op("Concat", *stacked, axis=1)
         shape = mg.shape(t)
-        extra_outputs.append(_renamed(grad, grad_name(t.name), dtype,
-                                      None if shape is None else [shape[0], n_seeds, *shape[1:]]))
+        if n_seeds == 1:
+            grad, grad_shape = per_seed[0][t.name], shape
+        else:
+            grad = b.op("Concat", *[b.unsqueeze(grads[t.name], [1]) for grads in per_seed], axis=1)
+            grad_shape = None if shape is None else [shape[0], n_seeds, *shape[1:]]
+        extra_outputs.append(_renamed(grad, grad_name(t.name), dtype, grad_shape))
     graph.outputs.extend(exposed + extra_outputs)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)

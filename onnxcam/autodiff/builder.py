@@ -64,6 +64,10 @@ class Builder:
         self.graph.nodes.append(gs.Node(op_type, name=base, attrs=attrs, inputs=ins, outputs=outs))
         return outs[0] if outputs == 1 else outs
 
+    def made(self, t) -> bool:
+        """True for tensors this builder emitted (gradient graph), False for the forward graph's."""
+        return isinstance(t, gs.Tensor) and t.name in self._emitted
+
     def _widen(self, t):
         """Forward tensors of a narrower float type (fp16/bf16 models) enter the gradient graph as float32, once.
 

@@ -80,7 +80,7 @@ def onnxcam_gradients(case: Case, seed: np.ndarray) -> dict:
     if rw.has_ranking:
         feeds[rewrite.RANKED] = np.array(False)
     names = [rewrite.grad_name(w) for w in case.wrt]
-    return {w: g[:, 0] for w, g in zip(case.wrt, sess.run(names, feeds))}
+    return {w: g for w, g in zip(case.wrt, sess.run(names, feeds))}
 
 
 def check_case(case: Case, directions: int = 3, seed: int = 0) -> None:

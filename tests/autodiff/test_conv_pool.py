@@ -125,6 +125,12 @@ CONV = [
     conv((1, 3, 6, 6), (3, 1, 3, 3), group=3, strides=[2, 2]),  # depthwise
     conv((1, 3, 6, 6), (6, 1, 3, 3), group=3, strides=[2, 2], auto_pad="SAME_UPPER"),  # depthwise, multiplier 2
     conv((1, 3, 7, 6), (6, 1, 2, 2), group=3, strides=[2, 1], auto_pad="SAME_LOWER"),
+    # grouped strided convs take the polyphase adjoint: odd and even sizes, asymmetric pads, stride 3, 2 per group
+    conv((2, 4, 14, 14), (4, 1, 5, 5), group=4, strides=[2, 2], pads=[2, 2, 2, 2]),
+    conv((1, 4, 13, 10), (4, 1, 5, 3), group=4, strides=[2, 2], pads=[1, 2, 2, 0]),
+    conv((1, 3, 11, 11), (6, 1, 4, 3), group=3, strides=[3, 3], pads=[0, 1, 2, 1]),
+    conv((1, 4, 9, 8), (6, 2, 3, 3), group=2, strides=[2, 2], auto_pad="SAME_UPPER"),
+    conv((1, 4, 6, 6), (4, 1, 2, 2), opset=10, group=4, strides=[2, 2]),
     conv((1, 3, 7, 6), (2, 3, 3, 3), strides=[3, 2], auto_pad="VALID"),
     conv((1, 3, 8), (2, 3, 3), strides=[2], pads=[2, 1], dilations=[2]),  # 1-D
     conv((1, 2, 4, 5, 5), (2, 2, 2, 3, 2), strides=[1, 2, 2], pads=[1, 0, 1, 0, 1, 1]),  # 3-D

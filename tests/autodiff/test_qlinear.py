@@ -119,7 +119,7 @@ def onnxcam_gradients(case: QCase, seed: np.ndarray) -> dict:
     feeds[rewrite.SEED] = seed.astype(np.float32)[:, None]
     if rw.has_ranking:
         feeds[rewrite.RANKED] = np.array(False)
-    return {w: g[:, 0] for w, g in zip(case.wrt, sess.run([rewrite.grad_name(w) for w in case.wrt], feeds))}
+    return {w: g for w, g in zip(case.wrt, sess.run([rewrite.grad_name(w) for w in case.wrt], feeds))}
 
 
 def saturation_mask(case: QCase, y: np.ndarray) -> np.ndarray:

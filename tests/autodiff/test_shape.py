@@ -210,7 +210,7 @@ def _runtime_gather(opset, axis, x_shape, idx):
     feeds = {"x": x, "i": idx, rewrite.SEED: u[:, None]}
     if rw.has_ranking:
         feeds[rewrite.RANKED] = np.array(False)
-    got = cpu_session(rw.model.SerializeToString()).run([rewrite.grad_name("x")], feeds)[0][:, 0]
+    got = cpu_session(rw.model.SerializeToString()).run([rewrite.grad_name("x")], feeds)[0]
     return got, u
 
 

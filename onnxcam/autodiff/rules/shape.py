@@ -229,6 +229,9 @@ def _pad(b, n, gy):
     def crop():
         if not padded:
             return gy[0]
+        folded = _crop_into_producer(b, gy[0], begin, end, padded, rank)
+        if folded is not None:
+            return folded
         g = b.slice(gy[0], [max(begin[a], 0) for a in padded], [-end[a] if end[a] > 0 else BIG for a in padded],
                     padded)
         grow = [max(-p, 0) for p in begin] + [max(-p, 0) for p in end]
@@ -241,6 +244,42 @@ def _pad(b, n, gy):
             g = b.axis_matmul(g, a, rank, _pad_matrix(b, mode, size, begin[a], end[a]).T)
         return g
     return (crop if mode == "constant" else through_matrices,) + (None,) * (len(n.inputs) - 1)
+
+
+def _crop_into_producer(b, g, begin, end, padded, rank):
+    """Crop g by folding into the gradient node that made it, instead of adding a Slice (a copy), where possible.
+
+    Exporters put an explicit Pad before convolutions ("same" padding computed at run time, TF's explicit pads).
+    The adjoint of such a convolution is a stride-1 Conv, whose output cropped by (a, e) is the same Conv with
+    its pads reduced by (a, e); or ends in a Slice (the polyphase adjoint), whose window shrinks. g is the Pad's
+    whole output gradient, read by nothing else, so its node may change. None when neither fits.
+    """
+    node = g.inputs[0] if b.made(g) and len(g.inputs) == 1 else None
+    if node is None or any(a < 2 or begin[a] < 0 or end[a] < 0 for a in padded):
+        return None
+    if node.op == "Conv" and "pads" in node.attrs and all(int(s) == 1 for s in node.attrs.get("strides", [1])):
+        spatial = rank - 2
+        pads = [int(p) for p in node.attrs["pads"]]
+        for a in padded:
+            pads[a - 2] -= begin[a]
+            pads[a - 2 + spatial] -= end[a]
+        if min(pads) < 0:
+            return None
+        node.attrs["pads"] = pads
+        return g
+    if node.op == "Slice" and b.opset >= 10 and len(node.inputs) == 4:
+        starts, ends, axes = (b.model.value(t) for t in node.inputs[1:4])
+        if any(v is None for v in (starts, ends, axes)) or np.any(starts < 0) or np.any(ends < 0) or \
+                np.any(ends >= BIG) or set(padded) - {int(a) for a in axes}:
+            return None
+        starts, ends, axes = starts.copy(), ends.copy(), [int(a) for a in axes]
+        for a in padded:
+            i = axes.index(a)
+            starts[i] += begin[a]
+            ends[i] -= end[a]
+        node.inputs[1], node.inputs[2] = b.ints(starts), b.ints(ends)
+        return g
+    return None
 
 
 def _pad_matrix(b, mode: str, size: int, begin: int, end: int) -> np.ndarray:
