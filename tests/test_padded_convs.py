@@ -1,9 +1,8 @@
 """Explicit Pad nodes before convolutions, as TF-style "same" padding exports them (efficientnet-lite's
-static_padding, tf2onnx): the gradient folds the Pad's crop into the adjoint convolution or its Slice, and
-depthwise strided convolutions take the polyphase adjoint. Checked against float64 torch.autograd on a small
-network that has every case: stride-1 pads folded into the adjoint Conv, asymmetric pads before a depthwise
-stride-2 convolution (polyphase, crop folded into its Slice), a pad wider than the kernel's reach (no fold: a
-Slice), a dense strided convolution (ConvTranspose), ReLU6 and ReLU masks.
+static_padding, tf2onnx): the gradient folds the Pad's crop into the adjoint convolution where it can.
+Checked against float64 torch.autograd on a small network that has every case: stride-1 pads folded into the
+adjoint Conv, asymmetric pads before a depthwise stride-2 convolution (a ConvTranspose, then a Slice), a pad
+wider than the kernel's reach (no fold: a Slice), ReLU6 and ReLU masks.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ class PaddedNet(nn.Module):
         self.stem = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 8, 3, stride=2), nn.ReLU6())
         self.block = nn.Sequential(
             nn.ZeroPad2d(1), nn.Conv2d(8, 8, 3, groups=8), nn.ReLU6(),            # fold into the adjoint Conv
-            nn.ZeroPad2d((1, 2, 1, 2)), nn.Conv2d(8, 8, 5, stride=2, groups=8),   # polyphase + folded crop
+            nn.ZeroPad2d((1, 2, 1, 2)), nn.Conv2d(8, 8, 5, stride=2, groups=8),   # ConvTranspose, Slice
             nn.ReLU(),
             nn.ZeroPad2d(3), nn.Conv2d(8, 12, 3), nn.ReLU6(),                     # pad > kernel reach: a Slice
         )
@@ -60,15 +59,12 @@ def test_gradients_through_explicit_pads_match_torch(case, exporter):
         assert rel_err(r.gradients[layer], g) < 1e-5, layer
 
 
-def test_depthwise_strided_adjoint_is_not_a_conv_transpose(case):
-    """onnxruntime's grouped ConvTranspose is several times slower than the polyphase Convs: keep it out."""
+def test_pad_crops_fold_into_the_adjoint_conv(case):
+    """A crop is a copy: the stride-1 convolution's Pad folds into its adjoint Conv's pads, the others stay."""
     model, x = case
     onnx_model = export(model, x, "torchscript")
     _, acts, _ = torch_gradients(model, x, ["stem"], [0, 0])
     ex = onnxcam.Explainer(onnx_model, layers=[find_tensor(onnx_model, x.numpy(), acts[0])], device="cpu")
     grad = [n for n in ex.explainable_model.graph.node if n.name.startswith("onnxcam_grad/")]
-    ops = [n.op_type for n in grad]
-    assert "DepthToSpace" in ops and "ConvTranspose" not in ops
-    # Crops are the Slices without steps (kernel flips and polyphase sub-kernels have steps). Two of the three
-    # Pads fold; what is left: the polyphase adjoint's own crop and the wide Pad's.
+    # Crops are the Slices without steps (the kernel flips have steps): the stride-2 one's and the wide one's.
     assert sum(1 for n in grad if n.op_type == "Slice" and len(n.input) == 4) == 2

@@ -53,8 +53,6 @@ def transposed_conv(b, g, weight, *, group, strides, dilations, begin, in_sz, ou
         flipped = _as_stride1_conv(b, g, weight, group, dilations, begin, in_sz, out_sz, kernel)
         if flipped is not None:
             return flipped
-    if group > 1 and _polyphase_fits(b, strides, dilations, kernel):
-        return _polyphase(b, g, weight, group, strides[0], begin, in_sz, out_sz, kernel)
     full = [(out_sz[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 for i in range(nd)]
     extra = [in_sz[i] + 2 * begin[i] - full[i] for i in range(nd)]
     if all(0 <= extra[i] < strides[i] for i in range(nd)):
@@ -69,38 +67,7 @@ def transposed_conv(b, g, weight, *, group, strides, dilations, begin, in_sz, ou
     return g
 
 
-def _polyphase_fits(b, strides, dilations, kernel) -> bool:
-    return (len(kernel) == 2 and b.opset >= 10 and strides[0] == strides[1] and all(d == 1 for d in dilations)
-            and all(k >= strides[0] for k in kernel))
-
-
-def _polyphase(b, g, weight, group, s, begin, in_sz, out_sz, kernel):
-    """The adjoint of a grouped 2-D convolution with stride s, as s*s stride-1 convolutions interleaved.
-
-    onnxruntime's ConvTranspose loops over groups, which makes depthwise ones 4-5x slower than this. With
-    t = i + begin, input position i receives sum_j w[r + s*j] * g[t // s - j] where r = t % s: for each phase
-    (rh, rw), a stride-1 adjoint with the sub-kernel w[..., rh::s, rw::s] (zero-padded to ceil(k/s) taps) at
-    the output's resolution. DepthToSpace (DCR: channels ordered phase-major, as Concat stacks them) puts
-    phase (rh, rw) at rows rh::s and columns rw::s; a Slice drops the begin pad and what lies past the input.
-    """
-    taps = [-(-k // s) for k in kernel]
-    # Phase positions q < Q cover every t < begin + in; the adjoint conv also needs Q >= the output's size.
-    low = [max(-(-(begin[i] + in_sz[i]) // s), out_sz[i]) for i in range(2)]
-    channels = b.static_dims(weight, [0, 1])
-    phases = []
-    for rh in range(s):
-        for rw in range(s):
-            w = b.slice(weight, [rh, rw], list(kernel), [2, 3], [s, s])
-            short = [taps[0] - len(range(rh, kernel[0], s)), taps[1] - len(range(rw, kernel[1], s))]
-            if any(short):
-                w = b.pad(w, [0, 0, 0, 0, 0, 0, short[0], short[1]])
-            phases.append(_as_stride1_conv(b, g, w, group, [1, 1], [0, 0], low, out_sz, taps, channels))
-    mode = {"mode": "DCR"} if b.opset >= 11 else {}  # DCR is the only mode before opset 11
-    z = b.op("DepthToSpace", b.op("Concat", *phases, axis=1), blocksize=s, **mode)
-    return b.slice(z, begin, [begin[i] + in_sz[i] for i in range(2)], [2, 3])
-
-
-def _as_stride1_conv(b, g, weight, group, dilations, begin, in_sz, out_sz, kernel, channels=None):
+def _as_stride1_conv(b, g, weight, group, dilations, begin, in_sz, out_sz, kernel):
     """With stride 1 the adjoint of a convolution is itself a convolution: same dilations, the kernel flipped in
     space with its in/out channels swapped (per group), begin/end pads (k-1)d - pad. onnxruntime's Conv kernels
     (NCHWc, depthwise) are several times faster than its ConvTranspose, and the weight transform is folded once
@@ -112,7 +79,7 @@ def _as_stride1_conv(b, g, weight, group, dilations, begin, in_sz, out_sz, kerne
     new_end = [span[i] - end[i] for i in range(nd)]
     if min(new_begin + new_end) < 0:
         return None
-    out_ch, in_per_group = channels or b.static_dims(weight, [0, 1])
+    out_ch, in_per_group = b.static_dims(weight, [0, 1])
     w = weight
     if group == 1:
         w = b.op("Transpose", w, perm=[1, 0] + list(range(2, 2 + nd)))

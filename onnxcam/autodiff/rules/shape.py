@@ -250,9 +250,9 @@ def _crop_into_producer(b, g, begin, end, padded, rank):
     """Crop g by folding into the gradient node that made it, instead of adding a Slice (a copy), where possible.
 
     Exporters put an explicit Pad before convolutions ("same" padding computed at run time, TF's explicit pads).
-    The adjoint of such a convolution is a stride-1 Conv, whose output cropped by (a, e) is the same Conv with
-    its pads reduced by (a, e); or ends in a Slice (the polyphase adjoint), whose window shrinks. g is the Pad's
-    whole output gradient, read by nothing else, so its node may change. None when neither fits.
+    The adjoint of such a stride-1 convolution is a stride-1 Conv, whose output cropped by (a, e) is the same
+    Conv with its pads reduced by (a, e). g is the Pad's whole output gradient, read by nothing else, so its node
+    may change. None when that does not fit (another producer, a crop wider than the pads).
     """
     node = g.inputs[0] if b.made(g) and len(g.inputs) == 1 else None
     if node is None or any(a < 2 or begin[a] < 0 or end[a] < 0 for a in padded):
@@ -266,18 +266,6 @@ def _crop_into_producer(b, g, begin, end, padded, rank):
         if min(pads) < 0:
             return None
         node.attrs["pads"] = pads
-        return g
-    if node.op == "Slice" and b.opset >= 10 and len(node.inputs) == 4:
-        starts, ends, axes = (b.model.value(t) for t in node.inputs[1:4])
-        if any(v is None for v in (starts, ends, axes)) or np.any(starts < 0) or np.any(ends < 0) or \
-                np.any(ends >= BIG) or set(padded) - {int(a) for a in axes}:
-            return None
-        starts, ends, axes = starts.copy(), ends.copy(), [int(a) for a in axes]
-        for a in padded:
-            i = axes.index(a)
-            starts[i] += begin[a]
-            ends[i] -= end[a]
-        node.inputs[1], node.inputs[2] = b.ints(starts), b.ints(ends)
         return g
     return None
 
