@@ -156,7 +156,7 @@ class BaseCAM:
         if a.ndim != 4:
             raise InputError(f"layer {layer!r} has shape {a.shape}; CAM methods need a 4-D (N, C, h, w) activation "
                              "(give a reshape_transform for token or 3-D layouts)")
-        return np.float32(a), np.float32(g)
+        return np.asarray(a, np.float32), np.asarray(g, np.float32)  # no copy: the methods do not write
 
     def target_size(self, x: np.ndarray) -> tuple[int, int]:
         """(W, H) of the input, where the maps are resized to."""

@@ -1,8 +1,9 @@
 """CAM methods as pure numpy functions of a layer's activations A and gradients G, both (N, C, h, w) float32.
 
 Each returns the raw low-resolution map (N, h, w), before the ReLU and scaling of postprocess.py. G is
-d(sum over samples of the target score) / dA, as the engine returns it. The arithmetic is pytorch-grad-cam 1.5.7's,
-operation for operation in float32, so identical A and G give identical maps.
+d(sum over samples of the target score) / dA, as the engine returns it. The arithmetic is pytorch-grad-cam 1.5.7's
+in float32, so identical A and G give the same maps up to float32 summation order: the Grad-CAM weights and the
+channel sums run as flat means and matrix products, several times faster than numpy's multi-axis reductions.
 
 With eigen_smooth=True, the methods that weight the activations project the weighted activations on their first
 principal component (projection.py) instead of summing them over channels, as pytorch-grad-cam does.
@@ -25,13 +26,21 @@ def _reduce(weighted: np.ndarray, eigen_smooth: bool) -> np.ndarray:
 
 
 def _with_channel_weights(weights: np.ndarray, activations: np.ndarray, eigen_smooth: bool) -> np.ndarray:
-    return _reduce(weights[:, :, None, None] * activations, eigen_smooth)
+    if eigen_smooth:
+        return _reduce(weights[:, :, None, None] * activations, eigen_smooth)
+    n, c, h, w = activations.shape
+    return (np.asarray(weights, np.float32)[:, None, :] @ activations.reshape(n, c, h * w)).reshape(n, h, w)
+
+
+def _spatial_mean(t: np.ndarray) -> np.ndarray:
+    """(N, C, h, w) -> (N, C): the mean over space, over one flat axis."""
+    return t.reshape(t.shape[0], t.shape[1], -1).mean(axis=2)
 
 
 # ---- channel-weight methods: a weight per channel, map = sum_c w_c A_c ----------------------------------------------
 def gradcam(activations: np.ndarray, grads: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
     """Grad-CAM (Selvaraju et al., arXiv 1610.02391): w_c = mean over space of dY/dA_c."""
-    return _with_channel_weights(np.mean(grads, axis=_SPATIAL), activations, eigen_smooth)
+    return _with_channel_weights(_spatial_mean(grads), activations, eigen_smooth)
 
 
 def counterfactual_gradcam(activations: np.ndarray, grads: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
