@@ -111,10 +111,14 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     per_seed = [backward(b, targets, score_t, b.op("Gather", seeds_used, b.ints(i), axis=1)) for i in range(n_seeds)]
     exposed = _expose(b, [score_t] + targets, set(original_outputs))
     act_outputs = {t.name: act_name(t.name) if not t.inputs else t.name for t in targets}
+    taken = set()
     for t in targets:
         shape = mg.shape(t)
         if n_seeds == 1:
             grad, grad_shape = per_seed[0][t.name], shape
+            if id(grad) in taken or not b.made(grad):  # shared with another layer (an Identity between them)
+                grad = b.op("Identity", grad)
+            taken.add(id(grad))
         else:
             grad = b.op("Concat", *[b.unsqueeze(grads[t.name], [1]) for grads in per_seed], axis=1)
             grad_shape = None if shape is None else [shape[0], n_seeds, *shape[1:]]

@@ -143,3 +143,14 @@ def test_the_explainable_model_is_a_valid_self_contained_onnx_model():
 def test_fixed_batch_models_explain_larger_batches_one_sample_at_a_time():
     r = onnxcam.Explainer(tiny(batch=1), device="cpu").run(X, targets=[0, 1, 2])
     np.testing.assert_allclose(r.gradients["relu"], expected_gradient([0, 1, 2]), rtol=1e-6)
+
+
+def test_two_layers_with_one_gradient_tensor_both_get_it():
+    """An Identity between two target layers hands both the same gradient tensor; each still gets an output."""
+    model = tiny(softmax=False)
+    relu = next(n for n in model.graph.node if n.name == "relu")
+    relu.output[0] = "relu_pre"
+    model.graph.node.insert(2, helper.make_node("Identity", ["relu_pre"], ["relu"], name="copy"))
+    r = onnxcam.Explainer(model, layers=["relu_pre", "relu"], device="cpu").run(X, targets=[0, 2, 4])
+    for layer in ("relu_pre", "relu"):
+        np.testing.assert_allclose(r.gradients[layer], expected_gradient([0, 2, 4]), rtol=1e-5, atol=1e-7)
