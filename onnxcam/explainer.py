@@ -164,8 +164,10 @@ class Explainer:
         return digest
 
     # ---- building ------------------------------------------------------------------------------------------
-    def _compiled(self, shape: tuple, n_seeds: int = 1) -> _Compiled:
-        key = (self.digest, tuple(self.layers), self.score_name, tuple(shape[1:]), self.guided, self.device, n_seeds)
+    def _compiled(self, shape: tuple, n_seeds: int = 1, by_class: bool = True) -> _Compiled:
+        """The session for one input shape and seed form (class indices, or a dense seed for custom targets)."""
+        key = (self.digest, tuple(self.layers), self.score_name, tuple(shape[1:]), self.guided, self.device, n_seeds,
+               by_class)
         with _CACHE_LOCK:
             hit = _CACHE.get(key)
             if hit is not None:
@@ -176,7 +178,7 @@ class Explainer:
         if mg is None or tuple(mg.input_shape[1:]) != tuple(shape[1:]):
             mg = ModelGraph(self.proto, shape, self.weights)
         self._graph_for_build = None  # the build mutates the graph; a second build re-reads the model
-        rw = rewrite.build(mg, self.layers, self.score_name, guided=self.guided, n_seeds=n_seeds)
+        rw = rewrite.build(mg, self.layers, self.score_name, guided=self.guided, n_seeds=n_seeds, by_class=by_class)
         sess = session(rw.model.SerializeToString(), self.device, rw.weights)
         compiled = _Compiled(rw, sess, time.perf_counter() - start, *_quantization(self.proto, mg, self.layers))
         # onnxruntime copied the weights: holding a second copy would double the memory of big models.
@@ -222,7 +224,7 @@ class Explainer:
         x = self._check_input(x)
         n = x.shape[0]
         plan = _Plan.make(targets, top_k, seed, n)
-        compiled = self._compiled(self._input_shape if self._static else x.shape, plan.n_seeds)
+        compiled = self._compiled(self._input_shape if self._static else x.shape, plan.n_seeds, plan.seed is None)
         rw = compiled.rewritten
         if rw.fixed_batch and n > 1 and self._input_shape[0] == 1:
             return _concat([self._run_one(compiled, x[i:i + 1], plan.sample(i)) for i in range(n)])
@@ -232,10 +234,7 @@ class Explainer:
         rw = compiled.rewritten
         n = x.shape[0]
         score_shape = tuple(n if not isinstance(d, int) else d for d in rw.score_shape)
-        seeds = plan.seeds(score_shape, rw.has_ranking)
-        feeds = {rw.input_name: x, rewrite.SEED: seeds}
-        if rw.has_ranking:
-            feeds[rewrite.RANKED] = np.array(plan.ranked)
+        feeds = {rw.input_name: x, **plan.feeds(score_shape, rw)}
         names = list(rw.original_outputs)
         if rw.score not in names:
             names.append(rw.score)
@@ -247,10 +246,14 @@ class Explainer:
         values = dict(zip(names, compiled.session.run(names, feeds)))
         if plan.ranked:
             classes = values[rewrite.TOP_CLASSES]
-            seeds = _one_hot_rows(classes, score_shape)
+        elif plan.classes is not None:
+            classes = plan.classes
         else:
+            seeds = plan.seed[:, None]
             classes = np.argmax(seeds.reshape(n, plan.n_seeds, -1), axis=2) if seeds.ndim == 3 else \
                 np.full((n, plan.n_seeds), -1)
+        if plan.seed is None:
+            seeds = _one_hot_rows(classes, score_shape)
         squeeze = plan.single
         acts = {layer: values[rw.act_outputs[layer]] for layer in rw.layers}
         grads = {layer: values[rewrite.grad_name(layer)] for layer in rw.layers}
@@ -311,21 +314,23 @@ class _Plan:
         classes = _target_classes(targets, n)
         return _Plan(classes.shape[1], False, classes.shape[1] == 1 and np.ndim(targets) < 2, classes=classes)
 
-    def seeds(self, score_shape: tuple, has_ranking: bool) -> np.ndarray:
+    def feeds(self, score_shape: tuple, rw: rewrite.Rewritten) -> dict:
+        """The seed inputs of the built graph: class indices, or the dense seed (custom targets)."""
         n = score_shape[0]
         if self.seed is not None:
             if self.seed.shape != score_shape:
                 raise InputError(f"seed must have the score's shape {score_shape}, got {self.seed.shape}")
-            return self.seed[:, None]
-        if not has_ranking:
+            feeds = {rewrite.SEED: self.seed[:, None]}
+            return {**feeds, rewrite.RANKED: np.array(False)} if rw.has_ranking else feeds
+        if not rw.has_ranking:
             raise InputError(f"the score is not (N, K) but {score_shape}: give a seed shaped like it")
         if self.ranked:
-            return np.zeros((n, self.n_seeds, score_shape[1]), np.float32)
+            return {rewrite.CLASSES: np.zeros((n, self.n_seeds), np.int64), rewrite.RANKED: np.array(True)}
         bad = self.classes[(self.classes < 0) | (self.classes >= score_shape[1])]
         if bad.size:
             raise InputError(f"target class {int(bad[0])} is out of range: the score has {score_shape[1]} classes "
                              f"(0..{score_shape[1] - 1})")
-        return _one_hot_rows(self.classes, score_shape)
+        return {rewrite.CLASSES: self.classes, rewrite.RANKED: np.array(False)}
 
     def sample(self, i: int) -> _Plan:
         pick = (lambda a: None if a is None else a[i:i + 1])
@@ -349,9 +354,10 @@ def _target_classes(targets, n: int) -> np.ndarray:
 def _one_hot_rows(classes: np.ndarray, score_shape) -> np.ndarray:
     """(N, S) classes -> (N, S, K) one-hot seeds."""
     classes = np.asarray(classes).reshape(len(classes), -1)
-    seeds = np.zeros(classes.shape + (score_shape[1],), np.float32)
-    np.put_along_axis(seeds, classes[:, :, None], 1.0, axis=2)
-    return seeds
+    n, s = classes.shape
+    seeds = np.zeros((n * s, score_shape[1]), np.float32)
+    seeds[np.arange(n * s), classes.ravel()] = 1.0
+    return seeds.reshape(n, s, score_shape[1])
 
 
 def _concat(parts: list[Result]) -> Result:

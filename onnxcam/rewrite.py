@@ -1,8 +1,12 @@
 """Build the explainable model: the original graph, plus the target activations and their gradients as outputs.
 
-Inputs added: `onnxcam_seed`, shaped (N, S, *score.shape[1:]), holds S weightings of the score per sample;
-for a 2-D score, `onnxcam_ranked` (bool scalar) replaces them by one-hots of each sample's S top classes inside
-the graph, so the default target costs no extra run. Outputs added: the score, each layer's activation, its S
+Inputs added, in one of two forms:
+- dense: `onnxcam_seed`, shaped (N, S, *score.shape[1:]), holds S weightings of the score per sample (any
+  target); for a 2-D score, `onnxcam_ranked` (bool scalar) replaces them by one-hots of each sample's S top classes.
+- by class (2-D scores): `onnxcam_classes` (N, S) int64 names S classes per sample, or `onnxcam_ranked` picks
+  each sample's S top classes inside the graph, so the default target costs no extra run. The seed is then known
+  to be one-hot: a linear head's backward takes the class rows of its weight matrix (a Gather) instead of
+  multiplying the seed with the whole matrix. Outputs added: the score, each layer's activation, its S
 gradients (N, S, *activation.shape[1:]; with S = 1 just the activation's shape, which saves onnxruntime a copy),
 and the S top classes of each sample.
 
@@ -25,6 +29,7 @@ from .graph import names
 from .graph.model import ModelGraph
 
 SEED = "onnxcam_seed"
+CLASSES = "onnxcam_classes"
 RANKED = "onnxcam_ranked"
 TOP_CLASSES = "onnxcam_top_classes"
 
@@ -50,6 +55,7 @@ class Rewritten:
     original_outputs: list[str]
     weights: dict  # name -> numpy array of the large initializers (placeholders in the model)
     act_outputs: dict  # layer -> the graph output holding its activation
+    by_class: bool = False  # seeds given as class indices (CLASSES/RANKED inputs), not as a dense SEED
 
     def initializer_arrays(self) -> dict:
         """The weights to give onnxruntime (Explainer empties them once its session holds a copy)."""
@@ -79,7 +85,9 @@ def resolve_layers(mg: ModelGraph, layers: list[str] | None, score: str) -> list
     return list(dict.fromkeys(layers))
 
 
-def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False, n_seeds: int = 1) -> Rewritten:
+def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False, n_seeds: int = 1,
+          by_class: bool = False) -> Rewritten:
+    """by_class: take the seeds as class indices (a 2-D score only; else the dense seed input is built)."""
     graph = mg.graph
     score_t = mg.tensor(score)
     score_shape = mg.shape(score_t)
@@ -90,25 +98,32 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
                          "it has no gradient")
     dtype = np.float32
     b = Builder(mg, dtype, guided=guided)
-    seeds = gs.Variable(SEED, dtype=dtype, shape=[score_shape[0], n_seeds, *score_shape[1:]])
-    graph.inputs.append(seeds)
     original_outputs = [o.name for o in graph.outputs]
     extra_outputs = []
     has_ranking = len(score_shape) == 2 and isinstance(score_shape[1], int)
+    by_class = by_class and has_ranking
     if has_ranking:
         if n_seeds > score_shape[1]:
             raise LayerError(f"asked for {n_seeds} targets per sample, but the score has {score_shape[1]} classes")
         ranked = gs.Variable(RANKED, dtype=np.bool_, shape=[])
-        graph.inputs.append(ranked)
         k = {"k": n_seeds} if b.opset < 10 else {}
         _, top = b.op("TopK", score_t, None if k else b.ints([n_seeds]), axis=1, outputs=2, **k)  # (N, S) classes
-        onehot = b.mask(b.op("Equal", b.unsqueeze(top, [2]), b.ints(np.arange(score_shape[1]))))
-        seeds_used = b.op("Where", ranked, onehot, seeds)
         extra_outputs.append(_renamed(top, TOP_CLASSES, np.int64, [score_shape[0], n_seeds]))
+    if by_class:
+        given = gs.Variable(CLASSES, dtype=np.int64, shape=[score_shape[0], n_seeds])
+        graph.inputs.extend([given, ranked])
+        classes = b.op("Where", ranked, top, given)
+        seed_of = [b.one_hot(b.op("Gather", classes, b.ints(i), axis=1), score_shape[1]) for i in range(n_seeds)]
     else:
-        seeds_used = seeds
+        seeds = gs.Variable(SEED, dtype=dtype, shape=[score_shape[0], n_seeds, *score_shape[1:]])
+        graph.inputs.append(seeds)
+        if has_ranking:
+            graph.inputs.append(ranked)
+            onehot = b.mask(b.op("Equal", b.unsqueeze(top, [2]), b.ints(np.arange(score_shape[1]))))
+            seeds = b.op("Where", ranked, onehot, seeds)
+        seed_of = [b.op("Gather", seeds, b.ints(i), axis=1) for i in range(n_seeds)]
     targets = [mg.tensor(name) for name in layers]
-    per_seed = [backward(b, targets, score_t, b.op("Gather", seeds_used, b.ints(i), axis=1)) for i in range(n_seeds)]
+    per_seed = [backward(b, targets, score_t, seed) for seed in seed_of]
     exposed = _expose(b, [score_t] + targets, set(original_outputs))
     act_outputs = {t.name: act_name(t.name) if not t.inputs else t.name for t in targets}
     taken = set()
@@ -134,7 +149,7 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     used = {t.name for t in model.graph.initializer}
     weights = {name: a for name, a in mg.weights.items() if name in used}
     return Rewritten(model, mg.input_name, score, layers, score_shape, has_ranking, n_seeds, mg.fixed_batch,
-                     original_outputs, weights, act_outputs)
+                     original_outputs, weights, act_outputs, by_class)
 
 
 def _type_name(dtype) -> str:

@@ -137,7 +137,7 @@ def test_the_explainable_model_is_a_valid_self_contained_onnx_model():
     onnx.checker.check_model(model)
     ops = {n.op_type for n in model.graph.node}
     assert not {"Gradient", "ReluGrad", "ConvGrad"} & ops
-    assert {"onnxcam_seed", "onnxcam_ranked"} <= {i.name for i in model.graph.input}
+    assert {"onnxcam_classes", "onnxcam_ranked"} <= {i.name for i in model.graph.input}
 
 
 def test_fixed_batch_models_explain_larger_batches_one_sample_at_a_time():

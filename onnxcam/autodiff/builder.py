@@ -47,15 +47,19 @@ class Builder:
         self._consts: dict = {}
         self._emitted: set[str] = set()  # names of tensors this builder made (everything else is forward graph)
         self._widened: dict[str, gs.Variable] = {}
+        self._one_hots: dict[str, gs.Tensor] = {}  # name of a one-hot seed -> its (N,) class indices
 
     # ---- emitting ------------------------------------------------------------------------------------------
-    def op(self, op_type: str, *inputs, outputs: int = 1, **attrs):
-        """Add one node; inputs may be tensors, numpy arrays or numbers (-> constants of the gradient dtype)."""
+    def op(self, op_type: str, *inputs, outputs: int = 1, widen: bool = True, **attrs):
+        """Add one node; inputs may be tensors, numpy arrays or numbers (-> constants of the gradient dtype).
+
+        widen=False keeps narrower float inputs as they are (for selections: widen only what was selected).
+        """
         inputs = list(inputs)
         while inputs and inputs[-1] is None:  # omitted trailing optional inputs are left out, not named ""
             inputs.pop()
         ins = [self._as_tensor(i) for i in inputs]
-        if op_type not in _DTYPE_AGNOSTIC:
+        if widen and op_type not in _DTYPE_AGNOSTIC:
             ins = [self._widen(t) for t in ins]
         base = f"onnxcam_grad/{self.node.name if self.node is not None else 'seed'}/{op_type}_{next(self._ids)}"
         outs = [gs.Variable(f"{base}:{k}") for k in range(outputs)]
@@ -63,6 +67,23 @@ class Builder:
         attrs = {k: v for k, v in attrs.items() if v is not None}
         self.graph.nodes.append(gs.Node(op_type, name=base, attrs=attrs, inputs=ins, outputs=outs))
         return outs[0] if outputs == 1 else outs
+
+    def one_hot(self, classes, depth: int):
+        """The (N, depth) one-hot rows of (N,) class indices, in the gradient dtype; remembered as one-hot so that
+        a rule can select with the indices instead of multiplying by the rows (one_hot_classes)."""
+        rows = self.mask(self.op("Equal", self.unsqueeze(classes, [1]), self.ints(np.arange(depth))))
+        self._one_hots[rows.name] = classes
+        return rows
+
+    def one_hot_classes(self, t):
+        """The (N,) class indices when `t` is a one-hot seed made by one_hot, else None."""
+        return self._one_hots.get(t.name) if isinstance(t, gs.Tensor) else None
+
+    def take(self, t, indices, axis: int):
+        """Gather from a forward tensor in its own dtype, then widen only what was taken."""
+        taken = self.op("Gather", t, indices, axis=axis, widen=False)
+        dtype = _np_dtype(t.dtype) if isinstance(t, gs.Tensor) and t.dtype is not None else self.dtype
+        return taken if dtype is None or dtype == self.dtype else self.cast(taken, self.dtype)
 
     def made(self, t) -> bool:
         """True for tensors this builder emitted (gradient graph), False for the forward graph's."""

@@ -20,6 +20,9 @@ def _gemm(b, n, gy):
     g = gy[0]
 
     def d_a():  # dA' = alpha gy B'^T; dA = dA'^T when transA
+        classes = b.one_hot_classes(g)
+        if classes is not None and not ta:  # a one-hot seed: dA = alpha * B' rows of the classes, no product
+            return _scaled(b, _class_rows(b, bb, classes, transposed=not tb), alpha)
         return _product(b, bb, g, alpha, tb, 1) if ta else _product(b, g, bb, alpha, 0, 1 - tb)
 
     def d_b():  # dB' = alpha A'^T gy; dB = dB'^T when transB
@@ -29,6 +32,17 @@ def _gemm(b, n, gy):
         scaled = g if beta == 1.0 else b.op("Mul", g, beta)
         return b.unbroadcast(scaled, b.shape(n.outputs[0]), b.shape(n.inputs[2]))
     return (d_a, d_b, d_c)
+
+
+def _class_rows(b, w, classes, transposed: bool):
+    """(N, K_in) rows of a (K, K_in) weight for (N,) classes; of a (K_in, K) weight when transposed."""
+    if not transposed:
+        return b.take(w, classes, axis=0)
+    return b.op("Transpose", b.take(w, classes, axis=1), perm=[1, 0])  # only the N taken columns move
+
+
+def _scaled(b, g, alpha: float):
+    return g if alpha == 1.0 else b.op("Mul", g, alpha)
 
 
 @rule("MatMul")
@@ -55,6 +69,9 @@ def _matmul(b, n, gy):
         return b.op("Transpose", x, perm=perm)
 
     def d_a():
+        classes = b.one_hot_classes(gy[0])
+        if classes is not None and len(sa) == 2 and len(sc) == 2:  # a one-hot seed: the classes' columns of C
+            return _class_rows(b, c, classes, transposed=True)
         _, sa2, c2, sc2, g, go = prepared()
         ga = b.op("MatMul", g, t(c2, len(sc2)))
         ga = b.unbroadcast(ga, go[:-2] + sa2[-2:], sa2)
