@@ -14,7 +14,7 @@ import onnx
 
 from . import rewrite
 from .errors import InputError
-from .graph.load import detach_weights, load_model, model_digest, with_weights
+from .graph.load import load_detached, with_weights
 from .graph.model import ModelGraph
 from .runtime import session
 
@@ -27,20 +27,23 @@ _ANALYSES: dict = {}  # (digest, layers, score, output, input_shape) -> what Exp
 _DIGESTS: dict = {}  # (path, size, mtime) -> model digest
 
 
-def _digest_of(path) -> str:
-    """The model digest of a file, remembered per (path, size, mtime)."""
+def _digest_of(path) -> str | None:
+    """The model digest of a file seen before (same path, size and mtime), else None."""
     try:
         st = os.stat(path)
     except OSError:
-        return model_digest(load_model(path))  # load_model raises the clear error
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        return None  # loading reports the missing file clearly
     with _CACHE_LOCK:
-        if key in _DIGESTS:
-            return _DIGESTS[key]
-    digest = model_digest(load_model(path))
+        return _DIGESTS.get((os.path.realpath(path), st.st_size, st.st_mtime_ns))
+
+
+def _remember_digest(path, digest: str) -> None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
     with _CACHE_LOCK:
-        _DIGESTS[key] = digest
-    return digest
+        _DIGESTS[(os.path.realpath(path), st.st_size, st.st_mtime_ns)] = digest
 
 
 def _quantization(proto: onnx.ModelProto, mg: ModelGraph, layers: list[str]) -> tuple:
@@ -117,6 +120,9 @@ class Explainer:
                 model.digest
         elif isinstance(model, (str, os.PathLike)):
             self.digest = _digest_of(model)
+            if self.digest is None:  # first sight of this file: read it once, keep what was read for the build
+                self.digest = self._load()
+                _remember_digest(model, self.digest)
         else:
             self.digest = self._load()
         self.device = device
@@ -156,11 +162,7 @@ class Explainer:
     def _load(self) -> str:
         """Read the model once and hold each large weight once, as numpy (the proto keeps placeholders);
         returns the model digest."""
-        source = self._source
-        proto = load_model(source)
-        owned = not isinstance(source, onnx.ModelProto) or proto is not source  # inlining functions copies
-        digest = model_digest(proto)
-        self._proto, self._weights = detach_weights(proto, owned)
+        self._proto, self._weights, digest = load_detached(self._source)
         return digest
 
     # ---- building ------------------------------------------------------------------------------------------

@@ -40,11 +40,16 @@ def _options() -> ort.SessionOptions:
     return opts
 
 
-def cpu_session(model_bytes: bytes, initializers: dict | None = None) -> ort.InferenceSession:
-    return session(model_bytes, "cpu", initializers)
+def cpu_session(model_bytes: bytes, initializers: dict | None = None, *, lean: bool = False,
+                profile: str | None = None) -> ort.InferenceSession:
+    """lean: a short-lived session (shape probes) that returns its memory after each run instead of keeping an
+    arena sized for the largest run, and runs the nodes as written (no fusions: each node is seen in a profile).
+    profile: a file prefix; onnxruntime's profiler then records each node's output shapes."""
+    return session(model_bytes, "cpu", initializers, lean=lean, profile=profile)
 
 
-def session(model_bytes: bytes, device: str = "auto", initializers: dict | None = None) -> ort.InferenceSession:
+def session(model_bytes: bytes, device: str = "auto", initializers: dict | None = None, *,
+            lean: bool = False, profile: str | None = None) -> ort.InferenceSession:
     """A session on the requested device; 'cuda' fails loudly if onnxruntime would run it on the CPU.
 
     initializers: numpy values of the model's placeholder weights (graph/load.py split_weights). onnxruntime
@@ -58,6 +63,13 @@ def session(model_bytes: bytes, device: str = "auto", initializers: dict | None 
                           f"(providers: {', '.join(ort.get_available_providers())})")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
     opts = _options()
+    if lean:
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile
     values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in (initializers or {}).values()]
     if values:
         opts.add_external_initializers(list(initializers), values)

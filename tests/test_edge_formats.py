@@ -12,6 +12,7 @@ see the zero point.
 from __future__ import annotations
 
 import io
+import shutil
 
 import numpy as np
 import onnx
@@ -67,10 +68,13 @@ def quantized(lite0, tmp_path_factory):
 
     builds = {"qdq": (QuantFormat.QDQ, QuantType.QUInt8), "qoperator": (QuantFormat.QOperator, QuantType.QUInt8),
               "qdq-s8": (QuantFormat.QDQ, QuantType.QInt8)}
+    # quantize_static writes a "-inferred" copy next to its input: a private copy keeps parallel workers apart
+    source = folder / "lite0.onnx"
+    shutil.copyfile(DEMO_MODEL, source)
     paths = {}
     for name, (fmt, activations) in builds.items():
         paths[name] = str(folder / f"lite0-{name}.onnx")
-        quantize_static(str(DEMO_MODEL), paths[name], Photos(), quant_format=fmt, per_channel=True,
+        quantize_static(str(source), paths[name], Photos(), quant_format=fmt, per_channel=True,
                         activation_type=activations, weight_type=QuantType.QInt8)
     return paths
 

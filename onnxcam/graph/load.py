@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import onnx
+import onnx.inliner
 from google.protobuf.message import DecodeError
 
 from ..errors import ModelError
@@ -24,8 +25,7 @@ def load_model(model) -> onnx.ModelProto:
         proto = _load_path(Path(model))
     else:
         raise ModelError(f"model must be a path, bytes or onnx.ModelProto, not {type(model).__name__}")
-    if not proto.graph.node:
-        raise ModelError("the model has no nodes")
+    _check_graph(proto)
     if proto.functions:
         # Dynamo exports may wrap modules in local functions; the gradient walk needs plain nodes.
         proto = onnx.inliner.inline_local_functions(proto)
@@ -62,11 +62,61 @@ def model_digest(proto: onnx.ModelProto) -> str:
     Hashes the graph without its large weights, then each weight's bytes: no 100 MB re-serialization.
     """
     skeleton, weights = split_weights(proto)
+    return _digest(skeleton, ((t.name, t.raw_data if t.HasField("raw_data") else t.SerializeToString())
+                              for t in weights))
+
+
+def _digest(skeleton: onnx.ModelProto, named_bytes) -> str:
     h = hashlib.sha256(skeleton.SerializeToString(deterministic=True))
-    for t in weights:
-        h.update(t.name.encode())
-        h.update(t.raw_data if t.HasField("raw_data") else t.SerializeToString())
+    for name, data in named_bytes:
+        h.update(name.encode())
+        h.update(data)
     return h.hexdigest()[:32]
+
+
+def load_detached(model) -> tuple[onnx.ModelProto, dict, str]:
+    """(skeleton, {name: numpy array} of the large weights, model digest) of a path, bytes or ModelProto.
+
+    Serialized models (a path without external data, bytes) are split at the wire level (wire.py): the weights
+    are read-only views into the file's or caller's bytes, never parsed or copied. Everything else is parsed
+    (load_model) and split with detach_weights; both ways give the same skeleton, weights and digest.
+    """
+    data = _serialized(model)
+    split = None if data is None else _split_serialized(data)
+    if split is None:
+        proto = load_model(model)
+        owned = not isinstance(model, onnx.ModelProto) or proto is not model  # inlining functions copies
+        digest = model_digest(proto)
+        skeleton, weights = detach_weights(proto, owned)
+        return skeleton, weights, digest
+    skeleton, weights, hashed = split
+    _check_graph(skeleton)
+    if skeleton.functions:
+        skeleton = onnx.inliner.inline_local_functions(skeleton)
+    return skeleton, weights, _digest(skeleton, hashed)
+
+
+def _serialized(model) -> bytes | None:
+    if isinstance(model, (bytes, bytearray)):
+        return bytes(model)  # a bytearray is copied: the caller may change it later
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if path.is_file():
+            return path.read_bytes()
+    return None  # a ModelProto, or a path load_model reports on
+
+
+def _split_serialized(data: bytes):
+    from .wire import split_serialized
+    try:
+        return split_serialized(data, _is_big, _placeholder, _RAW_DTYPES)
+    except (ValueError, IndexError, DecodeError, RuntimeError):
+        return None  # not a well-formed model: load_model parses it and says what is wrong
+
+
+def _check_graph(proto: onnx.ModelProto) -> None:
+    if not proto.graph.node:
+        raise ModelError("the model has no nodes")
 
 
 PLACEHOLDER_LOCATION = "onnxcam-weights-held-in-memory"
@@ -85,12 +135,16 @@ def split_weights(proto: onnx.ModelProto, min_elements: int = 1024):
     skeleton.graph.CopyFrom(_copy_without(proto.graph, "initializer"))
     big = []
     for t in proto.graph.initializer:
-        if _numel(t) >= min_elements and not t.data_location:
+        if _is_big(t, min_elements):
             big.append(t)
             skeleton.graph.initializer.append(_placeholder(t))
         else:
             skeleton.graph.initializer.append(t)
     return skeleton, big
+
+
+def _is_big(t: onnx.TensorProto, min_elements: int = 1024) -> bool:
+    return _numel(t) >= min_elements and not t.data_location
 
 
 def _placeholder(t: onnx.TensorProto) -> onnx.TensorProto:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from collections import deque
 
 import numpy as np
@@ -281,8 +282,8 @@ def _probe_missing_shapes(proto: onnx.ModelProto, weights: dict, input_name: str
                 missing.append(out)
     if not missing:
         return
-    shapes = _probe(proto, weights, input_name, shape, missing)
-    shapes, dtypes = shapes
+    typed = {name for name in missing if name in known and known[name].type.tensor_type.elem_type}
+    shapes, dtypes = _probe(proto, weights, input_name, shape, missing, typed)
     for name, (s1, s2) in shapes.items():
         dims = [BATCH if a != b else a for a, b in zip(s1, s2)] if s2 is not None else list(s1)
         vi = known.get(name)
@@ -314,43 +315,128 @@ def _shape_inference_unreliable(proto: onnx.ModelProto) -> bool:
                any(a.name == "ceil_mode" and a.i for a in n.attribute) for n in proto.graph.node)
 
 
-_PROBE_CHUNK = 24
+_PROBE_CHUNK = 96
 
 
-def _probe(proto, weights, input_name, shape, names):
+def _probe(proto, weights, input_name, shape, names, typed: set = frozenset()):
+    """Run the model at batch 1 (and 2 when the batch is free) and read the shapes of `names`.
+
+    The shapes come from onnxruntime's profiler, which records every node's output shapes: the model runs as it
+    is, reusing memory as a plain inference does. Tensors the profile does not name are measured as graph outputs,
+    a few dozen per session: those all live until a run ends, so exposing every tensor at once would need the
+    memory of all activations together (several times an inference on models full of run-time shapes).
+    typed: names whose element type is known already (the profile cannot always tell it).
+    """
+    shapes, dtypes = _profiled_shapes(proto, weights, input_name, shape, set(names))
+    rest = [name for name in names if name not in shapes or (name not in dtypes and name not in typed)]
+    shapes = {name: v for name, v in shapes.items() if name not in rest}
+    for start in range(0, len(rest), _PROBE_CHUNK):
+        found, types = _probe_chunk(proto, weights, input_name, shape, rest[start:start + _PROBE_CHUNK])
+        shapes.update(found)
+        dtypes.update(types)
+    return shapes, dtypes
+
+
+# onnxruntime profiler type names -> ONNX element types
+_PROFILE_TYPES = {"float": onnx.TensorProto.FLOAT, "double": onnx.TensorProto.DOUBLE,
+                  "float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16,
+                  "int64": onnx.TensorProto.INT64, "int32": onnx.TensorProto.INT32, "int16": onnx.TensorProto.INT16,
+                  "int8": onnx.TensorProto.INT8, "uint8": onnx.TensorProto.UINT8, "uint16": onnx.TensorProto.UINT16,
+                  "uint32": onnx.TensorProto.UINT32, "uint64": onnx.TensorProto.UINT64, "bool": onnx.TensorProto.BOOL}
+
+
+def _profiled_shapes(proto, weights, input_name, shape, wanted: set):
+    """{name: (shape at batch 1, at batch 2 or None)}, {name: elem type} of the wanted tensors the profile shows."""
+    import json
+    import tempfile
+
+    from ..runtime import cpu_session
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    del probe.graph.value_info[:]
+    for out in probe.graph.output:
+        if out.type.tensor_type.elem_type == 0:  # an UNDEFINED declared type makes onnxruntime refuse the model
+            out.ClearField("type")
+    outputs_of = {}
+    for i, node in enumerate(probe.graph.node):  # unique names: the profile identifies nodes by name
+        node.name = f"onnxcam_probe_{i}"
+        outputs_of[node.name] = list(node.output)
+    with tempfile.TemporaryDirectory() as folder:
+        sess = cpu_session(probe.SerializeToString(), weights, lean=True,
+                           profile=os.path.join(folder, "probe"))
+        try:
+            for n in _probe_batches(shape):
+                sess.run(None, _probe_feed(sess, input_name, shape, n))
+        except Exception as exc:
+            raise ModelError(f"a probe run to find tensor shapes failed: {exc}") from exc
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    seen: dict[str, list] = {}
+    dtypes = {}
+    for e in sorted((e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")),
+                    key=lambda e: e.get("ts", 0)):
+        outs = outputs_of.get(e["name"][:-len("_kernel_time")])
+        found = e.get("args", {}).get("output_type_shape")
+        if outs is None or found is None or len(found) != len(outs):
+            continue
+        for name, entry in zip(outs, found):
+            if name in wanted and len(entry) == 1:
+                (kind, dims), = entry.items()
+                seen.setdefault(name, []).append(tuple(int(d) for d in dims))
+                if kind in _PROFILE_TYPES:
+                    dtypes[name] = _PROFILE_TYPES[kind]
+    runs = len(_probe_batches(shape))
+    shapes = {name: (got[0], got[1] if runs > 1 else None) for name, got in seen.items() if len(got) == runs}
+    if _has_narrow_floats(proto):  # onnxruntime runs some fp16 ops in float32 (inserted casts): "float" may lie
+        dtypes = {name: t for name, t in dtypes.items() if t != onnx.TensorProto.FLOAT}
+    return shapes, {name: dtypes[name] for name in shapes if name in dtypes}
+
+
+_NARROW_FLOATS = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def _has_narrow_floats(proto: onnx.ModelProto) -> bool:
+    g = proto.graph
+    values = list(g.input) + list(g.output) + list(g.value_info)
+    return (any(v.type.tensor_type.elem_type in _NARROW_FLOATS for v in values)
+            or any(t.data_type in _NARROW_FLOATS for t in g.initializer)
+            or any(a.name == "to" and a.i in _NARROW_FLOATS for n in g.node if n.op_type == "Cast" for a in n.attribute))
+
+
+def _probe_batches(shape) -> tuple:
+    return (1,) if isinstance(shape[0], int) else (1, 2)
+
+
+def _probe_feed(sess, input_name, shape, n: int) -> dict:
+    """Random inputs: `shape` with batch n for the model input, ones for the free dims of any other input."""
+    rng = np.random.default_rng(0)
+    feed = {}
+    for inp in sess.get_inputs():
+        dims = [n if i == 0 and not isinstance(d, int) else d for i, d in enumerate(shape)] \
+            if inp.name == input_name else [d if isinstance(d, int) else 1 for d in inp.shape]
+        feed[inp.name] = rng.standard_normal(dims).astype(_np_type(inp.type))
+    return feed
+
+
+def _probe_chunk(proto, weights, input_name, shape, names):
     from ..runtime import cpu_session  # local: graph analysis otherwise needs no runtime
 
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
-    have = {o.name for o in probe.graph.output}
-    for out in probe.graph.output:
-        if out.type.tensor_type.elem_type == 0:  # an UNDEFINED declared type makes onnxruntime refuse the model
-            out.ClearField("type")
+    del probe.graph.output[:]
     for name in names:
-        if name not in have:
-            probe.graph.output.add().name = name
+        probe.graph.output.add().name = name
     del probe.graph.value_info[:]  # the probe measures; half-inferred shapes must not constrain it
-    sess = cpu_session(probe.SerializeToString(), weights)
-    elem = {i.name: i.type for i in sess.get_inputs()}
-    results = []
-    batches = (1,) if isinstance(shape[0], int) else (1, 2)
-    for n in batches:
-        rng = np.random.default_rng(0)
-        feed = {}
-        for inp in sess.get_inputs():
-            dims = [n if i == 0 and not isinstance(d, int) else d for i, d in enumerate(shape)] \
-                if inp.name == input_name else [d if isinstance(d, int) else 1 for d in inp.shape]
-            feed[inp.name] = rng.standard_normal(dims).astype(_np_type(elem[inp.name]))
-        shapes, dtypes = [], {}
-        for start in range(0, len(names), _PROBE_CHUNK):  # a few tensors per run bounds the probe's memory
-            chunk = names[start:start + _PROBE_CHUNK]
-            try:
-                outs = sess.run(chunk, feed)
-            except Exception as exc:
-                raise ModelError(f"a probe run to find tensor shapes failed: {exc}") from exc
-            shapes += [o.shape for o in outs]
-            dtypes.update({name: onnx.helper.np_dtype_to_tensor_dtype(o.dtype) for name, o in zip(chunk, outs)})
-        results.append(shapes)
+    sess = cpu_session(probe.SerializeToString(), weights, lean=True)
+    results, dtypes = [], {}
+    for n in _probe_batches(shape):
+        try:
+            outs = sess.run(names, _probe_feed(sess, input_name, shape, n))
+        except Exception as exc:
+            raise ModelError(f"a probe run to find tensor shapes failed: {exc}") from exc
+        results.append([o.shape for o in outs])
+        dtypes.update({name: onnx.helper.np_dtype_to_tensor_dtype(o.dtype) for name, o in zip(names, outs)})
     second = results[1] if len(results) > 1 else [None] * len(names)
     shapes = {name: (tuple(a), None if b is None else tuple(b)) for name, a, b in zip(names, results[0], second)}
     return shapes, dtypes
