@@ -16,7 +16,7 @@ from . import rewrite
 from .errors import InputError
 from .graph.load import load_detached, with_weights
 from .graph.model import ModelGraph
-from .runtime import session
+from .runtime import first_run_placement, gradient_fallbacks, session
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class _Compiled:
     build_seconds: float
     quantized: str | None = None  # "qdq" / "qoperator": differentiated as the dequantized float equivalent
     dequantize: dict = field(default_factory=dict)  # integer layer -> (scale, zero point)
+    cpu_fallbacks: list | None = None  # CUDA: gradient nodes the first run computed on the CPU
 
 
 class Explainer:
@@ -181,7 +182,7 @@ class Explainer:
             mg = ModelGraph(self.proto, shape, self.weights)
         self._graph_for_build = None  # the build mutates the graph; a second build re-reads the model
         rw = rewrite.build(mg, self.layers, self.score_name, guided=self.guided, n_seeds=n_seeds, by_class=by_class)
-        sess = session(rw.model.SerializeToString(), self.device, rw.weights)
+        sess = session(rw.model.SerializeToString(), self.device, rw.weights, watch_placement=True)
         compiled = _Compiled(rw, sess, time.perf_counter() - start, *_quantization(self.proto, mg, self.layers))
         # onnxruntime copied the weights: holding a second copy would double the memory of big models.
         rw.weights, mg.weights, self._weights = {}, {}, None
@@ -212,6 +213,12 @@ class Explainer:
     @property
     def providers(self) -> list[str]:
         return self._compiled(self._input_shape).session.get_providers()
+
+    @property
+    def cpu_fallbacks(self) -> list[str] | None:
+        """On CUDA, after a run: the gradient nodes onnxruntime computed on the CPU ("name (OpType)"; [] when none).
+        None on the CPU or before the first run."""
+        return self._compiled(self._input_shape).cpu_fallbacks
 
     # ---- running -------------------------------------------------------------------------------------------
     def run(self, x: np.ndarray, targets=None, *, top_k: int | None = None, seed: np.ndarray | None = None) -> Result:
@@ -246,6 +253,7 @@ class Explainer:
         for layer in rw.layers:
             names.append(rewrite.grad_name(layer))
         values = dict(zip(names, compiled.session.run(names, feeds)))
+        _check_placement(compiled)
         if plan.ranked:
             classes = values[rewrite.TOP_CLASSES]
         elif plan.classes is not None:
@@ -337,6 +345,18 @@ class _Plan:
     def sample(self, i: int) -> _Plan:
         pick = (lambda a: None if a is None else a[i:i + 1])
         return _Plan(self.n_seeds, self.ranked, self.single, pick(self.classes), pick(self.seed))
+
+
+def _check_placement(compiled: _Compiled) -> None:
+    """On CUDA, once per compiled graph: warn about gradient nodes that onnxruntime left on the CPU."""
+    placed = first_run_placement(compiled.session)
+    if placed is None:
+        return
+    compiled.cpu_fallbacks = gradient_fallbacks(placed)
+    if compiled.cpu_fallbacks:
+        ops = sorted({f.rsplit(" (", 1)[1][:-1] for f in compiled.cpu_fallbacks})
+        log.warning("onnxruntime runs %d gradient nodes on the CPU instead of CUDA (%s): each costs a copy per run",
+                    len(compiled.cpu_fallbacks), ", ".join(ops))
 
 
 def _target_classes(targets, n: int) -> np.ndarray:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import logging
+import os
+import shutil
+import tempfile
+import threading
+import weakref
 
 import numpy as np
 import onnxruntime as ort
@@ -49,8 +55,11 @@ def cpu_session(model_bytes: bytes, initializers: dict | None = None, *, lean: b
 
 
 def session(model_bytes: bytes, device: str = "auto", initializers: dict | None = None, *,
-            lean: bool = False, profile: str | None = None) -> ort.InferenceSession:
+            lean: bool = False, profile: str | None = None, watch_placement: bool = False) -> ort.InferenceSession:
     """A session on the requested device; 'cuda' fails loudly if onnxruntime would run it on the CPU.
+
+    watch_placement: on CUDA, profile the first run so that first_run_placement() can tell which nodes onnxruntime
+    left on the CPU (it does so silently, node by node, for ops or types its CUDA kernels lack).
 
     initializers: numpy values of the model's placeholder weights (graph/load.py split_weights). onnxruntime
     copies them into the session (tests/test_runtime.py checks it), so the caller may drop them afterwards.
@@ -67,6 +76,10 @@ def session(model_bytes: bytes, device: str = "auto", initializers: dict | None 
         opts.enable_cpu_mem_arena = False
         opts.enable_mem_pattern = False
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    folder = None
+    if watch_placement and want_cuda and not profile:
+        folder = tempfile.mkdtemp(prefix="onnxcam-placement-")
+        profile = os.path.join(folder, "placement")
     if profile:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile
@@ -81,7 +94,56 @@ def session(model_bytes: bytes, device: str = "auto", initializers: dict | None 
         if device == "cuda":
             raise DeviceError("onnxruntime fell back to the CPU although device='cuda' was requested")
         log.warning("CUDA is present but onnxruntime fell back to the CPU")
+    if folder:
+        _WATCHED[id(sess)] = threading.Lock()
+        weakref.finalize(sess, _forget, id(sess), folder)
     return sess
+
+
+# ---- node placement ------------------------------------------------------------------------------------------------
+_WATCHED: dict[int, threading.Lock] = {}  # id of a session whose first run is profiled -> guard for end_profiling
+_FLOATS = {"float", "float16", "bfloat16", "double"}
+
+
+def _forget(key: int, folder: str) -> None:
+    _WATCHED.pop(key, None)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def first_run_placement(sess: ort.InferenceSession) -> dict | None:
+    """After the first run of a session made with watch_placement: {node name: (op type, provider, output types)},
+    read from the run's profile (which then stops). None for sessions that are not watched, or already read."""
+    lock = _WATCHED.pop(id(sess), None)
+    if lock is None:
+        return None
+    with lock:
+        path = sess.end_profiling()
+    try:
+        with open(path) as f:
+            return node_placement(json.load(f))
+    finally:
+        os.remove(path)
+
+
+def node_placement(events: list) -> dict:
+    """{node name: (op type, provider, output element types)} from an onnxruntime profile's node events."""
+    placed = {}
+    for e in events:
+        args = e.get("args", {})
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or "provider" not in args:
+            continue
+        types = [kind for entry in args.get("output_type_shape", []) for kind in entry]
+        placed[e["name"][:-len("_kernel_time")]] = (args.get("op_name", "?"), args["provider"], types)
+    return placed
+
+
+def gradient_fallbacks(placed: dict, provider: str = "CUDAExecutionProvider", prefix: str = "onnxcam_grad") -> list:
+    """'name (OpType)' of the gradient nodes that computed floating-point tensors somewhere else than `provider`.
+
+    onnxruntime puts small integer shape computations on the CPU on purpose (they feed CPU-side shape arguments);
+    a node that computes float tensors away from the GPU is a fallback that costs two copies per run."""
+    return sorted(f"{name} ({op})" for name, (op, where, types) in placed.items()
+                  if name.startswith(prefix) and where != provider and _FLOATS.intersection(types))
 
 
 def _first_line(exc: Exception) -> str:
