@@ -12,6 +12,10 @@ takes the best of 3 back-to-back calls per mode; the table reports the median ov
 
     python tools/bench.py                          # all models, batch 1 and 8, writes bench-results.json
     python tools/bench.py --models resnet50 --batches 1 --reps 5
+    python tools/bench.py --device cuda            # on a GPU: batch 1 and 64, onnxruntime CUDA vs torch on CUDA
+
+On CUDA every mode runs on the GPU (pytorch-grad-cam on the torch model moved there) and peak memory is not
+measured. Models or pytorch-grad-cam that cannot be imported are skipped with a message, not an error.
 """
 
 from __future__ import annotations
@@ -82,12 +86,9 @@ def middle_layer(model_bytes, last_layer):
     raise SystemExit("no middle stage found")
 
 
-def run_bench(name, batch, reps, size=224):
+def run_bench(name, batch, reps, size=224, device="cpu"):
     import onnxruntime as ort
     import torch
-    from pytorch_grad_cam import GradCAM as PGradCAM
-    from pytorch_grad_cam import HiResCAM as PHiResCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     import onnxcam
     from onnxcam.cam.api import explain
@@ -97,26 +98,23 @@ def run_bench(name, batch, reps, size=224):
     model = torch_model(name)
     model_bytes = export(model, size)
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
-    xt = torch.from_numpy(x)
 
     from onnxcam import runtime
     runtime.SESSION_CONFIG.update(NO_SPIN)
-    plain = ort.InferenceSession(model_bytes, runtime._options(), providers=["CPUExecutionProvider"])
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    plain = ort.InferenceSession(model_bytes, runtime._options(), providers=providers)
+    if plain.get_providers()[0] != providers[0]:
+        raise SystemExit(f"onnxruntime cannot run on {device}: providers {plain.get_providers()}")
 
     _CACHE.clear()
     t0 = time.perf_counter()
-    ex_last = onnxcam.Explainer(model_bytes, device="cpu")
+    ex_last = onnxcam.Explainer(model_bytes, device=device)
     build_cold = time.perf_counter() - t0
     t0 = time.perf_counter()
-    onnxcam.Explainer(model_bytes, device="cpu")
+    onnxcam.Explainer(model_bytes, device=device)
     build_cached = time.perf_counter() - t0
-    ex_mid = onnxcam.Explainer(model_bytes, layers=[middle_layer(model_bytes, ex_last.layers[0])], device="cpu")
+    ex_mid = onnxcam.Explainer(model_bytes, layers=[middle_layer(model_bytes, ex_last.layers[0])], device=device)
     ex_last.run(x, top_k=5)  # build the 5-seed graph outside the timed loop
-
-    target_layer = _torch_layer_for(model, name)
-    pgc = {"gradcam": PGradCAM(model=model, target_layers=[target_layer]),
-           "hirescam": PHiResCAM(model=model, target_layers=[target_layer])}
-    targets = [ClassifierOutputTarget(3)] * batch
 
     modes = {
         "ort": lambda: plain.run(None, {"input": x}),
@@ -124,8 +122,7 @@ def run_bench(name, batch, reps, size=224):
         "last-hirescam": lambda: explain(ex_last, x, "hirescam"),
         "mid-gradcam": lambda: explain(ex_mid, x, "gradcam"),
         "top5": lambda: ex_last.run(x, top_k=5),
-        "pgc-gradcam": lambda: pgc["gradcam"](input_tensor=xt, targets=targets),
-        "pgc-hirescam": lambda: pgc["hirescam"](input_tensor=xt, targets=targets),
+        **_pgc_modes(model, name, x, device),
     }
     times = {k: [] for k in modes}
     for fn in modes.values():
@@ -134,10 +131,30 @@ def run_bench(name, batch, reps, size=224):
         for k, fn in modes.items():
             times[k].append(_best_of(fn, 3))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": name, "batch": batch, "median_s": med,
+    return {"model": name, "batch": batch, "device": device, "median_s": med,
             "ratio_to_ort": {k: v / med["ort"] for k, v in med.items()},
-            "pgc_over_onnxcam_gradcam": med["pgc-gradcam"] / med["last-gradcam"],
+            "pgc_over_onnxcam_gradcam": med["pgc-gradcam"] / med["last-gradcam"] if "pgc-gradcam" in med else None,
+            "cpu_fallbacks": {"last": ex_last.cpu_fallbacks, "middle": ex_mid.cpu_fallbacks},
             "build_cold_s": build_cold, "build_cached_s": build_cached}
+
+
+def _pgc_modes(model, name, x, device):
+    """pytorch-grad-cam's GradCAM and HiResCAM on the torch model (on the same device), or none if not installed."""
+    try:
+        from pytorch_grad_cam import GradCAM, HiResCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError as exc:
+        print(f"pytorch-grad-cam skipped: {exc}", file=sys.stderr)
+        return {}
+    import torch
+    model = model.to(device)
+    xt = torch.from_numpy(x).to(device)
+    layer = [_torch_layer_for(model, name)]
+    pgc = {"gradcam": GradCAM(model=model, target_layers=layer), "hirescam": HiResCAM(model=model, target_layers=layer)}
+    targets = [ClassifierOutputTarget(3)] * len(x)
+    # Both return numpy maps, so each call ends with the GPU synchronised.
+    return {"pgc-gradcam": lambda: pgc["gradcam"](input_tensor=xt, targets=targets),
+            "pgc-hirescam": lambda: pgc["hirescam"](input_tensor=xt, targets=targets)}
 
 
 def _best_of(fn, n):
@@ -200,23 +217,33 @@ print(hwm() - base)
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--batches", default=None, help="default: 1,8 on the CPU, 1,64 on CUDA")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-results.json"))
     args = ap.parse_args()
+    batches = args.batches or ("1,64" if args.device == "cuda" else "1,8")
     rows = []
     for name in args.models.split(","):
-        for batch in [int(b) for b in args.batches.split(",")]:
-            row = run_bench(name, batch, args.reps)
-            if not args.no_memory:
+        try:
+            torch_model(name)
+        except ImportError as exc:
+            print(f"{name} skipped: {exc}", file=sys.stderr)
+            continue
+        for batch in [int(b) for b in batches.split(",")]:
+            row = run_bench(name, batch, args.reps, device=args.device)
+            if not args.no_memory and args.device == "cpu":
                 model_bytes = export(torch_model(name), 224)
                 ort_mb, cam_mb = peak_memory(model_bytes, batch, "ort"), peak_memory(model_bytes, batch, "onnxcam")
                 row["peak_mib"] = {"ort": ort_mb, "onnxcam": cam_mb, "ratio": cam_mb / max(ort_mb, 1e-9)}
             rows.append(row)
             print(_line(row), flush=True)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "python": platform.python_version()}
+               "python": platform.python_version(), "device": args.device}
+    if args.device == "cuda":
+        import torch
+        machine["gpu"] = torch.cuda.get_device_name(0)
     with open(args.out, "w") as f:
         json.dump({"machine": machine, "rows": rows}, f, indent=2)
     print(f"wrote {args.out}")
@@ -231,21 +258,24 @@ def markdown_table(results: dict) -> str:
     for r in results["rows"]:
         x = r["ratio_to_ort"]
         mem = f"x{r['peak_mib']['ratio']:.2f} ({r['peak_mib']['onnxcam']:.0f} MiB)" if "peak_mib" in r else "-"
+        pgc, speedup = (f"x{x['pgc-gradcam']:.2f}", f"{r['pgc_over_onnxcam_gradcam']:.1f}x") if "pgc-gradcam" in x \
+            else ("-", "-")
         lines.append(f"| {r['model']} | {r['batch']} | {r['median_s']['ort'] * 1e3:.1f} ms | x{x['last-gradcam']:.2f} | "
                      f"x{x['last-hirescam']:.2f} | x{x['mid-gradcam']:.2f} | x{x['top5']:.2f} | "
-                     f"x{x['pgc-gradcam']:.2f} | {r['pgc_over_onnxcam_gradcam']:.1f}x | {r['build_cold_s']:.2f} s | "
-                     f"{mem} |")
+                     f"{pgc} | {speedup} | {r['build_cold_s']:.2f} s | {mem} |")
     return "\n".join(lines)
 
 
 def _line(row):
     r = row["ratio_to_ort"]
     mem = f" mem x{row['peak_mib']['ratio']:.2f}" if "peak_mib" in row else ""
+    pgc = (f"pgc x{r['pgc-gradcam']:.2f} (onnxcam {row['pgc_over_onnxcam_gradcam']:.1f}x faster)"
+           if "pgc-gradcam" in r else "pgc skipped")
+    fallbacks = [f for found in row.get("cpu_fallbacks", {}).values() for f in (found or [])]
     return (f"{row['model']:>15} b{row['batch']:<2} ort {row['median_s']['ort'] * 1e3:7.1f} ms | "
             f"last-gradcam x{r['last-gradcam']:.2f} last-hirescam x{r['last-hirescam']:.2f} "
-            f"mid x{r['mid-gradcam']:.2f} top5 x{r['top5']:.2f} | pgc x{r['pgc-gradcam']:.2f} "
-            f"(onnxcam {row['pgc_over_onnxcam_gradcam']:.1f}x faster) | build {row['build_cold_s']:.2f}s "
-            f"cached {row['build_cached_s'] * 1e3:.0f}ms{mem}")
+            f"mid x{r['mid-gradcam']:.2f} top5 x{r['top5']:.2f} | {pgc} | build {row['build_cold_s']:.2f}s "
+            f"cached {row['build_cached_s'] * 1e3:.0f}ms{mem}" + (f" | CPU fallbacks: {fallbacks}" if fallbacks else ""))
 
 
 if __name__ == "__main__":
