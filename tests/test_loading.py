@@ -122,3 +122,68 @@ def test_profiled_shapes_match_shapes_measured_as_outputs(dtype):
     mg = graph_model.ModelGraph(proto, (1, 3, 6, 6))
     assert mg.shape(mg.tensor("y")) == ("N", 4, 6, 6)
     assert np.dtype(mg.tensor("y").dtype) == np.dtype(dtype)
+
+
+def padded_flatten_model() -> onnx.ModelProto:
+    """Pads computed in a constant subgraph (as efficientnet_pytorch's static_padding exports), then Conv -> GAP ->
+    a Reshape to (batch, -1) whose target comes from Shape: ONNX inference alone knows none of the shapes after
+    the Pad, nor the Reshape's."""
+    nodes = [helper.make_node("Constant", [], ["p"], value=numpy_helper.from_array(
+                 np.array([[1, 2], [0, 1], [0, 0], [0, 0]], np.int64), "pv")),  # (begin, end) per axis, last axis first
+             helper.make_node("Constant", [], ["rows"], value=numpy_helper.from_array(np.array([-1], np.int64), "rv")),
+             helper.make_node("Transpose", ["p"], ["pt"], perm=[1, 0]),
+             helper.make_node("Slice", ["pt", "minus", "nbig", "one", "minus"], ["rev"]),  # W,H,C,N -> N,C,H,W
+             helper.make_node("Reshape", ["rev", "rows"], ["flat"]),
+             helper.make_node("Cast", ["flat"], ["pads"], to=TensorProto.INT64),
+             helper.make_node("Pad", ["x", "pads"], ["padded"]),
+             helper.make_node("Conv", ["padded", "w"], ["c"]),
+             helper.make_node("Relu", ["c"], ["a"]),
+             helper.make_node("GlobalAveragePool", ["a"], ["g"]),
+             helper.make_node("Shape", ["g"], ["gs"]),
+             helper.make_node("Gather", ["gs", "first"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "zero"], ["n1"]),
+             helper.make_node("Concat", ["n1", "rows"], ["target"], axis=0),
+             helper.make_node("Reshape", ["g", "target"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc", "fb"], ["logits"], transB=1)]
+    inits = [numpy_helper.from_array(RNG.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(RNG.standard_normal((5, 6)).astype(np.float32), "fc"),
+             numpy_helper.from_array(np.zeros(5, np.float32), "fb"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array(0, np.int64), "first"),
+             numpy_helper.from_array(np.array([-2 ** 62], np.int64), "nbig"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus")]
+    graph = helper.make_graph(nodes, "padded_flatten", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                      ["N", 3, 9, 9])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_constant_pads_and_a_flatten_are_resolved_without_running_the_model(monkeypatch):
+    """The constant subgraph is folded for inference and the flatten's Reshape is measured in numpy on its few
+    nodes: no onnxruntime probe runs (each one costs more memory than the model's inference adds)."""
+    proto = padded_flatten_model()
+    names = ["padded", "c", "a", "g", "f", "logits"]
+    measured, _ = graph_model._probe_chunk(proto, {}, "x", ("N", 3, 9, 9), names)  # onnxruntime, the whole model
+    assert measured["padded"] == ((1, 3, 10, 12), (2, 3, 10, 12))  # the pads are not symmetric: a wrong fold shows
+
+    def no_runtime(*args, **kwargs):
+        raise AssertionError("an onnxruntime probe ran")
+    monkeypatch.setattr(graph_model, "_profiled_shapes", no_runtime)
+    monkeypatch.setattr(graph_model, "_probe_chunk", no_runtime)
+    mg = graph_model.ModelGraph(proto, ("N", 3, 9, 9))
+    for name in names:
+        one, two = measured[name]
+        assert mg.shape(mg.tensor(name)) == ("N",) + one[1:] and two[1:] == one[1:], name
+    assert [n.op for n in mg.graph.nodes].count("Constant") == 2, "the forward graph itself must not change"
+
+
+def test_the_flatten_probe_starts_from_the_known_activation():
+    proto = graph_model._infer(padded_flatten_model(), {}, "x", ("N", 3, 9, 9))
+    known = {vi.name: vi for vi in proto.graph.value_info}
+    part = graph_model._part_computing(proto, ["f"], known)
+    assert {i.name for i in part.graph.input} == {"g"}
+    assert sorted(n.op_type for n in part.graph.node) == ["Concat", "Constant", "Gather", "Reshape", "Shape",
+                                                          "Unsqueeze"]

@@ -1,7 +1,9 @@
 """A model opened for explanation: its graph (onnx-graphsurgeon), static shapes, constant values and paths.
 
-Shapes come from ONNX shape inference with the input's spatial size fixed; where inference cannot see through
-run-time computed shapes, a probe run of onnxruntime fills them in. The forward graph is never altered: the
+Shapes come from ONNX shape inference with the input's spatial size fixed, on a copy in which small constant
+subgraphs (computed pads, shapes) are folded; where inference still cannot see through run-time computed shapes,
+a probe measures them on the part of the model between the nearest known activations and the unknown tensors (in
+numpy when that part is shape plumbing, else with onnxruntime). The forward graph is never altered: the
 explained model computes exactly what the deployed model computes.
 """
 
@@ -17,7 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import InputError, LayerError, ModelError
-from .load import detach_weights
+from .load import detach_weights, is_placeholder
 
 log = logging.getLogger(__name__)
 
@@ -261,13 +263,117 @@ def _infer(skeleton: onnx.ModelProto, weights: dict, input_name: str, shape: tup
                 elif v is not None and not d.HasField("dim_value"):
                     d.Clear()
                     d.dim_param = v
+    folded, values = _fold_constants(pinned)
     try:
-        inferred = onnx.shape_inference.infer_shapes(pinned, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(folded, strict_mode=False, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - inference is a convenience; the probe below recovers what it misses
         log.debug("shape inference failed: %s", exc)
-        inferred = pinned
+        inferred = folded
+    if values:  # the model as it is, with what inference found, and the folded tensors' own shapes and types
+        del inferred.graph.node[:]
+        inferred.graph.node.extend(pinned.graph.node)
+        del inferred.graph.initializer[:]
+        inferred.graph.initializer.extend(pinned.graph.initializer)
+        inferred.graph.value_info.extend(onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for name, v in values.items())
     _probe_missing_shapes(inferred, weights, input_name, shape)
     return inferred
+
+
+_FOLD_LIMIT = 1 << 16  # elements: constant subgraphs compute pads, shapes and scales, not activations
+
+
+def _fold_constants(pinned: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """A copy for shape inference in which the nodes that compute from constants alone are replaced by their
+    values, and {tensor: value} of what was folded.
+
+    Exporters compute pads and shapes in small constant subgraphs (efficientnet_pytorch's static_padding: Constant
+    -> Reshape -> Slice -> Transpose -> Cast -> Pad); ONNX inference does not evaluate those, leaves everything
+    after them unknown, and the probe would then run the whole model to measure it. The few ops such subgraphs
+    use are evaluated with numpy (_FOLDERS; onnx's reference runtime alone would cost 12 MiB to import)."""
+    g = pinned.graph
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer
+              if not is_placeholder(t) and int(np.prod(t.dims)) <= _FOLD_LIMIT}
+    given = set(values)
+    folded_nodes = set()
+    for i, node in enumerate(g.node):
+        fold = _FOLDERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if fold is None or not all(name == "" or name in values for name in node.input):
+            continue
+        try:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            out = np.asarray(fold([values[name] if name else None for name in node.input], attrs))
+        except Exception as exc:  # noqa: BLE001 - a form not handled here stays for inference and the probe
+            log.debug("not folded for inference: %s (%s)", node.name or node.op_type, exc)
+            continue
+        if out.size > _FOLD_LIMIT or len(node.output) != 1:
+            continue
+        values[node.output[0]] = out
+        folded_nodes.add(i)
+    values = {name: v for name, v in values.items() if name not in given}
+    if not values:
+        return pinned, {}
+    folded = onnx.ModelProto()
+    folded.CopyFrom(pinned)
+    del folded.graph.node[:]
+    folded.graph.node.extend(n for i, n in enumerate(g.node) if i not in folded_nodes)
+    folded.graph.initializer.extend(onnx.numpy_helper.from_array(v, name) for name, v in values.items())
+    return folded, values
+
+
+def _fold_constant(inputs, attrs):
+    if set(attrs) != {"value"}:
+        raise ValueError("only Constant(value=tensor) is folded")
+    return onnx.numpy_helper.to_array(attrs["value"])
+
+
+def _fold_slice(inputs, attrs):
+    data, starts, ends = inputs[:3]
+    axes = inputs[3] if len(inputs) > 3 and inputs[3] is not None else range(len(starts))
+    steps = inputs[4] if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
+    index = [slice(None)] * data.ndim
+    for start, stop, axis, step in zip(starts, ends, axes, steps):
+        index[int(axis)] = slice(int(start), int(stop), int(step))  # numpy clamps as ONNX does
+    return data[tuple(index)]
+
+
+def _fold_reshape(inputs, attrs):
+    data, shape = inputs
+    dims = [data.shape[i] if d == 0 and not attrs.get("allowzero") else int(d) for i, d in enumerate(shape)]
+    return data.reshape(dims)
+
+
+def _axes(inputs, attrs):
+    return [int(a) for a in (inputs[1] if len(inputs) > 1 and inputs[1] is not None else attrs["axes"])]
+
+
+def _fold_unsqueeze(inputs, attrs):
+    out = inputs[0]
+    rank = out.ndim + len(_axes(inputs, attrs))
+    for axis in sorted(a % rank for a in _axes(inputs, attrs)):
+        out = np.expand_dims(out, axis)
+    return out
+
+
+_FOLDERS = {
+    "Constant": _fold_constant,
+    "Identity": lambda i, a: i[0],
+    "Cast": lambda i, a: i[0].astype(onnx.helper.tensor_dtype_to_np_dtype(a["to"])),
+    "Reshape": _fold_reshape,
+    "Slice": _fold_slice,
+    "Transpose": lambda i, a: np.transpose(i[0], a.get("perm")),
+    "Concat": lambda i, a: np.concatenate(i, axis=a["axis"]),
+    "ConstantOfShape": lambda i, a: np.full([int(d) for d in i[0]], onnx.numpy_helper.to_array(a["value"])[0]
+                                            if "value" in a else np.float32(0)),
+    "Unsqueeze": _fold_unsqueeze,
+    "Squeeze": lambda i, a: np.squeeze(i[0], axis=tuple(_axes(i, a))) if len(i) > 1 or "axes" in a else np.squeeze(i[0]),
+    "Gather": lambda i, a: np.take(i[0], i[1], axis=a.get("axis", 0)),
+    "Shape": lambda i, a: np.array(i[0].shape[a.get("start", 0):a.get("end")], np.int64),
+    "Flatten": lambda i, a: i[0].reshape(int(np.prod(i[0].shape[:a.get("axis", 1)])), -1),
+    "Add": lambda i, a: i[0] + i[1],
+    "Sub": lambda i, a: i[0] - i[1],
+    "Mul": lambda i, a: i[0] * i[1],
+}
 
 
 def _probe_missing_shapes(proto: onnx.ModelProto, weights: dict, input_name: str, shape: tuple) -> None:
@@ -283,7 +389,8 @@ def _probe_missing_shapes(proto: onnx.ModelProto, weights: dict, input_name: str
     if not missing:
         return
     typed = {name for name in missing if name in known and known[name].type.tensor_type.elem_type}
-    shapes, dtypes = _probe(proto, weights, input_name, shape, missing, typed)
+    part = proto if measure_all else _part_computing(proto, missing, known)
+    shapes, dtypes = _probe(part, weights, input_name, shape, missing, typed)
     for name, (s1, s2) in shapes.items():
         dims = [BATCH if a != b else a for a, b in zip(s1, s2)] if s2 is not None else list(s1)
         vi = known.get(name)
@@ -308,6 +415,57 @@ def _fully_shaped(vi: onnx.ValueInfoProto) -> bool:
         d.HasField("dim_value") or (d.dim_param and not d.dim_param.startswith("unk__")) for d in tt.shape.dim)
 
 
+def _part_computing(proto: onnx.ModelProto, names: list, known: dict) -> onnx.ModelProto:
+    """The part of the model that computes `names` from the nearest activations whose shapes are known.
+
+    Those activations (float, rank >= 3, every dim a number or the batch) become inputs: a probe then runs a few
+    nodes on small random tensors instead of the whole model. Integer and 1-D tensors are never cut, since their
+    values (shapes, pads, scales) may decide the shapes being measured; nor is anything under a control-flow node.
+    """
+    g = proto.graph
+    producer = {out: node for node in g.node for out in node.output}
+    wanted, cuts, kept, stack = set(names), {}, set(), list(names)
+    while stack:
+        name = stack.pop()
+        node = producer.get(name)
+        if node is None or id(node) in kept or name in cuts:
+            continue
+        if name not in wanted and _activation_with_known_shape(known.get(name)):
+            cuts[name] = known[name]
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return proto  # subgraphs read outer names implicitly: keep the whole model
+        kept.add(id(node))
+        stack.extend(i for i in node.input if i)
+    if not cuts:
+        return proto
+    part = onnx.ModelProto()
+    part.CopyFrom(proto)
+    nodes = [n for n in g.node if id(n) in kept]
+    used = {i for n in nodes for i in n.input}
+    del part.graph.node[:]
+    part.graph.node.extend(nodes)
+    inputs = [i for i in g.input if i.name in used] + list(cuts.values())
+    del part.graph.input[:]
+    part.graph.input.extend(inputs)
+    initializers = [t for t in g.initializer if t.name in used]
+    del part.graph.initializer[:]
+    part.graph.initializer.extend(initializers)
+    del part.graph.output[:]
+    part.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    return part
+
+
+def _activation_with_known_shape(vi) -> bool:
+    tt = vi.type.tensor_type if vi is not None else None
+    return (tt is not None and tt.elem_type in _FLOAT_TYPES and tt.HasField("shape") and len(tt.shape.dim) >= 3 and
+            all(d.HasField("dim_value") or (i == 0 and d.dim_param and not d.dim_param.startswith("unk__"))
+                for i, d in enumerate(tt.shape.dim)))
+
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+
+
 def _shape_inference_unreliable(proto: onnx.ModelProto) -> bool:
     """onnx's inference disagrees with onnxruntime on ceil_mode pools whose last window starts in the end
     padding, and everything after such a pool inherits the error: then every shape is measured."""
@@ -327,6 +485,11 @@ def _probe(proto, weights, input_name, shape, names, typed: set = frozenset()):
     memory of all activations together (several times an inference on models full of run-time shapes).
     typed: names whose element type is known already (the profile cannot always tell it).
     """
+    found = _shape_plumbing_probe(proto, input_name, shape, names)
+    if found is not None:
+        return found
+    present = {t.name for t in proto.graph.initializer}
+    weights = {name: v for name, v in weights.items() if name in present}  # a part of the model needs fewer
     shapes, dtypes = _profiled_shapes(proto, weights, input_name, shape, set(names))
     rest = [name for name in names if name not in shapes or (name not in dtypes and name not in typed)]
     shapes = {name: v for name, v in shapes.items() if name not in rest}
@@ -335,6 +498,37 @@ def _probe(proto, weights, input_name, shape, names, typed: set = frozenset()):
         shapes.update(found)
         dtypes.update(types)
     return shapes, dtypes
+
+
+def _shape_plumbing_probe(proto, input_name, shape, names):
+    """The probe in numpy, for a part made of shape plumbing only (a flatten's Shape -> Gather -> Concat ->
+    Reshape): (shapes, dtypes) as _probe gives them, or None when the part has other ops or needs weights.
+    A second onnxruntime session, however small, would cost more memory than the whole model's inference adds."""
+    g = proto.graph
+    if any(n.op_type not in _FOLDERS or n.domain not in ("", "ai.onnx") or len(n.output) != 1 for n in g.node) or \
+            any(is_placeholder(t) for t in g.initializer):
+        return None
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
+    runs = []
+    for n in _probe_batches(shape):
+        values = dict(constants)
+        for inp in g.input:
+            tt = inp.type.tensor_type
+            dims = [n if i == 0 and not isinstance(d, int) else d for i, d in enumerate(shape)] \
+                if inp.name == input_name else \
+                [d.dim_value if d.HasField("dim_value") else n if d.dim_param == shape[0] else 1 for d in tt.shape.dim]
+            values[inp.name] = np.zeros(dims, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type or 1))
+        try:
+            for node in g.node:
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                values[node.output[0]] = np.asarray(
+                    _FOLDERS[node.op_type]([values[i] if i else None for i in node.input], attrs))
+        except Exception as exc:  # noqa: BLE001 - a form the numpy ops do not cover: onnxruntime measures it
+            log.debug("numpy probe gave up: %s", exc)
+            return None
+        runs.append({name: values[name] for name in names})
+    shapes = {name: (runs[0][name].shape, runs[1][name].shape if len(runs) > 1 else None) for name in names}
+    return shapes, {name: onnx.helper.np_dtype_to_tensor_dtype(runs[0][name].dtype) for name in names}
 
 
 # onnxruntime profiler type names -> ONNX element types
@@ -409,12 +603,14 @@ def _probe_batches(shape) -> tuple:
 
 
 def _probe_feed(sess, input_name, shape, n: int) -> dict:
-    """Random inputs: `shape` with batch n for the model input, ones for the free dims of any other input."""
+    """Random inputs: `shape` with batch n for the model input and for the activations a probe starts from
+    (_part_computing), ones for the free dims of any other input."""
     rng = np.random.default_rng(0)
     feed = {}
     for inp in sess.get_inputs():
         dims = [n if i == 0 and not isinstance(d, int) else d for i, d in enumerate(shape)] \
-            if inp.name == input_name else [d if isinstance(d, int) else 1 for d in inp.shape]
+            if inp.name == input_name else \
+            [d if isinstance(d, int) else n if d == shape[0] else 1 for d in inp.shape]
         feed[inp.name] = rng.standard_normal(dims).astype(_np_type(inp.type))
     return feed
 
