@@ -88,6 +88,14 @@ class Result:
     seed: np.ndarray | None = None
     quantized: str | None = None  # "qdq"/"qoperator": a quantized model, differentiated as its float equivalent
 
+    def rank(self, k: int) -> Result:
+        """The single-target result of the k-th of S targets per sample (targets (N, S)); views, no copies."""
+        if self.targets.ndim != 2:
+            raise InputError("this result has one target per sample; rank() selects from (N, S) targets")
+        return Result(self.logits, self.targets[:, k], self.activations,
+                      {layer: g[:, k] for layer, g in self.gradients.items()}, self.outputs,
+                      None if self.seed is None else self.seed[:, k], self.quantized)
+
 
 @dataclass
 class _Compiled:

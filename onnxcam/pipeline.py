@@ -23,7 +23,7 @@ import numpy as np
 
 from . import __version__, image, preprocess
 from .autodiff.rules.qlinear import is_quantized
-from .cam.api import explain
+from .cam.api import Explanation, method_object
 from .cam.methods import METHODS
 from .errors import InputError
 from .explainer import Explainer
@@ -208,6 +208,7 @@ class Runner:
         if not images:
             return reports
         x = np.stack(xs)
+        self._runs = {}  # one run per explainer for the batch, shared by the methods and the ranks
         probs = None
         for method in self.methods:
             t = time.perf_counter()
@@ -227,20 +228,31 @@ class Runner:
         return reports
 
     def _explain(self, x: np.ndarray, method: str, target: Target):
-        """Yield (classes (N,), Explanation) for each class rank (top-k) or each given class."""
-        channels_last = self.pre.layout == "nhwc"
-        if target.kind == "top":
-            e = explain(self.explainer, x, method, None, channels_last=channels_last)
-            self._check_classes(e.logits)
-            yield e.targets, e
-            order = np.argsort(-e.logits.reshape(len(x), -1), axis=1)
-            for r in range(1, min(target.k, order.shape[1])):
-                yield order[:, r], explain(self.explainer, x, method, order[:, r].tolist(), channels_last=channels_last)
-        else:
-            for c in target.classes:
-                e = explain(self.explainer, x, method, c, channels_last=channels_last)
-                self._check_classes(e.logits)
-                yield np.full(len(x), c), e
+        """Yield (classes (N,), Explanation) for each class rank (top-k) or each given class.
+
+        All ranks (or given classes) come from one run with S targets per sample: one forward and S backward
+        passes through the part after the layer, not S inferences. Methods on the same layers share that run."""
+        obj = method_object(self.explainer, method, channels_last=self.pre.layout == "nhwc")
+        ex = obj.explainer
+        key = id(ex)
+        if key not in self._runs:
+            if target.kind == "top":
+                r = ex.run(x, top_k=min(target.k, self._classes(ex, x)))
+            else:
+                r = ex.run(x, np.tile(np.asarray(target.classes, np.int64), (len(x), 1)))
+            self._check_classes(r.logits)
+            self._runs[key] = [r.rank(k) for k in range(r.targets.shape[1])] if r.targets.ndim == 2 else [r]
+        for r in self._runs[key]:
+            maps = obj.maps_for(x, r)
+            yield r.targets, Explanation(maps, dict(obj.raw), r.logits, r.targets, list(obj.target_layers), method, r)
+
+    @staticmethod
+    def _classes(ex: Explainer, x: np.ndarray) -> int:
+        shape = ex.score_shape(x.shape)
+        if len(shape) != 2 or not isinstance(shape[1], int):
+            raise InputError(f"the explained score has shape {tuple(shape)}; onnxcam explain needs a classifier's "
+                             "(N, classes) scores")
+        return shape[1]
 
     def _check_classes(self, logits: np.ndarray) -> None:
         if self._classes_checked:

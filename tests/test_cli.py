@@ -344,3 +344,30 @@ def test_info_reports_io_preprocessing_labels_and_gradients():
                      "mean 0.498,0.498,0.498 (metadata), std 0.502,0.502,0.502 (metadata)",
                      "Labels      1000 class names in the metadata (onnxcam.labels)", "Gradients   "):
         assert expected in out, expected
+
+
+def test_ranks_and_methods_share_one_run_and_match_separate_explanations(photos, tmp_path, monkeypatch):
+    """--method gradcam,hirescam --target top3: one onnxruntime run per batch (3 seeds), maps equal to explaining
+    each rank with each method on its own."""
+    from onnxcam import Explainer
+    from onnxcam.cam.api import explain
+    from onnxcam.pipeline import Runner, find_images
+
+    runner = Runner(LITE0, methods=("gradcam", "hirescam"), target="top3", out=tmp_path)
+    calls = []
+    real_run = Explainer.run
+    monkeypatch.setattr(Explainer, "run", lambda self, *a, **k: calls.append(k) or real_run(self, *a, **k))
+    files = find_images([photos / "chelsea.png", photos / "coffee.png"])
+    (reports,) = list(runner.run(files, batch_size=2))
+    assert calls == [{"top_k": 3}]
+    monkeypatch.setattr(Explainer, "run", real_run)
+
+    x = np.stack([onnxcam.image.to_input(onnxcam.image.read_image(f.path), runner.pre) for f in files])
+    order = np.argsort(-runner.explainer.run(x).logits, axis=1)
+    for j, rep in enumerate(reports):
+        assert [(m.method, m.target) for m in rep.maps] == \
+            [(method, int(order[j, r])) for method in ("gradcam", "hirescam") for r in range(3)]
+        for m in rep.maps:
+            r = [int(c) for c in order[j, :3]].index(m.target)
+            alone = explain(runner.explainer, x, m.method, order[:, r].tolist())
+            np.testing.assert_allclose(m.mask, alone.maps[j], atol=1e-5)

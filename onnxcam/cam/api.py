@@ -43,6 +43,20 @@ class Explanation:
     result: Result              # the run's activations and gradients
 
 
+def method_object(model, method: str, layers=None, *, device: str = "auto", channels_last: bool | None = None,
+                  **options):
+    """The method's object (a BaseCAM, or GuidedGradCAM) on a path, bytes, ModelProto or Explainer."""
+    cls = CLASSES.get(method)
+    if cls is None:
+        raise InputError(f"unknown method {method!r}; choose from {', '.join(CLASSES)}")
+    if method in _INPUT_METHODS:
+        device = model.device if isinstance(model, Explainer) else device
+        return cls(model, device=device, channels_last=channels_last, **options)
+    if isinstance(model, Explainer):
+        return cls(model, layers, channels_last=channels_last, **options)
+    return cls(model, layers, device=device, channels_last=channels_last, **options)
+
+
 def explain(model, x, method: str = "hirescam", targets=None, layers=None, *, device: str = "auto",
             eigen_smooth: bool = False, aug_smooth: bool = False, channels_last: bool | None = None,
             **options) -> Explanation:
@@ -53,16 +67,7 @@ def explain(model, x, method: str = "hirescam", targets=None, layers=None, *, de
     layers: target layer names or module paths, None for the automatic choice (ignored by input-space methods).
     options: passed to the method's class (e.g. kernel= for kpca_cam, score= / output= / input_shape=).
     """
-    cls = CLASSES.get(method)
-    if cls is None:
-        raise InputError(f"unknown method {method!r}; choose from {', '.join(CLASSES)}")
-    if method in _INPUT_METHODS:
-        device = model.device if isinstance(model, Explainer) else device
-        obj = cls(model, device=device, channels_last=channels_last, **options)
-    elif isinstance(model, Explainer):
-        obj = cls(model, layers, channels_last=channels_last, **options)
-    else:
-        obj = cls(model, layers, device=device, channels_last=channels_last, **options)
+    obj = method_object(model, method, layers, device=device, channels_last=channels_last, **options)
     if method == "guided_backprop":
         maps = obj(x, targets)
     else:

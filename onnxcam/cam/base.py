@@ -100,7 +100,11 @@ class BaseCAM:
         return self.forward(x, targets, eigen_smooth)
 
     def forward(self, x: np.ndarray, targets=None, eigen_smooth: bool = False) -> np.ndarray:
-        r = self.run(x, targets)
+        return self.maps_for(x, self.run(x, targets), eigen_smooth)
+
+    def maps_for(self, x: np.ndarray, r: Result, eigen_smooth: bool = False) -> np.ndarray:
+        """The maps of a run already made for x by this method's explainer (e.g. one rank of a top-k run)."""
+        self.outputs, self.result = r.logits, r
         size = self.target_size(x)
         self.raw = {layer: self.raw_map(r, layer, x, eigen_smooth) for layer in self.target_layers}
         return aggregate_layers([layer_map(raw, size) for raw in self.raw.values()])
