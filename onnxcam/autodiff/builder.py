@@ -48,6 +48,7 @@ class Builder:
         self._emitted: set[str] = set()  # names of tensors this builder made (everything else is forward graph)
         self._widened: dict[str, gs.Variable] = {}
         self._one_hots: dict[str, gs.Tensor] = {}  # name of a one-hot seed -> its (N,) class indices
+        self.targets: set[str] = set()  # names of the tensors whose gradients are wanted (set by the walk)
 
     # ---- emitting ------------------------------------------------------------------------------------------
     def op(self, op_type: str, *inputs, outputs: int = 1, widen: bool = True, **attrs):
@@ -84,6 +85,11 @@ class Builder:
         taken = self.op("Gather", t, indices, axis=axis, widen=False)
         dtype = _np_dtype(t.dtype) if isinstance(t, gs.Tensor) and t.dtype is not None else self.dtype
         return taken if dtype is None or dtype == self.dtype else self.cast(taken, self.dtype)
+
+    def private_to(self, t: gs.Tensor, node: gs.Node) -> bool:
+        """True when forward tensor t feeds only `node` and is not a target: a rule may fold its gradient path."""
+        return t.name not in self.targets and not any(o is t for o in self.graph.outputs) and \
+            len(t.outputs) == 1 and t.outputs[0] is node
 
     def made(self, t) -> bool:
         """True for tensors this builder emitted (gradient graph), False for the forward graph's."""

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedOpError
 from .builder import Builder
-from .rules import find_rule, load_all
+from .rules import FOLDED, find_rule, load_all
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Te
     load_all()
     nodes, on_path = b.model.path_nodes(targets, score)
     check_supported(b, nodes)
+    b.targets = {t.name for t in targets}
     grads: dict[str, list[gs.Tensor]] = {score.name: [seed]}
     for node in reversed(nodes):
         gy = [_total(b, grads, o.name) if o.name in on_path else None for o in node.outputs]
@@ -42,6 +43,8 @@ def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Te
             if not inp.name or inp.name not in on_path:
                 continue
             make = makers[i] if i < len(makers) else None
+            if make is FOLDED:
+                continue
             if make is None:
                 raise b.error(f"has no gradient with respect to its input {i} ({inp.name!r})")
             g = make()

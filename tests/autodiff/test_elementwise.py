@@ -99,3 +99,58 @@ def test_max_min_ties_split_evenly(op, pick):
 def test_refused(case, message):
     with pytest.raises(OnnxCamError, match=message):
         onnxcam_gradients(case, np.ones((2, 3, 4)))
+
+
+# ---- x * Sigmoid(x) (SiLU / Swish, spelled out by EfficientNet exports) --------------------------------------------
+def _silu_model(order: str, extra_sigmoid_consumer: bool):
+    from onnx import helper
+
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]),
+             helper.make_node("Mul", ["x", "s"] if order == "xs" else ["s", "x"], ["y"])]
+    if extra_sigmoid_consumer:  # s also reaches the score on its own: its gradient path may not be folded away
+        nodes += [helper.make_node("Mul", ["s", "v"], ["sv"]), helper.make_node("Add", ["y", "sv"], ["out"])]
+    else:
+        nodes += [helper.make_node("Identity", ["y"], ["out"])]
+    graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 4])],
+                              [helper.make_tensor("v", TensorProto.FLOAT, [4], V.astype(np.float32))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+V = rng.standard_normal(4)
+
+
+def _silu_gradients(model, layers, u):
+    from onnxcam import rewrite
+    from onnxcam.graph.model import ModelGraph
+    from onnxcam.runtime import cpu_session
+
+    rw = rewrite.build(ModelGraph(model), layers, "out")
+    sess = cpu_session(rw.model.SerializeToString(), rw.initializer_arrays())
+    feeds = {"x": A.astype(np.float32), rewrite.SEED: u.astype(np.float32)[:, None]}
+    if rw.has_ranking:
+        feeds[rewrite.RANKED] = np.array(False)
+    ops = [n.op_type for n in rw.model.graph.node if n.name.startswith("onnxcam_grad")]
+    return dict(zip(layers, sess.run([rewrite.grad_name(layer) for layer in layers], feeds))), ops
+
+
+@pytest.mark.parametrize("order", ["xs", "sx"])
+@pytest.mark.parametrize("extra", [False, True], ids=["alone", "sigmoid-also-used"])
+def test_silu_gradient_matches_the_closed_form_in_float64(order, extra):
+    u = rng.standard_normal((2, 3, 4))
+    s = 1 / (1 + np.exp(-A))
+    want = u * (s + A * s * (1 - s)) + (u * V * s * (1 - s) if extra else 0)
+    got, ops = _silu_gradients(_silu_model(order, extra), ["x"], u)
+    np.testing.assert_allclose(got["x"], want, rtol=1e-5, atol=1e-6)
+    # folded: the Sigmoid branch gets no backward of its own (4 elementwise passes, no Sum of two branches)
+    assert ("Sum" in ops) == extra
+
+
+def test_silu_with_the_sigmoid_as_a_target_is_not_folded():
+    u = rng.standard_normal((2, 3, 4))
+    s = 1 / (1 + np.exp(-A))
+    got, _ = _silu_gradients(_silu_model("xs", False), ["x", "s"], u)
+    np.testing.assert_allclose(got["s"], u * A, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["x"], u * (s + A * s * (1 - s)), rtol=1e-5, atol=1e-6)

@@ -12,12 +12,18 @@ The contract, written once:
 - Gradients are always in the builder's dtype (float32), also in fp16/bf16 models: b.op widens forward tensors
   of narrower float types as they enter the gradient graph, so rules never cast gradients to forward types.
 - A rule that meets a form it cannot differentiate raises `b.error(...)`; the walk never invents zeros.
+- A rule may return FOLDED for an input whose gradient path it has already folded into another input's (x *
+  Sigmoid(x): the Sigmoid branch is part of x's gradient). It may do so only when that input feeds nothing else
+  and is no target (b.private_to checks both).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+
+FOLDED = object()  # returned by a rule for an input whose gradient it folded into another input's
 
 
 @dataclass(frozen=True)
