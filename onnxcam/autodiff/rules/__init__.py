@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-
 FOLDED = object()  # returned by a rule for an input whose gradient it folded into another input's
 
 
