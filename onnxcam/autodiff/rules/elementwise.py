@@ -21,10 +21,10 @@ def _sub(b, n, gy):
 @rule("Mul", broadcast=True)
 def _mul(b, n, gy):
     x, y = n.inputs
-    for i, (a, s) in enumerate(((x, y), (y, x))):
-        if _is_sigmoid_of(s, a) and b.private_to(s, n):
-            silu = (lambda: _silu_grad(b, gy[0], s, n.outputs[0]), FOLDED)
-            return silu if i == 0 else silu[::-1]
+    if _is_sigmoid_of(y, x) and b.private_to(y, n):
+        return (lambda: _silu_grad(b, gy[0], y, n.outputs[0]), FOLDED)
+    if _is_sigmoid_of(x, y) and b.private_to(x, n):
+        return (FOLDED, lambda: _silu_grad(b, gy[0], x, n.outputs[0]))
     return (lambda: b.op("Mul", gy[0], y), lambda: b.op("Mul", gy[0], x))
 
 
