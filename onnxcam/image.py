@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import cv2
@@ -19,6 +20,28 @@ _MAY_HAVE_ALPHA = frozenset({".png", ".webp", ".tif", ".tiff", ".gif", ".bmp"})
 def resize_map(cam: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of one 2-D map to (width, height), as pytorch-grad-cam does (cv2 INTER_LINEAR)."""
     return cv2.resize(np.float32(cam), tuple(int(s) for s in size_wh))
+
+
+def resize_maps(maps: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    """resize_map of every (h, w) map of an (N, h, w) stack at once, without a loop over images.
+
+    cv2's INTER_LINEAR is separable: each output pixel mixes two source columns, then two source rows. So the
+    whole stack is two matrix products with the per-axis weight matrices, which are read off cv2 itself by
+    resizing an identity: the same weights, summed in another order (equal to float32 rounding)."""
+    maps = np.asarray(maps, np.float32)
+    width, height = (int(s) for s in size_wh)
+    if maps.shape[1:] == (height, width):
+        return maps.copy()
+    across = np.matmul(maps, _linear_weights(maps.shape[2], width).T)  # (N, h, W)
+    return np.matmul(_linear_weights(maps.shape[1], height), across)  # (N, H, W)
+
+
+@functools.lru_cache(maxsize=32)
+def _linear_weights(source: int, size: int) -> np.ndarray:
+    """(size, source): row i holds the weights cv2's INTER_LINEAR gives each source pixel for output pixel i."""
+    weights = cv2.resize(np.eye(source, dtype=np.float32), (size, source)).T
+    weights.flags.writeable = False
+    return weights
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------

@@ -204,3 +204,17 @@ def test_atomic_write_leaves_nothing_half_written(tmp_path, monkeypatch):
         files.write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 1}  # the old file is intact
     assert sorted(p.name for p in target.parent.iterdir()) == ["result.json"]  # no temp file left
+
+
+@pytest.mark.parametrize("source, size", [((7, 7), (224, 224)), ((14, 9), (100, 61)), ((30, 40), (12, 9)),
+                                          ((1, 1), (5, 3)), ((6, 6), (6, 6))])
+def test_batched_map_resize_equals_cv2_on_each_map(source, size):
+    """resize_maps (two matrix products) against cv2.resize of each map, the way pytorch-grad-cam resizes."""
+    from onnxcam.image import resize_maps
+
+    maps = np.random.default_rng(0).random((5, *source), dtype=np.float32)
+    got = resize_maps(maps, size)
+    assert got.shape == (5, size[1], size[0]) and got.dtype == np.float32
+    for m, g in zip(maps, got):
+        np.testing.assert_allclose(g, cv2.resize(m, size), rtol=0, atol=2e-7)
+    assert (resize_maps(np.abs(maps), size) >= 0).all()  # nonnegative weights: aggregate_layers relies on it

@@ -107,7 +107,7 @@ class BaseCAM:
         self.outputs, self.result = r.logits, r
         size = self.target_size(x)
         self.raw = {layer: self.raw_map(r, layer, x, eigen_smooth) for layer in self.target_layers}
-        return aggregate_layers([layer_map(raw, size) for raw in self.raw.values()])
+        return aggregate_layers([layer_map(raw, size) for raw in self.raw.values()], fresh=True)
 
     def forward_augmentation_smoothing(self, x: np.ndarray, targets=None, eigen_smooth: bool = False) -> np.ndarray:
         w_axis = 2 if self._input_channels_last(x) else 3
