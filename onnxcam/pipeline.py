@@ -166,6 +166,7 @@ class Runner:
         self.save_raw = save_raw
         self._classes_checked = False
         self._inputs: set[Path] = set()  # every input file of the run: outputs never replace one
+        self._runs: dict = {}  # id(explainer) -> the batch's per-rank results (reset per batch)
         self.load_seconds = time.perf_counter() - start
 
     @property
@@ -208,7 +209,7 @@ class Runner:
         if not images:
             return reports
         x = np.stack(xs)
-        self._runs = {}  # one run per explainer for the batch, shared by the methods and the ranks
+        self._runs = {}  # one run per explainer for this batch, shared by the methods and the ranks
         probs = None
         for method in self.methods:
             t = time.perf_counter()

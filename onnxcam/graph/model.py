@@ -514,10 +514,9 @@ def _shape_plumbing_probe(proto, input_name, shape, names):
         values = dict(constants)
         for inp in g.input:
             tt = inp.type.tensor_type
-            dims = [n if i == 0 and not isinstance(d, int) else d for i, d in enumerate(shape)] \
-                if inp.name == input_name else \
-                [d.dim_value if d.HasField("dim_value") else n if d.dim_param == shape[0] else 1 for d in tt.shape.dim]
-            values[inp.name] = np.zeros(dims, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type or 1))
+            declared = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim]
+            values[inp.name] = np.zeros(_probe_dims(declared, inp.name == input_name, shape, n),
+                                        onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type or 1))
         try:
             for node in g.node:
                 attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -608,11 +607,17 @@ def _probe_feed(sess, input_name, shape, n: int) -> dict:
     rng = np.random.default_rng(0)
     feed = {}
     for inp in sess.get_inputs():
-        dims = [n if i == 0 and not isinstance(d, int) else d for i, d in enumerate(shape)] \
-            if inp.name == input_name else \
-            [d if isinstance(d, int) else n if d == shape[0] else 1 for d in inp.shape]
+        dims = _probe_dims(inp.shape, inp.name == input_name, shape, n)
         feed[inp.name] = rng.standard_normal(dims).astype(_np_type(inp.type))
     return feed
+
+
+def _probe_dims(declared, model_input: bool, shape, n: int) -> list:
+    """A probe input's dims at batch n: the model input's pinned shape, or another input's declared dims with the
+    batch symbol at n and any other free dim at 1."""
+    if model_input:
+        return [n if i == 0 and not isinstance(d, int) else d for i, d in enumerate(shape)]
+    return [d if isinstance(d, int) else n if d == shape[0] else 1 for d in declared]
 
 
 def _probe_chunk(proto, weights, input_name, shape, names):
