@@ -362,9 +362,8 @@ def _check_placement(compiled: _Compiled) -> None:
         return
     compiled.cpu_fallbacks = gradient_fallbacks(placed)
     if compiled.cpu_fallbacks:
-        ops = sorted({f.rsplit(" (", 1)[1][:-1] for f in compiled.cpu_fallbacks})
-        log.warning("onnxruntime runs %d gradient nodes on the CPU instead of CUDA (%s): each costs a copy per run",
-                    len(compiled.cpu_fallbacks), ", ".join(ops))
+        log.warning("onnxruntime runs %d gradient nodes on the CPU instead of CUDA, each a copy per run: %s",
+                    len(compiled.cpu_fallbacks), ", ".join(compiled.cpu_fallbacks))
 
 
 def _target_classes(targets, n: int) -> np.ndarray:

@@ -249,18 +249,16 @@ class Runner:
 
     @staticmethod
     def _classes(ex: Explainer, x: np.ndarray) -> int:
-        shape = ex.score_shape(x.shape)
+        shape = tuple(ex.score_shape(x.shape))
         if len(shape) != 2 or not isinstance(shape[1], int):
-            raise InputError(f"the explained score has shape {tuple(shape)}; onnxcam explain needs a classifier's "
-                             "(N, classes) scores")
+            raise _not_a_classifier(shape)
         return shape[1]
 
     def _check_classes(self, logits: np.ndarray) -> None:
         if self._classes_checked:
             return
         if logits.ndim != 2:
-            raise InputError(f"the explained score has shape {logits.shape}; onnxcam explain needs a classifier's "
-                             "(N, classes) scores")
+            raise _not_a_classifier(logits.shape)
         k = logits.shape[1]
         if self.labels is not None and len(self.labels) != k:
             raise InputError(f"{len(self.labels)} class names ({self.labels_source}) for a model with {k} classes")
@@ -298,6 +296,11 @@ class Runner:
             "timings": _rounded(timings), "onnxcam": __version__,
         }
         write_json(rep.json_path, record)
+
+
+def _not_a_classifier(shape: tuple) -> InputError:
+    return InputError(f"the explained score has shape {shape}; onnxcam explain needs a classifier's (N, classes) "
+                      "scores")
 
 
 def _raw_arrays(m: Map) -> dict[str, np.ndarray]:

@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import weakref
 
 import numpy as np
@@ -89,35 +88,37 @@ def session(model_bytes: bytes, device: str = "auto", initializers: dict | None 
     try:
         sess = ort.InferenceSession(model_bytes, sess_options=opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
         raise ModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") from exc
     if want_cuda and sess.get_providers()[0] != "CUDAExecutionProvider":
         if device == "cuda":
             raise DeviceError("onnxruntime fell back to the CPU although device='cuda' was requested")
         log.warning("CUDA is present but onnxruntime fell back to the CPU")
     if folder:
-        _WATCHED[id(sess)] = threading.Lock()
+        _WATCHED.add(id(sess))
         weakref.finalize(sess, _forget, id(sess), folder)
     return sess
 
 
 # ---- node placement ------------------------------------------------------------------------------------------------
-_WATCHED: dict[int, threading.Lock] = {}  # id of a session whose first run is profiled -> guard for end_profiling
+_WATCHED: set[int] = set()  # ids of the sessions whose first run is profiled and not read yet
 _FLOATS = {"float", "float16", "bfloat16", "double"}
 
 
 def _forget(key: int, folder: str) -> None:
-    _WATCHED.pop(key, None)
+    _WATCHED.discard(key)
     shutil.rmtree(folder, ignore_errors=True)
 
 
 def first_run_placement(sess: ort.InferenceSession) -> dict | None:
     """After the first run of a session made with watch_placement: {node name: (op type, provider, output types)},
     read from the run's profile (which then stops). None for sessions that are not watched, or already read."""
-    lock = _WATCHED.pop(id(sess), None)
-    if lock is None:
+    try:
+        _WATCHED.remove(id(sess))  # atomic: of two threads finishing a first run, one reads the profile
+    except KeyError:
         return None
-    with lock:
-        path = sess.end_profiling()
+    path = sess.end_profiling()
     try:
         with open(path) as f:
             return node_placement(json.load(f))
