@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path as _Path
+
 from .cam import (
     CAM,
     KPCA_CAM,
@@ -26,7 +28,11 @@ from .errors import DeviceError, InputError, LayerError, ModelError, OnnxCamErro
 from .explainer import Explainer, Result
 
 __version__ = "0.1.0"
+DATA = _Path(__file__).parent / "data"
+BUNDLED_MODEL = DATA / "efficientnet_lite0.onnx"  # EfficientNet-Lite0, ImageNet weights, preprocessing in metadata
+SAMPLE_IMAGES = tuple(sorted(p for p in (DATA / "samples").iterdir() if p.suffix in (".png", ".jpg")))
 __all__ = [
+    "BUNDLED_MODEL",
     "CAM",
     "KPCA_CAM",
     "CounterfactualGradCAM",
@@ -46,6 +52,7 @@ __all__ = [
     "InputError",
     "LayerCAM",
     "LayerError",
+    "SAMPLE_IMAGES",
     "ModelError",
     "OnnxCamError",
     "Result",
