@@ -24,7 +24,16 @@ from .cam import (
     XGradCAM,
     explain,
 )
-from .errors import DeviceError, InputError, LayerError, ModelError, OnnxCamError, UnsupportedOpError
+from .errors import (
+    DeviceError,
+    InputError,
+    InternalError,
+    LayerError,
+    ModelError,
+    NumericalError,
+    OnnxCamError,
+    UnsupportedOpError,
+)
 from .explainer import Explainer, Result
 
 __version__ = "0.1.0"
@@ -50,10 +59,12 @@ __all__ = [
     "GuidedGradCAM",
     "HiResCAM",
     "InputError",
+    "InternalError",
     "LayerCAM",
     "LayerError",
     "SAMPLE_IMAGES",
     "ModelError",
+    "NumericalError",
     "OnnxCamError",
     "Result",
     "Saliency",

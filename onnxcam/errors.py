@@ -25,3 +25,21 @@ class InputError(OnnxCamError, ValueError):
 
 class DeviceError(OnnxCamError):
     """The requested execution device cannot be used."""
+
+
+class InternalError(OnnxCamError):
+    """onnxcam emitted an invalid graph: a bug in onnxcam, not in the model. Names who emitted the bad node."""
+
+    def __init__(self, problem: str, node: str | None = None, op: str | None = None, rule: str | None = None):
+        self.node, self.op, self.rule = node, op, rule
+        who = f"the {op} node {node!r} by rule {rule}" if node is not None else "onnxcam"
+        super().__init__(f"internal error (an onnxcam bug, please report it): the gradient nodes emitted for {who} "
+                         f"are invalid: {problem}")
+
+
+class NumericalError(OnnxCamError, ArithmeticError):
+    """Non-finite values (NaN, Inf) in the input, the score, an activation or a gradient; names which and where."""
+
+
+class ImageTooLargeError(InputError):
+    """An image has more pixels than the limit (read from its header: it is refused before decoding)."""

@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 
 from . import rewrite
-from .errors import InputError
+from .errors import InputError, ModelError, NumericalError
 from .graph.load import load_detached, with_weights
-from .graph.model import ModelGraph
+from .graph.model import ModelGraph, runtime_failure
 from .runtime import first_run_placement, gradient_fallbacks, session
 
 log = logging.getLogger(__name__)
@@ -23,27 +23,36 @@ log = logging.getLogger(__name__)
 _CACHE: OrderedDict = OrderedDict()  # (digest, layers, score, shape, guided, device) -> _Compiled
 _CACHE_SIZE = 8
 _CACHE_LOCK = threading.Lock()
-_ANALYSES: dict = {}  # (digest, layers, score, output, input_shape) -> what Explainer.__init__ resolved
-_DIGESTS: dict = {}  # (path, size, mtime) -> model digest
+_ANALYSES: dict = {}  # (digest, layers, score, output, input_shape) -> _Analysis; (.., size) -> auto layers
+_DIGESTS: dict = {}  # (path, size, mtime) -> (model digest, the stats of the external data files it read)
+
+
+def _stat_key(path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns
 
 
 def _digest_of(path) -> str | None:
-    """The model digest of a file seen before (same path, size and mtime), else None."""
-    try:
-        st = os.stat(path)
-    except OSError:
+    """The model digest of a file seen before (same path, size and mtime, and so are its external data files),
+    else None."""
+    key = _stat_key(path)
+    if key is None:
         return None  # loading reports the missing file clearly
     with _CACHE_LOCK:
-        return _DIGESTS.get((os.path.realpath(path), st.st_size, st.st_mtime_ns))
+        found = _DIGESTS.get(key)
+    if found is None or any(_stat_key(f) != stat for f, stat in found[1]):
+        return None
+    return found[0]
 
 
-def _remember_digest(path, digest: str) -> None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return
-    with _CACHE_LOCK:
-        _DIGESTS[(os.path.realpath(path), st.st_size, st.st_mtime_ns)] = digest
+def _remember_digest(path, digest: str, data_files: list) -> None:
+    key = _stat_key(path)
+    if key is not None:
+        with _CACHE_LOCK:
+            _DIGESTS[key] = (digest, tuple((f, _stat_key(f)) for f in data_files))
 
 
 def _quantization(proto: onnx.ModelProto, mg: ModelGraph, layers: list[str]) -> tuple:
@@ -63,17 +72,31 @@ def _quantization(proto: onnx.ModelProto, mg: ModelGraph, layers: list[str]) -> 
     return kind, found
 
 
-def _analyse(mg: ModelGraph, layers, score, output, input_shape) -> tuple:
-    """Resolve the names and the input contract once per model and request."""
+@dataclass(frozen=True)
+class _Analysis:
+    """What Explainer.__init__ resolves once per model and request, without running the model at any size."""
+
+    input_name: str
+    score: str
+    layers: tuple | None     # None: the automatic choice, made at the size of the first run (dynamic-size models)
+    build_shape: tuple | None  # the one input shape built for (every dim known, or input_shape=); None: x's own
+    expect: tuple | None     # the dims x must have (None: free); None when the input declares no shape at all
+    dtype: np.dtype
+    fixed_batch: int | None  # the batch the model declares, if it fixes one
+
+
+def _analyse(mg: ModelGraph, layers, score, output) -> _Analysis:
+    """Resolve the names and the input contract. `mg` is shaped at the build size when there is one, else
+    symbolically (shape inference only): names and the score need no sizes, the automatic layer choice does."""
     score_name = rewrite.resolve_score(mg, score, output)
-    chosen = rewrite.resolve_layers(mg, layers, score_name)
-    declared = mg.declared_input_shape or (None,) * len(mg.input_shape)
-    static = input_shape is not None or all(isinstance(d, int) for d in declared[1:])
-    # What x must look like: None marks a free dim (the batch, and dynamic sizes built per size).
-    expect = (None,) + tuple(d if static else (d if isinstance(d, int) else None) for d in mg.input_shape[1:])
-    dtype = mg.tensor(mg.input_name).dtype
-    dtype = np.dtype(dtype) if dtype is not None and np.dtype(dtype).kind == "f" else np.dtype(np.float32)
-    return mg.input_name, score_name, chosen, static, expect, mg.input_shape, dtype
+    shape = mg.input_shape
+    static = shape is not None and all(isinstance(d, int) for d in shape[1:])
+    chosen = rewrite.resolve_layers(mg, layers, score_name) if static or layers is not None else None
+    expect = None if shape is None else (None,) + tuple(shape[1:])
+    dtype = _numpy_type(mg.tensor(mg.input_name).dtype)
+    fixed = shape[0] if shape is not None and isinstance(shape[0], int) else None
+    return _Analysis(mg.input_name, score_name, None if chosen is None else tuple(chosen),
+                     tuple(shape) if static else None, expect, dtype, fixed)
 
 
 @dataclass
@@ -116,41 +139,62 @@ class Explainer:
     score: a float tensor name, or None for the logits (the input of a final Softmax/LogSoftmax, if any).
     device: "auto" (CUDA when onnxruntime really runs there, else CPU), "cpu" or "cuda".
     output: which model output the default score follows, for models with several outputs.
-    input_shape: the full input shape to build for when the model's spatial size is dynamic.
+    input_shape: the one input shape to build for (its batch is free), for models whose size is dynamic.
+    base_dir: the folder holding the external data of a model given as bytes or a ModelProto.
+
+    A model whose spatial size is dynamic is built for the size of each input that arrives (once per size, cached);
+    the constructor never runs it at a guessed size. With layers=None such a model's layer is chosen at the size of
+    the first run and kept for later sizes: `layers` is known after that run (or at once with input_shape=).
+    `explainable_model`, `build_seconds` and `cpu_fallbacks` then describe the last size run (`explainable_model_at`
+    and `score_shape` take a size). Explainers are safe to share between threads.
     """
 
     def __init__(self, model, layers=None, score=None, device: str = "auto", *, output: str | None = None,
-                 input_shape: tuple[int, ...] | None = None, guided: bool = False):
-        self._source = model
+                 input_shape: tuple[int, ...] | None = None, guided: bool = False, base_dir=None):
+        self._source, self._base_dir = model, base_dir
         self._proto: onnx.ModelProto | None = None  # a skeleton: large weights live in self._weights
         self._weights: dict | None = None  # released after each build: the session holds its own copy
         if isinstance(model, Explainer):
             self._source, self._proto, self._weights, self.digest = model._source, model._proto, model._weights, \
                 model.digest
+            self._base_dir = model._base_dir
         elif isinstance(model, (str, os.PathLike)):
             self.digest = _digest_of(model)
             if self.digest is None:  # first sight of this file: read it once, keep what was read for the build
-                self.digest = self._load()
-                _remember_digest(model, self.digest)
+                data_files: list = []
+                self.digest = self._load(data_files)
+                _remember_digest(model, self.digest, data_files)
         else:
             self.digest = self._load()
         self.device = device
         self.guided = guided
         self._graph_for_build = None
+        self._lock = threading.RLock()  # one build at a time per Explainer: builds share the loaded model
+        self._last_shape: tuple | None = None  # the input shape of the last run (dynamic sizes)
         key = (self.digest, None if layers is None else tuple([layers] if isinstance(layers, str) else layers),
                score, output, None if input_shape is None else tuple(input_shape))
         with _CACHE_LOCK:
             found = _ANALYSES.get(key)
         if found is None:
-            mg = ModelGraph(self.proto, _guess_shape(self.proto, input_shape), self.weights)
-            found = _analyse(mg, layers, score, output, input_shape)
-            self._graph_for_build = mg  # reused by the first build, so the analysis is not done twice
+            mg = ModelGraph(self.proto, input_shape, self.weights)
+            found = _analyse(mg, layers, score, output)
+            if found.build_shape is not None:
+                self._graph_for_build = mg  # reused by the first build, so the analysis is not done twice
             with _CACHE_LOCK:
                 _ANALYSES[key] = found
-        (self.input_name, self.score_name, self.layers, self._static, self._expect, self._input_shape,
-         self._input_dtype) = found
-        if self._static:
-            self._compiled(self._input_shape)
+        self._analysis = found
+        self.input_name, self.score_name = found.input_name, found.score
+        self._layers = None if found.layers is None else list(found.layers)
+        if found.build_shape is not None:
+            self._compiled(found.build_shape)
+
+    @property
+    def layers(self) -> list[str]:
+        """The target layers as tensor names (for dynamic-size models with layers=None: after the first run)."""
+        if self._layers is None:
+            raise InputError(f"input {self.input_name!r} has a dynamic size: the automatic layer is chosen at the size "
+                             "of the first run; run the explainer once, or give layers or input_shape")
+        return list(self._layers)
 
     @property
     def proto(self) -> onnx.ModelProto:
@@ -168,65 +212,120 @@ class Explainer:
             self._load()
         return self._weights
 
-    def _load(self) -> str:
+    def _load(self, data_files: list | None = None) -> str:
         """Read the model once and hold each large weight once, as numpy (the proto keeps placeholders);
-        returns the model digest."""
-        self._proto, self._weights, digest = load_detached(self._source)
+        returns the model digest (and appends the external data files read to `data_files`)."""
+        self._proto, self._weights, digest = load_detached(self._source, self._base_dir, data_files)
         return digest
 
     # ---- building ------------------------------------------------------------------------------------------
     def _compiled(self, shape: tuple, n_seeds: int = 1, by_class: bool = True) -> _Compiled:
         """The session for one input shape and seed form (class indices, or a dense seed for custom targets)."""
-        key = (self.digest, tuple(self.layers), self.score_name, tuple(shape[1:]), self.guided, self.device, n_seeds,
-               by_class)
+        self._choose_layers(shape)
+        key = (self.digest, tuple(self._layers), self.score_name, tuple(shape[1:]), self.guided, self.device,
+               n_seeds, by_class)
         with _CACHE_LOCK:
             hit = _CACHE.get(key)
             if hit is not None:
                 _CACHE.move_to_end(key)
                 return hit
-        start = time.perf_counter()
-        mg = self._graph_for_build
-        if mg is None or tuple(mg.input_shape[1:]) != tuple(shape[1:]):
-            mg = ModelGraph(self.proto, shape, self.weights)
-        self._graph_for_build = None  # the build mutates the graph; a second build re-reads the model
-        rw = rewrite.build(mg, self.layers, self.score_name, guided=self.guided, n_seeds=n_seeds, by_class=by_class)
-        sess = session(rw.model.SerializeToString(), self.device, rw.weights, watch_placement=True)
-        compiled = _Compiled(rw, sess, time.perf_counter() - start, *_quantization(self.proto, mg, self.layers))
-        # onnxruntime copied the weights: holding a second copy would double the memory of big models.
-        rw.weights, mg.weights, self._weights = {}, {}, None
-        log.debug("built the explainable model in %.3f s", compiled.build_seconds)
-        with _CACHE_LOCK:
-            _CACHE[key] = compiled
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
+        with self._lock:
+            with _CACHE_LOCK:
+                hit = _CACHE.get(key)  # built by another thread meanwhile
+            if hit is not None:
+                return hit
+            start = time.perf_counter()
+            mg = self._graph_at(shape)
+            rw = rewrite.build(mg, self._layers, self.score_name, guided=self.guided, n_seeds=n_seeds,
+                               by_class=by_class)
+            sess = session(rw.model.SerializeToString(), self.device, rw.weights, watch_placement=True)
+            compiled = _Compiled(rw, sess, time.perf_counter() - start, *_quantization(self.proto, mg, self._layers))
+            # onnxruntime copied the weights: holding a second copy would double the memory of big models.
+            rw.weights, mg.weights, self._weights = {}, {}, None
+            log.debug("built the explainable model for input shape %s in %.3f s", shape, compiled.build_seconds)
+            with _CACHE_LOCK:
+                _CACHE[key] = compiled
+                while len(_CACHE) > _CACHE_SIZE:
+                    _CACHE.popitem(last=False)
         return compiled
+
+    def _graph_at(self, shape: tuple) -> ModelGraph:
+        """The model shaped at `shape` (the analysis' graph when it is at that size: a build mutates it, so it
+        serves once). A size that came from an input and that the model cannot run at is an InputError."""
+        mg, self._graph_for_build = self._graph_for_build, None
+        if mg is not None and tuple(mg.input_shape[1:]) == tuple(shape[1:]):
+            return mg
+        try:
+            return ModelGraph(self.proto, shape, self.weights)
+        except ModelError as exc:
+            if self._analysis.build_shape is not None:
+                raise
+            raise InputError(f"input {self.input_name!r} of shape {tuple(shape)} is not a size this model accepts: "
+                             f"{exc}") from exc
+
+    def _choose_layers(self, shape: tuple) -> None:
+        """The automatic layer of a dynamic-size model, chosen at the first size built for (once per size and
+        model across Explainers), then kept."""
+        if self._layers is not None:
+            return
+        with self._lock:
+            if self._layers is not None:
+                return
+            key = (self.digest, "layers at", self.score_name, tuple(shape[1:]))
+            with _CACHE_LOCK:
+                chosen = _ANALYSES.get(key)
+            if chosen is None:
+                mg = self._graph_at(shape)
+                chosen = rewrite.resolve_layers(mg, None, self.score_name)
+                self._graph_for_build = mg
+                with _CACHE_LOCK:
+                    _ANALYSES[key] = chosen
+            log.info("layer %s chosen at input shape %s", ", ".join(chosen), tuple(shape[1:]))
+            self._layers = list(chosen)
+
+    def _sized(self, input_shape: tuple | None = None) -> tuple:
+        """The input shape to describe: the given one, the one built for, or the last run's; else InputError."""
+        shape = input_shape or self._analysis.build_shape or self._last_shape
+        if shape is None:
+            raise InputError(f"input {self.input_name!r} has a dynamic size: give the input shape, or run the "
+                             "explainer once")
+        return tuple(shape)
 
     @property
     def explainable_model(self) -> onnx.ModelProto:
-        """The rewritten model (original graph + activations and gradients as outputs), for inspection."""
-        return with_weights(self._compiled(self._input_shape).rewritten.model, self.weights)
+        """The rewritten model (original graph + activations and gradients as outputs), for inspection; for a
+        dynamic-size model, at the size of the last run (explainable_model_at takes a size)."""
+        return self.explainable_model_at(None)
 
-
+    def explainable_model_at(self, input_shape: tuple | None) -> onnx.ModelProto:
+        """The rewritten model for inputs of `input_shape` (None: as explainable_model)."""
+        return with_weights(self._compiled(self._sized(input_shape)).rewritten.model, self.weights)
 
     def score_shape(self, input_shape: tuple | None = None) -> tuple:
-        """The score's static shape (batch symbolic) for inputs of `input_shape` (needed for dynamic-size models)."""
-        if input_shape is None and not self._static:
-            raise InputError(f"input {self.input_name!r} has a dynamic size: give the input shape")
-        return tuple(self._compiled(self._input_shape if self._static else tuple(input_shape)).rewritten.score_shape)
+        """The score's static shape (batch symbolic) for inputs of `input_shape` (needed for dynamic-size models
+        before their first run)."""
+        a = self._analysis
+        if a.build_shape is None and input_shape is not None:
+            input_shape = (1, *tuple(input_shape)[1:])
+            self._check_shape(input_shape)
+        return tuple(self._compiled(self._sized(None if a.build_shape else input_shape)).rewritten.score_shape)
 
     @property
     def build_seconds(self) -> float:
-        return self._compiled(self._input_shape).build_seconds
+        """Seconds the build took (for a dynamic-size model: the build for the last run's size)."""
+        return self._compiled(self._sized()).build_seconds
 
     @property
     def providers(self) -> list[str]:
-        return self._compiled(self._input_shape).session.get_providers()
+        return self._compiled(self._sized()).session.get_providers()
 
     @property
     def cpu_fallbacks(self) -> list[str] | None:
         """On CUDA, after a run: the gradient nodes onnxruntime computed on the CPU ("name (OpType)"; [] when none).
         None on the CPU or before the first run."""
-        return self._compiled(self._input_shape).cpu_fallbacks
+        if self._analysis.build_shape is None and self._last_shape is None:
+            return None
+        return self._compiled(self._sized()).cpu_fallbacks
 
     # ---- running -------------------------------------------------------------------------------------------
     def run(self, x: np.ndarray, targets=None, *, top_k: int | None = None, seed: np.ndarray | None = None) -> Result:
@@ -237,15 +336,21 @@ class Explainer:
         top_k: explain each sample's k best classes at once (instead of targets).
         seed: instead of targets, any weighting of the score, shaped like it (N, K, ...).
         With S > 1 targets per sample, gradients are (N, S, ...) and targets (N, S).
+        NumericalError: x, or the run's score, activations or gradients, hold NaN or Inf (naming which, where).
         """
         x = self._check_input(x)
         n = x.shape[0]
         plan = _Plan.make(targets, top_k, seed, n)
-        compiled = self._compiled(self._input_shape if self._static else x.shape, plan.n_seeds, plan.seed is None)
+        shape = self._analysis.build_shape or x.shape
+        compiled = self._compiled(shape, plan.n_seeds, plan.seed is None)
+        self._last_shape = tuple(x.shape)
         rw = compiled.rewritten
-        if rw.fixed_batch and n > 1 and self._input_shape[0] == 1:
-            return _concat([self._run_one(compiled, x[i:i + 1], plan.sample(i)) for i in range(n)])
-        return self._run_one(compiled, x, plan)
+        if rw.fixed_batch and n > 1 and self._analysis.fixed_batch == 1:
+            result = _concat([self._run_one(compiled, x[i:i + 1], plan.sample(i)) for i in range(n)])
+        else:
+            result = self._run_one(compiled, x, plan)
+        _check_finite(result, rw.score)
+        return result
 
     def _run_one(self, compiled: _Compiled, x, plan: _Plan) -> Result:
         rw = compiled.rewritten
@@ -260,7 +365,11 @@ class Explainer:
             names.append(rewrite.TOP_CLASSES)
         for layer in rw.layers:
             names.append(rewrite.grad_name(layer))
-        values = dict(zip(names, compiled.session.run(names, feeds)))
+        try:
+            values = dict(zip(names, compiled.session.run(names, feeds)))
+        except Exception as exc:  # onnxruntime's own types: one line that names the input and the failing node
+            raise ModelError(f"onnxruntime failed on input {self.input_name!r} of shape {x.shape}: "
+                             f"{runtime_failure(exc)}") from exc
         _check_placement(compiled)
         if plan.ranked:
             classes = values[rewrite.TOP_CLASSES]
@@ -291,19 +400,101 @@ class Explainer:
             quantized=compiled.quantized,
         )
 
+    def _check_shape(self, shape: tuple) -> None:
+        """InputError unless `shape` fits the input's declared rank and dims (and the size built for)."""
+        want = self._analysis.expect
+        if want is not None and (len(shape) != len(want) or any(d is not None and d != got
+                                                                for d, got in zip(want, shape))):
+            raise InputError(f"input {self.input_name!r} expects shape {_fmt(want)}; got {tuple(shape)}")
+        if len(shape) == 0 or any(d < 1 for d in shape[1:]):
+            raise InputError(f"input {self.input_name!r} needs a batch axis and non-empty dims; got {tuple(shape)}")
+
     def _check_input(self, x) -> np.ndarray:
+        """x as the model's input type, contiguous; InputError for a wrong shape or type, NumericalError for NaN/Inf."""
+        a = self._analysis
         if not isinstance(x, np.ndarray):
             raise InputError(f"x must be a numpy array, not {type(x).__name__}")
-        if x.dtype != self._input_dtype:
-            if not np.issubdtype(x.dtype, np.number):
-                raise InputError(f"x must be a float array ({self._input_dtype}), not {x.dtype}")
-            x = x.astype(self._input_dtype)  # e.g. fp16 models take fp16 inputs
-        want = self._expect
-        if x.ndim != len(want) or any(d is not None and d != got for d, got in zip(want, x.shape)):
-            raise InputError(f"input {self.input_name!r} expects shape {_fmt(want)}; got {x.shape}")
+        self._check_shape(x.shape)
         if x.shape[0] < 1:
             raise InputError("x has an empty batch")
+        if a.fixed_batch is not None and a.fixed_batch != 1 and x.shape[0] != a.fixed_batch:
+            raise InputError(f"input {self.input_name!r} has a fixed batch of {a.fixed_batch}; got {x.shape[0]} "
+                             "samples")
+        if x.dtype != a.dtype:
+            x = _converted(x, a.dtype, self.input_name)
+        if x.dtype.kind in "fc":
+            _refuse_non_finite(f"input {self.input_name!r}", x)
         return np.ascontiguousarray(x)
+
+
+def _numpy_type(dtype) -> np.dtype:
+    """The input's numpy type (float32 when it is unknown, or a type numpy lacks, such as bfloat16)."""
+    try:
+        return np.dtype(np.float32) if dtype is None else np.dtype(dtype)
+    except TypeError:
+        return np.dtype(np.float32)
+
+
+def _converted(x: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+    """x in the model's input type: floats of another width (fp16 models take fp16), or integers and booleans
+    (uint8 images) when every value is one; anything else is an error naming a value that does not fit."""
+    if x.dtype.kind not in "biuf":
+        raise InputError(f"x must be a real numeric array ({dtype}), not {x.dtype}")
+    if dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            out = x.astype(dtype)
+        if x.size and not np.isfinite(out).all() and np.isfinite(x).all():
+            raise NumericalError(f"input {name!r} is {dtype}, and x holds values it cannot represent (up to "
+                                 f"{np.abs(x).max():.3g}) in samples {_bad_samples(out)}")
+        return out
+    if dtype.kind not in "iub":
+        raise InputError(f"input {name!r} is {dtype}: onnxcam feeds real numeric inputs only")
+    low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+    with np.errstate(invalid="ignore"):
+        fits = (x >= low) & (x <= high)
+        if x.dtype.kind == "f":
+            fits &= x == np.floor(x)
+    if not fits.all():
+        bad = x[~fits].ravel()[0].item()
+        raise InputError(f"input {name!r} takes {dtype} values; x holds {bad!r}, which is not one")
+    return x.astype(dtype)
+
+
+def _refuse_non_finite(what: str, a: np.ndarray) -> None:
+    """NumericalError naming `what` and the samples (first axis) where `a` holds NaN or Inf."""
+    if np.isfinite(a).all():
+        return
+    raise NumericalError(f"{what} holds {_non_finite_kinds(a)} in samples {_bad_samples(a)}")
+
+
+def _bad_samples(a: np.ndarray) -> list:
+    bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1) if a.ndim else np.array([True])
+    return np.flatnonzero(bad).tolist()
+
+
+def _non_finite_kinds(a: np.ndarray) -> str:
+    kinds = [kind for kind, found in (("NaN", np.isnan(a).any()), ("Inf", np.isinf(a).any())) if found]
+    return " and ".join(kinds)
+
+
+def _check_finite(r: Result, score: str) -> None:
+    """NumericalError when the score, a layer's activation or a gradient holds NaN or Inf: such maps would be all
+    NaN, or all zero after scaling. The first non-finite tensor in the order they are computed is named."""
+    found = []
+    for layer, a in r.activations.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            found.append((f"the activation of layer {layer!r}", a))
+    if not np.isfinite(r.logits).all():
+        found.append((f"the score {score!r}", r.logits))
+    for layer, g in r.gradients.items():
+        if not np.isfinite(g).all():
+            found.append((f"the gradient at layer {layer!r}", g))
+    if not found:
+        return
+    what, a = found[0]
+    also = f" (also non-finite: {', '.join(w for w, _ in found[1:])})" if len(found) > 1 else ""
+    raise NumericalError(f"{what} holds {_non_finite_kinds(a)} in samples {_bad_samples(a)}{also}: the model "
+                         "overflows float at this input, or its weights hold NaN or Inf")
 
 
 @dataclass
@@ -322,9 +513,14 @@ class _Plan:
         if len(given) > 1:
             raise InputError(f"give only one of targets, top_k and seed (got {', '.join(given)})")
         if seed is not None:
-            return _Plan(1, False, True, seed=np.asarray(seed, np.float32))
+            try:
+                seed = np.asarray(seed, np.float32)
+            except (TypeError, ValueError) as exc:  # strings, ragged lists
+                raise InputError(f"seed must be an array of numbers shaped like the score: {exc}") from None
+            _refuse_non_finite("the seed", seed)
+            return _Plan(1, False, True, seed=seed)
         if top_k is not None:
-            if not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, (bool, np.bool_)) or top_k < 1:
                 raise InputError(f"top_k must be a positive int, not {top_k!r}")
             return _Plan(int(top_k), True, False)
         if targets is None:
@@ -367,17 +563,28 @@ def _check_placement(compiled: _Compiled) -> None:
 
 
 def _target_classes(targets, n: int) -> np.ndarray:
-    """targets as an (N, S) int array; validates the count against the batch."""
+    """targets as an (N, S) int64 array; validates the count against the batch, and refuses classes beyond int64
+    (2**70, big uint64s) before a cast could wrap them to valid-looking ones."""
     if isinstance(targets, (bool, np.bool_)):
         raise InputError(f"targets must be None, an int, or one int per sample; got {targets!r}")
-    if isinstance(targets, (int, np.integer)):
-        return np.full((n, 1), int(targets), np.int64)
-    classes = np.asarray(targets)
-    if classes.ndim not in (1, 2) or classes.size == 0 or not np.issubdtype(classes.dtype, np.integer):
+    scalar = isinstance(targets, (int, np.integer))
+    try:
+        classes = np.asarray([targets] * n if scalar else targets)
+    except ValueError:  # ragged nested lists
+        classes = np.asarray(None)
+    ints = (np.issubdtype(classes.dtype, np.integer) or classes.dtype == object and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in classes.ravel()))
+    if classes.ndim not in (1, 2) or classes.size == 0 or not ints:
         raise InputError(f"targets must be None, an int, one int per sample or (N, S) ints; got {targets!r}")
     if len(classes) != n:
         raise InputError(f"got {len(classes)} targets for a batch of {n} samples")
-    return classes.reshape(n, -1).astype(np.int64)
+    huge = [int(v) for v in classes.ravel() if not _INT64_MIN <= int(v) <= _INT64_MAX]
+    if huge:
+        raise InputError(f"target class {huge[0]} is out of range: classes are indices into the score")
+    return classes.astype(np.int64).reshape(n, -1)
+
+
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
 
 def _one_hot_rows(classes: np.ndarray, score_shape) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,6 +41,21 @@ class Explanation:
     layers: list                # the target layers, as tensor names
     method: str
     result: Result              # the run's activations and gradients
+    # per sample: one line saying why its map is all zero (no finding: a zero gradient, nothing positive), or None
+    degenerate_reasons: list = field(default_factory=list)
+
+    @property
+    def degenerate(self) -> np.ndarray:
+        """(N,) bool: the samples whose map is all zero (degenerate_reasons says why)."""
+        return np.array([why is not None for why in self.degenerate_reasons], bool)
+
+
+def explanation(obj, maps: np.ndarray, method: str) -> Explanation:
+    """The Explanation of the call that `obj` (a method object of method_object) just made in this thread."""
+    inner = obj.gradcam if method == "guided_gradcam" else obj
+    r = inner.result
+    return Explanation(maps, dict(getattr(inner, "raw", {})), r.logits, r.targets, list(inner.target_layers), method,
+                       r, list(obj.degenerate_reasons))
 
 
 def method_object(model, method: str, layers=None, *, device: str = "auto", channels_last: bool | None = None,
@@ -72,6 +87,4 @@ def explain(model, x, method: str = "hirescam", targets=None, layers=None, *, de
         maps = obj(x, targets)
     else:
         maps = obj(x, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
-    inner = obj.gradcam if method == "guided_gradcam" else obj
-    r = inner.result
-    return Explanation(maps, dict(getattr(inner, "raw", {})), r.logits, r.targets, list(inner.target_layers), method, r)
+    return explanation(obj, maps, method)

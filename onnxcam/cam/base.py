@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx
 
-from ..errors import InputError
+from ..errors import InputError, NumericalError
 from ..explainer import Explainer, Result
 from ..graph.load import load_model
 from .postprocess import aggregate_layers, layer_map
@@ -45,37 +45,76 @@ class BaseCAM:
     target_layers: layer names (tensor names, node names, module paths, Keras layer names), or None for the last
         4-D activation with a spatial size > 1 before the score.
     reshape_transform: a numpy function applied to activations and gradients, e.g. tokens -> (N, C, h, w).
-    device: "auto", "cpu" or "cuda". score / output / input_shape: as for Explainer.
+    device: "auto", "cpu" or "cuda". score / output / input_shape / base_dir: as for Explainer.
     channels_last: whether the input is (N, H, W, C); None guesses it from its shape. Each activation's layout is
         guessed from how its dims scale with the input's.
     """
 
     method: Callable = None
     guided = False
+    gradient_free = False  # EigenCAM, KPCA-CAM: a zero map never comes from a zero gradient
     # the score's shape per input shape, learnt from the runs (for targets whose seed needs it)
     _score_shapes: dict
 
     def __init__(self, model, target_layers: Sequence[str] | str | None = None,
                  reshape_transform: Callable | None = None, *, device: str = "auto", score: str | None = None,
                  output: str | None = None, input_shape: tuple[int, ...] | None = None,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, base_dir=None):
         if isinstance(model, Explainer):
-            # Reuse it when it already computes what this method needs; else build one on its model.
+            # Reuse it when it already computes what this method needs; else build one on its model. Its layers
+            # are None until chosen when they are chosen at the first run's size (dynamic-size models).
             self.model = model.proto
-            layers = self._explainer_layers(self.model, model.layers if target_layers is None else target_layers)
-            self.explainer = _derived(model, list(layers), self.guided, input_shape)
+            layers = self._explainer_layers(self.model, model._layers if target_layers is None else target_layers)
+            self.explainer = _derived(model, None if layers is None else list(layers), self.guided, input_shape)
         else:
-            self.model = load_model(model)
+            self.model = load_model(model, base_dir)
             layers = self._explainer_layers(self.model, target_layers)
             self.explainer = Explainer(self.model, layers, score, device, output=output, input_shape=input_shape,
                                        guided=self.guided)
             self.model = self.explainer.proto  # the weight-less skeleton: the weights now live in the Explainer
         self.reshape_transform = reshape_transform
         self.channels_last = channels_last
-        self.outputs: np.ndarray | None = None
-        self.result: Result | None = None
-        self.raw: dict[str, np.ndarray] = {}
+        self._call = _PerCall()  # what the last call made, per thread: one object may serve several threads
         self._score_shapes = {}
+
+    # ---- what the calling thread's last call made ------------------------------------------------------------
+    @property
+    def outputs(self) -> np.ndarray | None:
+        """The logits of this thread's last call."""
+        return self._call.outputs
+
+    @outputs.setter
+    def outputs(self, value) -> None:
+        self._call.outputs = value
+
+    @property
+    def result(self) -> Result | None:
+        """The explain run of this thread's last call (activations, gradients, targets)."""
+        return self._call.result
+
+    @result.setter
+    def result(self, value) -> None:
+        self._call.result = value
+
+    @property
+    def raw(self) -> dict[str, np.ndarray]:
+        """layer -> raw (N, h, w) map of this thread's last call, before ReLU and scaling."""
+        return self._call.raw
+
+    @raw.setter
+    def raw(self, value) -> None:
+        self._call.raw = value
+
+    @property
+    def degenerate_reasons(self) -> list[str | None]:
+        """Per sample of this thread's last call: why its map is all zero (one line), or None for a map that shows
+        something. A zero map is no finding: the target's gradient at the layer is zero, or nothing is positive."""
+        return self._call.degenerate
+
+    @property
+    def degenerate(self) -> np.ndarray:
+        """(N,) bool: the samples of the last call whose map is all zero (see degenerate_reasons)."""
+        return np.array([why is not None for why in self._call.degenerate], bool)
 
     # ---- what to build -------------------------------------------------------------------------------------
     def _explainer_layers(self, proto: onnx.ModelProto, target_layers):
@@ -96,7 +135,9 @@ class BaseCAM:
         """
         x = as_numpy_input(input_tensor)
         if aug_smooth:
-            return self.forward_augmentation_smoothing(x, targets, eigen_smooth)
+            maps = self.forward_augmentation_smoothing(x, targets, eigen_smooth)
+            self._call.degenerate = degenerate_maps(maps, self.result, self._gradient_layers, self.gradient_free)
+            return maps
         return self.forward(x, targets, eigen_smooth)
 
     def forward(self, x: np.ndarray, targets=None, eigen_smooth: bool = False) -> np.ndarray:
@@ -107,7 +148,14 @@ class BaseCAM:
         self.outputs, self.result = r.logits, r
         size = self.target_size(x)
         self.raw = {layer: self.raw_map(r, layer, x, eigen_smooth) for layer in self.target_layers}
-        return aggregate_layers([layer_map(raw, size) for raw in self.raw.values()], fresh=True)
+        maps = aggregate_layers([layer_map(raw, size) for raw in self.raw.values()], fresh=True)
+        self._call.degenerate = degenerate_maps(maps, r, self._gradient_layers, self.gradient_free)
+        return maps
+
+    @property
+    def _gradient_layers(self) -> list[str]:
+        """The layers whose gradients make the map (CAM's are those at the pooled tensors)."""
+        return self.target_layers
 
     def forward_augmentation_smoothing(self, x: np.ndarray, targets=None, eigen_smooth: bool = False) -> np.ndarray:
         w_axis = 2 if self._input_channels_last(x) else 3
@@ -205,16 +253,51 @@ class BaseCAM:
         return None
 
 
+class _PerCall(threading.local):
+    """A CAM object's per-call results, one set per thread."""
+
+    outputs: np.ndarray | None = None
+    result: Result | None = None
+    raw: dict = {}  # noqa: RUF012 - only ever replaced, never mutated
+    degenerate: list = []  # noqa: RUF012 - only ever replaced, never mutated
+
+
+def degenerate_maps(maps: np.ndarray, r: Result, layers: list[str], gradient_free: bool = False) -> list[str | None]:
+    """Per sample: one line saying why its map is all zero, or None when it is not.
+
+    An all-zero map means "nothing here", not "the model looks nowhere": either the target's gradient is zero at
+    every given layer (a zero-weight head, a saturated score), or the method's weighted activations are nowhere
+    positive (counterfactual Grad-CAM of a class with nothing against it) or are constant."""
+    reasons: list[str | None] = []
+    for i in range(len(maps)):
+        if np.any(maps[i]):
+            reasons.append(None)
+            continue
+        target = np.ravel(r.targets[i])[0] if r.targets.size else -1
+        what = f"class {int(target)}'s score" if target >= 0 else "the target's score"
+        names = ", ".join(repr(layer) for layer in layers)
+        if not gradient_free and not any(np.any(r.gradients[layer][i]) for layer in layers):
+            reasons.append(f"the map is all zero: the gradient of {what} at {names} is zero everywhere")
+        else:
+            reasons.append(f"the map is all zero: the method's (weighted) activations at {names} are nowhere "
+                           "positive, or constant")
+    bad = [i for i, why in enumerate(reasons) if why]
+    if bad:
+        log.warning("samples %s: %s", bad, reasons[bad[0]])
+    return reasons
+
+
 # Explainers built on a given Explainer's model, for methods that need other layers (CAM, input gradients) or
 # guided gradients: kept while that Explainer lives, so that explain(explainer, ...) in a loop analyses once.
 _DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _DERIVED_LOCK = threading.Lock()
 
 
-def _derived(ex: Explainer, layers: list, guided: bool, input_shape) -> Explainer:
-    if guided == ex.guided and layers == list(ex.layers):
+def _derived(ex: Explainer, layers: list | None, guided: bool, input_shape) -> Explainer:
+    """layers None: the explainer's own automatic choice (not made yet)."""
+    if guided == ex.guided and (layers is None or layers == ex._layers):
         return ex
-    key = (tuple(layers), guided, None if input_shape is None else tuple(input_shape))
+    key = (None if layers is None else tuple(layers), guided, None if input_shape is None else tuple(input_shape))
     with _DERIVED_LOCK:
         found = _DERIVED.setdefault(ex, {}).get(key)
     if found is None:
@@ -228,10 +311,17 @@ def as_numpy_input(value) -> np.ndarray:
     """A torch tensor (detached, on the CPU) or an array-like -> a contiguous float32 numpy array."""
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
-    value = np.asarray(value)
-    if not np.issubdtype(value.dtype, np.number):
-        raise InputError(f"input_tensor must be numeric, not {value.dtype}")
-    return np.ascontiguousarray(value, dtype=np.float32)
+    try:
+        value = np.asarray(value)
+    except ValueError as exc:  # ragged nested lists
+        raise InputError(f"input_tensor is not an array: {exc}") from None
+    if value.dtype.kind not in "biuf":
+        raise InputError(f"input_tensor must be real numbers, not {value.dtype}")
+    with np.errstate(over="ignore"):
+        x = np.ascontiguousarray(value, dtype=np.float32)
+    if value.dtype.kind == "f" and value.dtype.itemsize > 4 and not np.isfinite(x).all() and np.isfinite(value).all():
+        raise NumericalError(f"input_tensor holds values beyond float32 (up to {np.abs(value).max():.3g})")
+    return x
 
 
 def input_name(proto: onnx.ModelProto) -> str:
@@ -249,7 +339,10 @@ def _target_list(targets, n: int) -> list:
     if len(targets) != n:
         raise InputError(f"got {len(targets)} targets for a batch of {n} samples; give one per sample "
                          f"(pytorch-grad-cam would silently explain only the first {min(len(targets), n)})")
-    return [as_target(t) for t in targets]
+    try:
+        return [as_target(t) for t in targets]
+    except TypeError as exc:  # an object that is no target: the API speaks in onnxcam errors
+        raise InputError(str(exc)) from None
 
 
 def _as_list(layers) -> list:

@@ -53,6 +53,7 @@ class EigenCAM(BaseCAM):
     """Eigen-CAM: first principal component of the activations; class-agnostic (arXiv 2008.00299)."""
 
     method = staticmethod(methods.eigencam)
+    gradient_free = True
 
 
 class EigenGradCAM(BaseCAM):
@@ -71,6 +72,8 @@ class KPCA_CAM(BaseCAM):
                  gamma: float | None = None, **options):
         super().__init__(model, target_layers, reshape_transform, **options)
         self.kernel, self.gamma = kernel, gamma
+
+    gradient_free = True
 
     def method(self, activations, grads, eigen_smooth=False):
         return methods.kpca_cam(activations, grads, eigen_smooth, kernel=self.kernel, gamma=self.gamma)
@@ -116,6 +119,10 @@ class CAM(BaseCAM):
     @property
     def target_layers(self) -> list[str]:
         return list(self._layers)
+
+    @property
+    def _gradient_layers(self) -> list[str]:
+        return [self._pooled[layer] for layer in self._layers]  # the head weights are read there
 
     def raw_map(self, r: Result, layer: str, x: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
         activations, _ = self.layer_arrays(r, layer, x)

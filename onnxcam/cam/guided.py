@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..explainer import Result
-from .base import BaseCAM, as_numpy_input, input_name
+from .base import BaseCAM, as_numpy_input, degenerate_maps, input_name
 from .cams import GradCAM
 
 
@@ -28,7 +28,9 @@ class GuidedBackprop(BaseCAM):
 
     def __call__(self, input_tensor, targets=None) -> np.ndarray:
         x = as_numpy_input(input_tensor)
-        return self.gradients(self.run(x, targets), x)
+        maps = self.gradients(self.run(x, targets), x)
+        self._call.degenerate = degenerate_maps(maps, self.result, self.explainer.layers)
+        return maps
 
     def gradients(self, r: Result, x: np.ndarray) -> np.ndarray:
         g = np.float32(r.gradients[self.explainer.layers[0]])
@@ -77,6 +79,16 @@ class GuidedGradCAM:
     @property
     def raw(self):
         return self.gradcam.raw
+
+    @property
+    def degenerate_reasons(self) -> list[str | None]:
+        """Per sample of this thread's last call: why its map is all zero (Grad-CAM's or guided backprop's), or
+        None."""
+        return [cam or guided for cam, guided in zip(self.gradcam.degenerate_reasons, self.guided.degenerate_reasons)]
+
+    @property
+    def degenerate(self) -> np.ndarray:
+        return np.array([why is not None for why in self.degenerate_reasons], bool)
 
     def __call__(self, input_tensor, targets=None, aug_smooth: bool = False, eigen_smooth: bool = False) -> np.ndarray:
         x = as_numpy_input(input_tensor)

@@ -10,25 +10,85 @@ import onnx
 import onnx.inliner
 from google.protobuf.message import DecodeError
 
-from ..errors import ModelError
+from ..errors import InputError, ModelError
+from . import external
+from .external import PLACEHOLDER_LOCATION, is_placeholder  # noqa: F401 (graph/model.py imports is_placeholder here)
 
 ModelLike = "str | os.PathLike | bytes | onnx.ModelProto"
 
 
-def load_model(model) -> onnx.ModelProto:
-    """Return a ModelProto with all weights in memory and model-local functions inlined."""
+def load_model(model, base_dir: str | os.PathLike | None = None) -> onnx.ModelProto:
+    """Return a ModelProto with all weights in memory and model-local functions inlined.
+
+    base_dir: the folder that holds the external data of a model given as bytes or a ModelProto (without it, such
+    a model with external data is refused). A model file's external data is always read from the file's folder.
+    """
+    data, given, folder, what = _source(model, base_dir)
+    return _parsed(data, given, folder, what)
+
+
+def _source(model, base_dir) -> tuple[bytes | None, onnx.ModelProto | None, Path | None, str]:
+    """(serialized bytes or None, the caller's ModelProto or None, the folder of its external data, its name in
+    messages)."""
     if isinstance(model, onnx.ModelProto):
-        proto = model
-    elif isinstance(model, (bytes, bytearray)):
-        proto = _parse(bytes(model), "the given bytes")
-    elif isinstance(model, (str, os.PathLike)):
-        proto = _load_path(Path(model))
+        return None, model, _base_dir(base_dir), "the model given as a ModelProto"
+    if isinstance(model, (bytes, bytearray)):
+        # a bytearray is copied: the caller may change it later, and numpy views of the weights point into it
+        return bytes(model), None, _base_dir(base_dir), "the model given as bytes"
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if base_dir is not None:
+            raise InputError(f"base_dir is for models given as bytes or a ModelProto; {path} reads its external "
+                             "data from its own folder")
+        if not path.exists():
+            raise ModelError(f"model file not found: {path}")
+        if path.is_dir():
+            raise ModelError(f"model path is a folder, not an .onnx file: {path}")
+        try:
+            return path.read_bytes(), None, path.parent, str(path)
+        except OSError as exc:
+            raise ModelError(f"cannot read the model file {path}: {exc.strerror or exc}") from exc
+    raise ModelError(f"model must be a path, bytes or onnx.ModelProto, not {type(model).__name__}")
+
+
+def _base_dir(base_dir) -> Path | None:
+    if base_dir is None:
+        return None
+    if not isinstance(base_dir, (str, os.PathLike)) or not Path(base_dir).is_dir():
+        raise InputError(f"base_dir must be the folder that holds the model's external data, not {base_dir!r}")
+    return Path(base_dir)
+
+
+def _parsed(data: bytes | None, given: onnx.ModelProto | None, folder: Path | None, what: str,
+            files: list | None = None) -> onnx.ModelProto:
+    if given is None:
+        proto = _parse(data, what)
+    elif external.has_external_data(given):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(given)  # reading the external data fills the tensors: the caller's proto stays as it is
     else:
-        raise ModelError(f"model must be a path, bytes or onnx.ModelProto, not {type(model).__name__}")
+        proto = given
+    return _checked(proto, folder, what, files=files)
+
+
+def _checked(proto: onnx.ModelProto, folder: Path | None, what: str, held: frozenset = frozenset(),
+             files: list | None = None):
+    """The model with its external data read and its functions inlined, once it passed every check.
+    held: the top-level initializers whose values were split off (wire.py), not in the proto.
+    files: if given, the external data files read are appended to it."""
     _check_graph(proto)
+    external.check_metadata(proto, what)
+    read = external.load_tensors(proto, folder, what, held)
+    if files is not None:
+        files.extend(read)
     if proto.functions:
+        external.check_functions(proto, what)
         # Dynamo exports may wrap modules in local functions; the gradient walk needs plain nodes.
-        proto = onnx.inliner.inline_local_functions(proto)
+        try:
+            proto = onnx.inliner.inline_local_functions(proto)
+        except (onnx.checker.ValidationError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"{what}: its local functions cannot be inlined: {first}") from exc
     return proto
 
 
@@ -40,19 +100,6 @@ def _parse(data: bytes, what: str) -> onnx.ModelProto:
         raise ModelError(f"{what} is not a valid ONNX model (protobuf parse failed: {exc})") from exc
     if not proto.HasField("graph"):
         raise ModelError(f"{what} is not a valid ONNX model (no graph)")
-    return proto
-
-
-def _load_path(path: Path) -> onnx.ModelProto:
-    if not path.exists():
-        raise ModelError(f"model file not found: {path}")
-    if path.is_dir():
-        raise ModelError(f"model path is a folder, not an .onnx file: {path}")
-    proto = _parse(path.read_bytes(), str(path))
-    try:
-        onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the external data of {path}: {exc}") from exc
     return proto
 
 
@@ -74,36 +121,27 @@ def _digest(skeleton: onnx.ModelProto, named_bytes) -> str:
     return h.hexdigest()[:32]
 
 
-def load_detached(model) -> tuple[onnx.ModelProto, dict, str]:
+def load_detached(model, base_dir: str | os.PathLike | None = None,
+                  files: list | None = None) -> tuple[onnx.ModelProto, dict, str]:
     """(skeleton, {name: numpy array} of the large weights, model digest) of a path, bytes or ModelProto.
 
-    Serialized models (a path without external data, bytes) are split at the wire level (wire.py): the weights
-    are read-only views into the file's or caller's bytes, never parsed or copied. Everything else is parsed
+    Serialized models (a path without external initializers, bytes) are split at the wire level (wire.py): the
+    weights are read-only views into the file's or caller's bytes, never parsed or copied. Everything else is parsed
     (load_model) and split with detach_weights; both ways give the same skeleton, weights and digest.
+    base_dir: as for load_model. files: if given, the external data files read are appended to it (a cache of
+    the digest must notice when one of them changes).
     """
-    data = _serialized(model)
+    data, given, folder, what = _source(model, base_dir)
     split = None if data is None else _split_serialized(data)
     if split is None:
-        proto = load_model(model)
-        owned = not isinstance(model, onnx.ModelProto) or proto is not model  # inlining functions copies
+        proto = _parsed(data, given, folder, what, files)
+        owned = proto is not given  # read here, copied to read external data, or copied by inlining functions
         digest = model_digest(proto)
         skeleton, weights = detach_weights(proto, owned)
         return skeleton, weights, digest
     skeleton, weights, hashed = split
-    _check_graph(skeleton)
-    if skeleton.functions:
-        skeleton = onnx.inliner.inline_local_functions(skeleton)
+    skeleton = _checked(skeleton, folder, what, held=frozenset(weights), files=files)
     return skeleton, weights, _digest(skeleton, hashed)
-
-
-def _serialized(model) -> bytes | None:
-    if isinstance(model, (bytes, bytearray)):
-        return bytes(model)  # a bytearray is copied: the caller may change it later
-    if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        if path.is_file():
-            return path.read_bytes()
-    return None  # a ModelProto, or a path load_model reports on
 
 
 def _split_serialized(data: bytes):
@@ -117,9 +155,6 @@ def _split_serialized(data: bytes):
 def _check_graph(proto: onnx.ModelProto) -> None:
     if not proto.graph.node:
         raise ModelError("the model has no nodes")
-
-
-PLACEHOLDER_LOCATION = "onnxcam-weights-held-in-memory"
 
 
 def split_weights(proto: onnx.ModelProto, min_elements: int = 1024):
@@ -153,11 +188,6 @@ def _placeholder(t: onnx.TensorProto) -> onnx.TensorProto:
     entry = p.external_data.add()
     entry.key, entry.value = "location", PLACEHOLDER_LOCATION
     return p
-
-
-def is_placeholder(t: onnx.TensorProto) -> bool:
-    return t.data_location == onnx.TensorProto.EXTERNAL and any(
-        e.key == "location" and e.value == PLACEHOLDER_LOCATION for e in t.external_data)
 
 
 def with_weights(skeleton: onnx.ModelProto, weights: dict) -> onnx.ModelProto:

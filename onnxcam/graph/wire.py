@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .external import byte_size
+
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
 _LENGTH_DELIMITED = 2
 
@@ -69,8 +71,10 @@ def _field(number: int, payload: bytes) -> bytes:
 
 def split_serialized(data: bytes, is_big, placeholder, raw_dtypes: dict):
     """(skeleton ModelProto, {name: numpy view of data} for the large weights, [(name, bytes)] of the weights as
-    load.model_digest hashes them), or None when the model needs the parsed path (external data, or no graph). `is_big(tensor)`, `placeholder(tensor)` and `raw_dtypes` are
-    load.py's rules, applied here to each initializer parsed without its raw bytes.
+    load.model_digest hashes them), or None when the model needs the parsed path (external initializers, or no
+    graph). `is_big(tensor)`, `placeholder(tensor)` and `raw_dtypes` are load.py's rules, applied here to each
+    initializer parsed without its raw bytes. The skeleton is not checked yet: load.py checks it (and reads the
+    external data of tensors other than initializers) as it checks a parsed model.
     """
     buf = memoryview(data)
     graph = [f for f in _fields(buf, 0, len(buf)) if f[0] == _MODEL_GRAPH and f[1] == _LENGTH_DELIMITED]
@@ -103,7 +107,11 @@ def split_serialized(data: bytes, is_big, placeholder, raw_dtypes: dict):
 
 def _array(data: bytes, buf: memoryview, tensor: onnx.TensorProto, raw, start: int, end: int, raw_dtypes: dict):
     """(value, the bytes the digest reads): a view of the raw bytes when numpy reads them as they are; else the
-    parsed tensor's value."""
+    parsed tensor's value. Raw bytes of another size than the shape's raise ValueError: the parsed path (load.py)
+    then reports the tensor."""
+    want = byte_size(tensor)
+    if raw is not None and want is not None and raw[1] - raw[0] != want:
+        raise ValueError(f"initializer {tensor.name!r}: raw data of the wrong length")
     if raw is not None and tensor.data_type in raw_dtypes:
         dtype = np.dtype(raw_dtypes[tensor.data_type])
         count = (raw[1] - raw[0]) // dtype.itemsize
