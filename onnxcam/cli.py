@@ -14,7 +14,8 @@ import click
 import numpy as np
 
 from . import __version__
-from .errors import OnnxCamError
+from .errors import ImageTooLargeError, OnnxCamError
+from .image import MAX_PIXELS, quiet_decoder_warnings
 
 log = logging.getLogger(__name__)
 DATA = Path(__file__).parent / "data"
@@ -60,14 +61,33 @@ def debug_option(f):
                         help="Show tracebacks and debug logs.")(f)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a record comes (click's test runner replaces it for each call), and drops
+    the library's per-batch zero-map warning: the command names each zero map next to its image instead."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "degenerate_maps" and super().filter(record)
+
+
 def _setup_logging() -> None:
     logger = logging.getLogger("onnxcam")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.WARNING)
         logger.propagate = False
+    # Every call starts at WARNING: an earlier --debug in this process (tests call main repeatedly) does not stick.
+    debug = click.get_current_context().meta.get("onnxcam.debug")
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    quiet_decoder_warnings()
 
 
 # ---- option parsing (bad values are usage errors: exit status 2) ------------------------------------------------
@@ -100,6 +120,15 @@ def _parse_floats(_ctx, param, value):
     if param.name == "std" and any(v == 0 for v in floats):
         raise click.BadParameter(f"{value!r}: std must not be 0")
     return floats
+
+
+def _parse_out(_ctx, _param, value: str) -> Path:
+    if not value.strip():  # Path("") is the current folder: say so instead of writing there
+        raise click.BadParameter("the folder name is empty; give a folder (--out . for the current one)")
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise click.BadParameter(f"{value} is a file, not a folder")
+    return path
 
 
 def _parse_methods(_ctx, _param, value):
@@ -147,7 +176,7 @@ def main():
 
 
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="onnxcam-out", show_default=True,
+@click.option("--out", default="onnxcam-out", show_default=True, callback=_parse_out, metavar="DIR",
               help="Folder for the pictures and JSON files.")
 @click.option("--method", "methods", default="gradcam,hirescam", show_default=True, callback=_parse_methods,
               help="CAM methods, comma-separated.")
@@ -185,6 +214,9 @@ def demo(out: Path, methods: list[str], device: str):
                      rgb=pair)
     rep = runner.explain_batch([both], parse_target("285,967"))[0]
     for m in rep.maps:
+        if m.zero or m.agnostic:
+            click.echo(f"  {'cat_and_coffee':14s} {_explained(m)}")
+            continue
         half = "left (the cat)" if _peak_x(m.mask) < 0.5 else "right (the cup)"
         click.echo(f"  {'cat_and_coffee':14s} {m.method:9s} map for {m.target} {m.label!r} peaks on the {half}"
                    f" -> {_show(m.files['overlay'])}")
@@ -207,8 +239,8 @@ def demo(out: Path, methods: list[str], device: str):
               help="Which classes to explain: each image's best k, or class numbers or names.")
 @click.option("--output", "output", metavar="NAME",
               help="For models with several outputs: the output whose classes are explained [default: the first].")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="onnxcam-out", show_default=True,
-              help="Output folder.")
+@click.option("--out", default="onnxcam-out", show_default=True, callback=_parse_out, metavar="DIR",
+              help="Output folder (skipped when looking for images in the input folders).")
 @model_options
 @click.option("--labels", metavar="FILE",
               help="Class names, one per line or a JSON list; 'imagenet' for the bundled ImageNet names "
@@ -217,18 +249,23 @@ def demo(out: Path, methods: list[str], device: str):
               help="Where onnxruntime runs; auto takes CUDA when it really works.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Images per onnxruntime run.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True, metavar="N",
+              help="Images with more pixels are skipped, checked from the file header before decoding (a small "
+                   "file can claim a huge picture).")
 @click.option("--save-raw", is_flag=True,
               help="Also write an .npz per map: the map at input size, the low-resolution map, activations, "
                    "gradients and logits.")
 @debug_option
 def explain(model, inputs, methods, layers, target, output, out, size, mean, std, layout, bgr, labels, device,
-            batch_size, save_raw):
+            batch_size, max_pixels, save_raw):
     """Explain MODEL's predictions on INPUTS (image files, or folders searched recursively).
 
     Writes, per image and method: an overlay PNG (the heatmap on the image, at its original resolution), the
     heatmap alone, and one JSON per image with the top classes, target, layer, method, model hash and timings.
     Preprocessing comes from the model's metadata (onnxcam.preprocess) where present; options override it.
-    Unreadable images in a folder are reported and skipped; the exit status is then 1.
+    With --layer, the file names carry the layer; class-agnostic methods (eigencam, kpca_cam) write one map.
+    Images that cannot be read or explained (too large, not finite numbers) are reported and skipped; the others
+    are explained and the exit status is 1. A map that is zero everywhere is reported, and gets no pictures.
 
     \b
     Examples:
@@ -238,10 +275,11 @@ def explain(model, inputs, methods, layers, target, output, out, size, mean, std
     """
     from .pipeline import Runner, find_images
 
+    _refuse_input_in_out(inputs, out)
     files = find_images(inputs, exclude=[out])
     runner = Runner(model, methods=methods, layers=list(layers) or None, target=target, size=size, mean=mean,
                     std=std, layout=layout, bgr=bgr, labels=labels, device=device, out=out, save_raw=save_raw,
-                    output=output)
+                    output=output, max_pixels=max_pixels)
     if runner.quantized:
         click.echo(f"Note: {runner.differentiated_as}")
     start, failed, written = time.perf_counter(), 0, 0
@@ -251,9 +289,9 @@ def explain(model, inputs, methods, layers, target, output, out, size, mean, std
         with click.progressbar(length=len(files), label="Explaining", file=sys.stderr) as progress:
             for batch in batches:
                 for rep in batch:
-                    if not rep.ok:
+                    if not rep.ok or any(m.zero for m in rep.maps):
                         progress.render_finish()
-                        click.echo(f"Error: {rep.error}", err=True)
+                        _echo_report(rep)
                     failed += not rep.ok
                     written += _count_files(rep)
                 progress.update(len(batch))
@@ -294,6 +332,9 @@ def layers(model, size, mean, std, layout, bgr, show_all):
     rows = candidate_layers(m, show_all)
     if m.size_note:
         click.echo(m.size_note)
+    if not rows:
+        click.echo(f"0 candidate layers: {m.problems.get('layer', 'no 4-D activation on the path to the score')}")
+        return
     headers = ("", "tensor", "op", "shape", "module", "gradient")
     table = [("*" if r.default else "", r.name, r.op, r.shape, r.module or "",
               f"no rule for {', '.join(r.missing)}" if r.missing else "ok") for r in rows]
@@ -327,15 +368,43 @@ def info(model, size, mean, std, layout, bgr):
 
 # ---- output helpers --------------------------------------------------------------------------------------------
 def _echo_report(rep) -> int:
-    """Print one image's result line (or its error on stderr); return 1 if it failed."""
+    """Print one image's result (or its error on stderr); return 1 if it failed.
+
+    The image's best class, and the file it points to when every map explains that class; else one line per map
+    naming the class it explains (or that it is class-agnostic, or zero everywhere)."""
     if not rep.ok:
-        click.echo(f"Error: {rep.error}", err=True)
+        hint = " (raise the limit with --max-pixels)" if isinstance(rep.exception, ImageTooLargeError) else ""
+        click.echo(f"Error: {rep.error}{hint}", err=True)
         return 1
     c, label, p = rep.top[0]
-    shown = {m.files["overlay"] for m in rep.maps[:1]}
-    where = f" -> {_show(next(iter(shown)))}" if shown else ""
-    click.echo(f"  {rep.image.path.name:14s} {c:>5} {label} ({p:.2f}){where}")
+    line = f"  {rep.image.path.name:14s} {c:>5} {label} ({p:.2f})"
+    if rep.maps and all(m.target == c and m.zero is None for m in rep.maps):
+        click.echo(f"{line} -> {_show(rep.maps[0].files['overlay'])}")
+        return 0
+    click.echo(line)
+    for m in rep.maps:
+        click.echo(f"      {_explained(m)}")
     return 0
+
+
+def _explained(m) -> str:
+    """One map: its method, the class it explains, and its picture or why it has none."""
+    what = "class-agnostic" if m.agnostic else f"{m.target:>5} {m.label} ({m.score:.2f})"
+    if m.zero:
+        return f"{m.method:9s} {what}: zero map: {m.zero} (no picture written)"
+    return f"{m.method:9s} {what} -> {_show(m.files['overlay'])}"
+
+
+def _refuse_input_in_out(inputs, out: Path) -> None:
+    """An input folder that is the output folder, or inside it, would yield no images: the output folder is
+    skipped when folders are searched (so a second run does not explain the first run's pictures)."""
+    where = out.resolve()
+    for given in inputs:
+        p = Path(given)
+        if p.is_dir() and (p.resolve() == where or where in p.resolve().parents):
+            relation = "is also" if p.resolve() == where else "is inside"
+            raise click.BadParameter(f"the input folder {given} {relation} the output folder, which is skipped when "
+                                     "looking for images; choose another output folder", param_hint="'--out'")
 
 
 def _count_files(rep) -> int:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import functools
+import os
+import re
+import stat
+import struct
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .errors import InputError
+from .errors import ImageTooLargeError, InputError
 from .preprocess import Preprocess
 
 # What a folder run picks up; a file named explicitly is tried whatever its extension.
@@ -45,24 +49,37 @@ def _linear_weights(source: int, size: int) -> np.ndarray:
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------
-def read_image(path) -> np.ndarray:
+# Images above this many pixels are refused before decoding (a 1 MB PNG can claim 20000 x 20000 pixels: 1.2 GB
+# decoded, several times that in float copies). 100 megapixels is well above any camera photo.
+MAX_PIXELS = 100_000_000
+_BAND_PIXELS = 1 << 20  # overlays and heatmaps are computed this many pixels at a time
+_NOT_REGULAR = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                (stat.S_ISBLK, "a device"))
+
+
+def quiet_decoder_warnings() -> None:
+    """Silence OpenCV's own warning lines (a truncated PNG's "buffer is incomplete"): the command line reports every
+    unreadable image in one line of its own. Process-wide, so only the command line calls it."""
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+def read_image(path, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """An image file as uint8 RGB (H, W, 3) at its original resolution.
 
     EXIF orientation is applied; gray becomes 3 equal channels; 16-bit and float images are scaled to 8 bits;
     transparent pixels are composited on white (images with an alpha channel are read as stored, since the
     formats that carry alpha rarely carry an EXIF orientation).
+
+    max_pixels: images with more pixels raise ImageTooLargeError; the size is read from the file's header before
+    decoding (PNG, JPEG, GIF, BMP, WebP, TIFF, PNM), for other formats checked after decoding. None: no limit.
+    Only regular files are read (a named pipe would block forever).
     """
     path = Path(path)
-    try:
-        data = np.fromfile(path, dtype=np.uint8)  # not cv2.imread: it returns None for every kind of failure
-    except FileNotFoundError:
-        raise InputError(f"image not found: {path}") from None
-    except IsADirectoryError:
-        raise InputError(f"image path is a folder: {path}") from None
-    except OSError as exc:
-        raise InputError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+    data = _read_regular_file(path)
     if data.size == 0:
         raise InputError(f"cannot decode image {path}: the file is empty")
+    if max_pixels is not None:
+        _check_pixels(path, image_size(data), max_pixels)
     img = None
     if path.suffix.lower() in _MAY_HAVE_ALPHA:
         raw = _decode(data, cv2.IMREAD_UNCHANGED)
@@ -72,7 +89,132 @@ def read_image(path) -> np.ndarray:
         img = _decode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)  # applies the EXIF orientation
     if img is None:
         raise InputError(f"cannot decode image {path}: not an image, or a format OpenCV cannot read")
+    if max_pixels is not None:  # formats whose header is not read above
+        _check_pixels(path, (img.shape[1], img.shape[0]), max_pixels)
     return cv2.cvtColor(_to_uint8(img), cv2.COLOR_BGR2RGB)
+
+
+def _read_regular_file(path: Path) -> np.ndarray:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"image not found: {path}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(mode):
+        raise InputError(f"image path is a folder: {path}")
+    for test, kind in _NOT_REGULAR:
+        if test(mode):
+            raise InputError(f"image path is {kind}, not a regular file: {path}")
+    try:
+        return np.fromfile(path, dtype=np.uint8)  # not cv2.imread: it returns None for every kind of failure
+    except OSError as exc:
+        raise InputError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+
+
+def _check_pixels(path: Path, size_wh: tuple[int, int] | None, max_pixels: int) -> None:
+    if size_wh is None or size_wh[0] * size_wh[1] <= max_pixels:
+        return
+    w, h = size_wh
+    raise ImageTooLargeError(f"image {path} is {w}x{h} pixels ({w * h / 1e6:.0f} megapixels), above the limit of "
+                             f"{max_pixels / 1e6:g} megapixels: not decoded")
+
+
+def image_size(data) -> tuple[int, int] | None:
+    """(width, height) from an image file's header, without decoding it; None for formats not read here.
+
+    PNG, JPEG, GIF, BMP, WebP, TIFF (the first image) and PNM/PFM. A malformed header gives None: the decoder
+    then says what is wrong."""
+    head = bytes(data[:64])
+    try:
+        for magic, reader in _HEADER_READERS:
+            if head.startswith(magic):
+                return reader(data)
+    except (struct.error, ValueError, IndexError):
+        return None
+    return None
+
+
+def _png_size(data) -> tuple[int, int] | None:
+    if bytes(data[12:16]) != b"IHDR":
+        return None
+    return struct.unpack(">II", bytes(data[16:24]))
+
+
+def _jpeg_size(data) -> tuple[int, int] | None:
+    """Walk the markers to the first start-of-frame (SOF0..SOF15 except DHT, JPG and DAC)."""
+    i, n = 2, len(data)
+    while i + 9 <= n:
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = int(data[i + 1])
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", bytes(data[i + 5:i + 9]))
+            return w, h
+        if marker == 0xDA:  # start of scan before any frame header: not a JPEG we can size
+            return None
+        i += 2 + struct.unpack(">H", bytes(data[i + 2:i + 4]))[0]
+    return None
+
+
+def _gif_size(data) -> tuple[int, int]:
+    return struct.unpack("<HH", bytes(data[6:10]))
+
+
+def _bmp_size(data) -> tuple[int, int]:
+    if struct.unpack("<I", bytes(data[14:18]))[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+        return struct.unpack("<HH", bytes(data[18:22]))
+    w, h = struct.unpack("<ii", bytes(data[18:26]))
+    return abs(w), abs(h)  # a negative height means top-down rows
+
+
+def _webp_size(data) -> tuple[int, int] | None:
+    if bytes(data[8:12]) != b"WEBP":
+        return None
+    chunk = bytes(data[12:16])
+    if chunk == b"VP8 " and bytes(data[23:26]) == b"\x9d\x01\x2a":
+        w, h = struct.unpack("<HH", bytes(data[26:30]))
+        return w & 0x3FFF, h & 0x3FFF
+    if chunk == b"VP8L" and data[20] == 0x2F:
+        bits = struct.unpack("<I", bytes(data[21:25]))[0]
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        b = bytes(data[24:30])
+        return 1 + int.from_bytes(b[:3], "little"), 1 + int.from_bytes(b[3:], "little")
+    return None
+
+
+def _tiff_size(data) -> tuple[int, int] | None:
+    order = "<" if bytes(data[:2]) == b"II" else ">"
+    start = struct.unpack(order + "I", bytes(data[4:8]))[0]
+    count = struct.unpack(order + "H", bytes(data[start:start + 2]))[0]
+    found = {}
+    for k in range(count):
+        entry = bytes(data[start + 2 + 12 * k:start + 14 + 12 * k])
+        tag, kind = struct.unpack(order + "HH", entry[:4])
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
+            found[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), entry[8:10] if kind == 3 else entry[8:])[0]
+    return (found[256], found[257]) if len(found) == 2 else None
+
+
+def _pnm_size(data) -> tuple[int, int] | None:
+    text = re.sub(rb"#[^\n]*", b" ", bytes(data[2:512]))
+    fields = text.split()
+    return (int(fields[0]), int(fields[1])) if len(fields) >= 2 else None
+
+
+_HEADER_READERS = (
+    (b"\x89PNG\r\n\x1a\n", _png_size), (b"\xff\xd8", _jpeg_size), (b"GIF87a", _gif_size), (b"GIF89a", _gif_size),
+    (b"BM", _bmp_size), (b"RIFF", _webp_size), (b"II*\x00", _tiff_size), (b"MM\x00*", _tiff_size),
+    *((f"P{k}".encode(), _pnm_size) for k in "123456"), (b"PF", _pnm_size), (b"Pf", _pnm_size),
+)
 
 
 def _decode(data: np.ndarray, flags: int) -> np.ndarray | None:
@@ -129,20 +271,40 @@ def colorize(mask: np.ndarray) -> np.ndarray:
 
 
 def heatmap(mask: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
-    """The map alone, resized to (width, height) and colorized."""
-    return colorize(resize_map(mask, size_wh))
+    """The map alone, resized to (width, height) and colorized (in bands of rows: no full-size float copies
+    beyond the resized map itself)."""
+    big = resize_map(mask, size_wh)
+    out = np.empty((*big.shape, 3), np.uint8)
+    for band in _bands(*big.shape):
+        out[band] = colorize(big[band])
+    return out
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray, image_weight: float = 0.5) -> np.ndarray:
     """show_cam_on_image(rgb / 255, mask, use_rgb=True) at the image's own resolution (the map is resized to it).
 
-    Heatmap and image blended (1 - image_weight) : image_weight, divided by the maximum, as uint8 RGB.
+    Heatmap and image blended (1 - image_weight) : image_weight, divided by the maximum, as uint8 RGB. The same
+    arithmetic element by element, done in bands of rows: a huge image gets no full-size float32 copies.
     """
     h, w = rgb.shape[:2]
-    heat = np.float32(colorize(resize_map(mask, (w, h)))) / 255
-    cam = (1 - image_weight) * heat + image_weight * (np.float32(rgb) / 255)
-    cam = cam / np.max(cam)
-    return np.uint8(255 * cam)
+    big = resize_map(mask, (w, h))
+    bands = _bands(h, w)
+
+    def blend(band: slice) -> np.ndarray:
+        heat = np.float32(colorize(big[band])) / 255
+        return (1 - image_weight) * heat + image_weight * (np.float32(rgb[band]) / 255)
+
+    top = max(float(np.max(blend(b))) for b in bands)
+    out = np.empty_like(rgb, dtype=np.uint8)
+    for b in bands:
+        out[b] = np.uint8(255 * (blend(b) / np.float32(top)))
+    return out
+
+
+def _bands(h: int, w: int) -> list[slice]:
+    """Row ranges of about a megapixel each."""
+    rows = max(1, _BAND_PIXELS // max(w, 1))
+    return [slice(r, r + rows) for r in range(0, h, rows)]
 
 
 def side_by_side(left: np.ndarray, right: np.ndarray, height: int | None = None) -> np.ndarray:

@@ -3,7 +3,6 @@ candidate target layers with their module paths, and which ops on the way to the
 
 from __future__ import annotations
 
-import ast
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import onnx
 
 from . import preprocess
 from .errors import InputError, OnnxCamError
+from .graph import names
 from .graph.load import load_model, model_digest
 from .graph.model import ModelGraph
 
@@ -49,15 +49,13 @@ class LayerRow:
 def open_model(path, *, size=None, mean=None, std=None, layout="auto", bgr=False) -> OpenModel:
     proto = load_model(path)
     note = ""
-    try:
-        pre = preprocess.resolve(proto, size=size, mean=mean, std=std, layout=layout, bgr=bgr)
-    except InputError:
-        if size is not None:
-            raise
-        pre = preprocess.resolve(proto, size=DEFAULT_PROBE_SIZE, mean=mean, std=std, layout=layout, bgr=bgr)
+    pre = preprocess.resolve(proto, size=size, mean=mean, std=std, layout=layout, bgr=bgr,
+                             assumed_size=DEFAULT_PROBE_SIZE)
+    if pre.sources["size"] == "assumed":
         note = (f"(the input size is dynamic: shapes shown for {DEFAULT_PROBE_SIZE[0]}x{DEFAULT_PROBE_SIZE[1]}; "
                 "explain needs --size HxW)")
     graph = ModelGraph(proto, pre.input_shape(1))
+    check_input_size(graph, pre)
     problems = {}
     score = layer = None
     try:
@@ -66,6 +64,19 @@ def open_model(path, *, size=None, mean=None, std=None, layout="auto", bgr=False
     except OnnxCamError as exc:
         problems["score" if score is None else "layer"] = str(exc)
     return OpenModel(Path(path), proto, pre, note, graph, score, layer, problems)
+
+
+def check_input_size(graph: ModelGraph, pre: preprocess.Preprocess) -> None:
+    """Raise InputError when the input size is too small for the model: some tensor would get an empty or negative
+    dimension (a 7x7 pooling on a 2x2 map), which onnxruntime only reports mid-run, after logging it itself.
+    Activations only (float, rank >= 3): shape plumbing may hold legitimately empty tensors."""
+    for node in graph.graph.nodes:
+        for out in node.outputs:
+            shape = graph.shape(out)
+            if shape and len(shape) >= 3 and _is_float(out) and any(isinstance(d, int) and d < 1 for d in shape):
+                h, w = pre.size
+                raise InputError(f"the input size {h}x{w} is too small for this model: the {node.op} node "
+                                 f"{node.name or out.name!r} would output shape {_fmt(shape)}")
 
 
 def candidate_layers(m: OpenModel, show_all: bool = False) -> list[LayerRow]:
@@ -114,24 +125,7 @@ def _missing_after(g: ModelGraph, t, unsupported: dict[str, str]) -> tuple[str, 
 
 def module_path(node: onnx.NodeProto | None) -> str | None:
     """The source module of a node, where the exporter recorded it (torch scopes, dynamo name_scopes, TF names)."""
-    if node is None:
-        return None
-    for prop in getattr(node, "metadata_props", []):
-        if prop.key == "pkg.torch.onnx.name_scopes":  # dynamo: ['', 'layer4', 'layer4.1', 'relu'], last = the op
-            try:
-                scopes = [s for s in ast.literal_eval(prop.value) if s]
-            except (ValueError, SyntaxError):
-                break
-            return scopes[-2] if len(scopes) >= 2 else None
-    name = node.name
-    if name.startswith("/"):  # TorchScript exporter: "/layer4/layer4.1/relu_1/Relu"
-        path = ""
-        for scope in name.split("/")[1:-1]:
-            path = scope if not path or scope.startswith(path + ".") else f"{path}.{scope}"
-        return path or None
-    if "/" in name:  # tf2onnx: "functional_1/c2_1/Relu"
-        return name.rsplit("/", 1)[0]
-    return None
+    return None if node is None else names.node_module(node)
 
 
 def gradient_support(m: OpenModel) -> tuple[list[str], dict[str, int], dict[str, int]]:

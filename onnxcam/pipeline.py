@@ -1,18 +1,24 @@
 """Explaining image files: find them, preprocess, run the CAM methods, write pictures and one JSON per image.
 
 The command line (cli.py) is a thin shell around `Runner`; this module neither prints nor exits.
-Files written per image (base = the image's name without its extension, kept unique in its output folder):
+Files written per image (base = the image's name without its extension, kept unique in its output folder;
+with layers chosen by name, base is followed by .<layer tag> (layer_tag), so runs on other layers never replace
+these files; class-agnostic methods (EigenCAM, KPCA-CAM) have no .<class>: their map is written once):
 
     <base>.<method>.<class>.overlay.png   the heatmap blended on the image, at the image's original resolution
     <base>.<method>.<class>.heatmap.png   the heatmap alone, same resolution
     <base>.<method>.<class>.npz           with save_raw: maps, activations, gradients, logits
     <base>.json                           predictions, targets, layers, model hash, preprocessing, timings
 
-The JSON is written last, so its presence means the image's pictures are complete.
+A map that is zero everywhere (e.g. the target's gradient at the layer is zero) gets no pictures: its JSON entry
+says why in "zero_map". The JSON is written last, so its presence means the image's pictures are complete; it is
+strict JSON (an image whose logits, activations or gradients are not finite fails instead).
 """
 
 from __future__ import annotations
 
+import os
+import hashlib
 import logging
 import re
 import time
@@ -25,13 +31,17 @@ from . import __version__, image, preprocess
 from .autodiff.rules.qlinear import is_quantized
 from .cam.api import Explanation, method_object
 from .cam.methods import METHODS
-from .errors import InputError
+from .errors import InputError, NumericalError
 from .explainer import Explainer
 from .files import atomic_write, write_json, write_npz
 from .graph.load import load_model
+from .graph.model import ModelGraph
+from .modelinfo import check_input_size
 
 log = logging.getLogger(__name__)
 TOP_K = 5
+# Methods whose map is a function of the activations only: the same map for every class, written once.
+CLASS_AGNOSTIC = frozenset({"eigencam", "kpca_cam"})
 
 
 # ---- what to explain -------------------------------------------------------------------------------------------
@@ -82,7 +92,7 @@ class ImageFile:
 
 def find_images(inputs, exclude=()) -> list[ImageFile]:
     """Files as given, folders recursed (image extensions only, hidden entries and `exclude` folders skipped)."""
-    skip = {Path(p).resolve() for p in exclude}
+    skip = {_real(p) for p in exclude}
     found: list[tuple[Path, Path]] = []
     for given in inputs:
         p = Path(given)
@@ -90,7 +100,7 @@ def find_images(inputs, exclude=()) -> list[ImageFile]:
             files = []
             for f in sorted(p.rglob("*")):
                 rel = f.relative_to(p)
-                if any(part.startswith(".") for part in rel.parts) or any(s in f.resolve().parents for s in skip):
+                if any(part.startswith(".") for part in rel.parts) or any(s in _real(f).parents for s in skip):
                     continue
                 if f.is_file() and f.suffix.lower() in image.IMAGE_EXTENSIONS:
                     files.append((f, rel.with_suffix("")))
@@ -99,14 +109,16 @@ def find_images(inputs, exclude=()) -> list[ImageFile]:
             found += files
         elif p.exists():
             found.append((p, Path(p.stem)))
+        elif p.is_symlink():
+            raise InputError(f"{p} is a symlink to nothing (its target is missing, or it is a loop)")
         else:
             raise InputError(f"no such file or folder: {p}")
     unique: dict[Path, ImageFile] = {}
     seen_paths = set()
     for path, base in found:
-        if path.resolve() in seen_paths:
+        if _real(path) in seen_paths:
             continue
-        seen_paths.add(path.resolve())
+        seen_paths.add(_real(path))
         if base in unique:  # a.png and a.jpg, or the same name from two folders given as files
             ext = path.suffix.lstrip(".").lower() or "img"
             candidate, n = base.with_name(f"{base.name}_{ext}"), 2
@@ -117,23 +129,35 @@ def find_images(inputs, exclude=()) -> list[ImageFile]:
     return list(unique.values())
 
 
+def _real(path) -> Path:
+    """The path with symlinks resolved as far as they go: a symlink loop is left as it is (Path.resolve raises),
+    so it is reported like any other unreadable file."""
+    return Path(os.path.realpath(path))
+
+
 # ---- results ---------------------------------------------------------------------------------------------------
 @dataclass
 class Map:
     method: str
-    target: int
-    label: str
-    score: float                    # the target's softmax probability
+    target: int | None              # None for a class-agnostic method (the same map for every class)
+    label: str | None
+    score: float | None             # the target's softmax probability
     mask: np.ndarray                # (H, W) in [0, 1] at the model's input size
     files: dict = field(default_factory=dict)
     source: object | None = field(default=None, repr=False)  # the batch's explanation, until written
     index: int = 0                  # this image's row in it
+    zero: str | None = None         # why the map is zero everywhere (no pictures are written then)
+
+    @property
+    def agnostic(self) -> bool:
+        return self.target is None
 
 
 @dataclass
 class ImageReport:
     image: ImageFile
     error: str | None = None
+    exception: Exception | None = field(default=None, repr=False)  # what error came from
     top: list = field(default_factory=list)       # [(class, label, probability)], best first
     maps: list[Map] = field(default_factory=list)
     json_path: Path | None = None
@@ -148,7 +172,8 @@ class Runner:
 
     def __init__(self, model, *, methods=("gradcam",), layers=None, target: str | Target = "top1", size=None,
                  mean=None, std=None, layout: str = "auto", bgr: bool = False, labels=None, device: str = "auto",
-                 out: str | Path = "onnxcam-out", save_raw: bool = False, output: str | None = None):
+                 out: str | Path = "onnxcam-out", save_raw: bool = False, output: str | None = None,
+                 max_pixels: int | None = image.MAX_PIXELS):
         start = time.perf_counter()
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
@@ -156,6 +181,8 @@ class Runner:
         self.model_name = str(model)
         proto = load_model(model)
         self.pre = preprocess.resolve(proto, size=size, mean=mean, std=std, layout=layout, bgr=bgr)
+        if self.pre.sources["size"] != "model":  # a size the model does not declare may be too small for it
+            check_input_size(ModelGraph(proto, self.pre.input_shape(1)), self.pre)
         self.labels, self.labels_source = _labels(proto, labels)
         self.target = target if isinstance(target, Target) else parse_target(target, self.labels)
         self.explainer = Explainer(proto, layers=layers, device=device, input_shape=self.pre.input_shape(1),
@@ -164,6 +191,9 @@ class Runner:
         self.methods = list(dict.fromkeys(methods))
         self.out = Path(out)
         self.save_raw = save_raw
+        self.max_pixels = max_pixels
+        # Layers chosen by name go into the file names: a run on other layers never replaces these files.
+        self.tag = layer_tag(self.explainer.layers) if layers else ""
         self._classes_checked = False
         self._inputs: set[Path] = set()  # every input file of the run: outputs never replace one
         self._runs: dict = {}  # id(explainer) -> the batch's per-rank results (reset per batch)
@@ -186,47 +216,70 @@ class Runner:
 
     def run(self, files: list[ImageFile], batch_size: int = 8, target: Target | None = None):
         """Yield one list of ImageReport per batch (images that cannot be read carry their error, and are skipped)."""
-        self._inputs |= {f.path.resolve() for f in files if f.rgb is None}
+        self._inputs |= {_real(f.path) for f in files if f.rgb is None}
         for i in range(0, len(files), max(1, batch_size)):
             yield self.explain_batch(files[i:i + batch_size], target)
 
     def explain_batch(self, files: list[ImageFile], target: Target | None = None) -> list[ImageReport]:
         target = target or self.target
-        self._inputs |= {f.path.resolve() for f in files if f.rgb is None}
+        self._inputs |= {_real(f.path) for f in files if f.rgb is None}
         reports = [ImageReport(f) for f in files]
         timings: dict[int, dict] = {}
-        images, xs = {}, []
+        images: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # report index -> (image, model input)
         for i, f in enumerate(files):
             t = time.perf_counter()
             try:
-                rgb = f.rgb if f.rgb is not None else image.read_image(f.path)
+                rgb = f.rgb if f.rgb is not None else image.read_image(f.path, self.max_pixels)
             except InputError as exc:
-                reports[i].error = str(exc)
+                _fail(reports[i], str(exc), exc)
                 continue
-            images[i] = rgb
-            xs.append(image.to_input(rgb, self.pre))
+            images[i] = rgb, image.to_input(rgb, self.pre)
             timings[i] = {"read_s": time.perf_counter() - t, "explain_s": {}}
+        self._explain_images(reports, images, timings, target)
+        for i, (rgb, _) in images.items():
+            if reports[i].ok:
+                self._write(reports[i], rgb, timings[i], target)
+        return reports
+
+    def _explain_images(self, reports: list[ImageReport], images: dict, timings: dict, target: Target) -> None:
+        """Fill in the reports' maps and top classes from one run on the images (one per image after a
+        NumericalError, to tell the images whose numbers are not finite from the others)."""
         if not images:
-            return reports
-        x = np.stack(xs)
+            return
+        x = np.stack([xi for _, xi in images.values()])
         self._runs = {}  # one run per explainer for this batch, shared by the methods and the ranks
-        probs = None
-        for method in self.methods:
-            t = time.perf_counter()
-            for classes, e in self._explain(x, method, target):
-                probs = _softmax(e.logits) if probs is None else probs
-                for j, i in enumerate(images):
-                    c = int(classes[j])
-                    reports[i].maps.append(Map(method, c, self.label(c), float(probs[j, c]), e.maps[j],
-                                               source=e, index=j))
-            for i in images:
-                timings[i]["explain_s"][method] = (time.perf_counter() - t) / len(images)
+        probs, maps = None, {i: [] for i in images}
+        try:
+            for method in self.methods:
+                t = time.perf_counter()
+                for classes, e in self._explain(x, method, target):
+                    probs = _softmax(e.logits) if probs is None else probs
+                    for j, i in enumerate(images):
+                        c = None if method in CLASS_AGNOSTIC else int(classes[j])
+                        maps[i].append(Map(method, c, None if c is None else self.label(c),
+                                           None if c is None else float(probs[j, c]), e.maps[j], source=e, index=j))
+                    if method in CLASS_AGNOSTIC:  # every rank gives the same map: keep one
+                        break
+                for i in images:
+                    timings[i]["explain_s"][method] = (time.perf_counter() - t) / len(images)
+        except NumericalError as exc:
+            if len(images) > 1:
+                for i, item in images.items():
+                    self._explain_images(reports, {i: item}, timings, target)
+                return
+            (i,) = images
+            _fail(reports[i], f"image {reports[i].image.path}: {exc}", exc)
+            return
         for j, i in enumerate(images):
+            bad = next((m for m in maps[i] if not np.isfinite(m.mask).all()), None)
+            if bad is not None:  # the run's numbers were finite, the map's arithmetic was not
+                _fail(reports[i], f"image {reports[i].image.path}: the {bad.method} map holds NaN or Inf")
+                continue
+            for m in maps[i]:
+                m.zero = _zero_reason(m) if not m.mask.any() else None
+            reports[i].maps = maps[i]
             order = np.argsort(-probs[j])[:TOP_K]
             reports[i].top = [(int(c), self.label(int(c)), float(probs[j, c])) for c in order]
-        for i, rgb in images.items():
-            self._write(reports[i], rgb, timings[i], target)
-        return reports
 
     def _explain(self, x: np.ndarray, method: str, target: Target):
         """Yield (classes (N,), Explanation) for each class rank (top-k) or each given class.
@@ -268,23 +321,31 @@ class Runner:
         t = time.perf_counter()
         h, w = rgb.shape[:2]
         base = self.out / rep.image.base
+        if self.tag:
+            base = base.with_name(f"{base.name}.{self.tag}")
         inputs = self._inputs
         rep.json_path = base.with_name(f"{base.name}.json")
         _refuse_inputs([rep.json_path], inputs)
         entries = []
         for m in rep.maps:
-            stem = f"{base.name}.{m.method}.{m.target}"
-            files = {"overlay": base.with_name(f"{stem}.overlay.png"), "heatmap": base.with_name(f"{stem}.heatmap.png")}
+            stem = f"{base.name}.{m.method}" + ("" if m.agnostic else f".{m.target}")
+            files = {}
+            if m.zero is None:  # a zero map would be a uniform picture that looks like an answer: none is written
+                files = {"overlay": base.with_name(f"{stem}.overlay.png"),
+                         "heatmap": base.with_name(f"{stem}.heatmap.png")}
             if self.save_raw:
                 files["raw"] = base.with_name(f"{stem}.npz")
             _refuse_inputs(files.values(), inputs)
-            atomic_write(files["overlay"], image.encode_png(image.overlay(rgb, m.mask)))
-            atomic_write(files["heatmap"], image.encode_png(image.heatmap(m.mask, (w, h))))
+            if m.zero is None:
+                atomic_write(files["overlay"], image.encode_png(image.overlay(rgb, m.mask)))
+                atomic_write(files["heatmap"], image.encode_png(image.heatmap(m.mask, (w, h))))
             if self.save_raw:
                 write_npz(files["raw"], **_raw_arrays(m))
             m.files, m.source = files, None  # the batch's activations are no longer needed
-            entries.append({"method": m.method, "class": m.target, "label": m.label, "score": round(m.score, 6),
-                            "layers": self.layers, **{k: v.name for k, v in files.items()}})
+            entries.append({"method": m.method, "class": m.target, "label": m.label,
+                            "score": None if m.score is None else round(m.score, 6),
+                            "class_agnostic": m.agnostic, "zero_map": m.zero, "layers": self.layers,
+                            **{k: v.name for k, v in files.items()}})
         timings["write_s"] = time.perf_counter() - t
         record = {
             "image": str(rep.image.path), "width": w, "height": h,
@@ -298,6 +359,43 @@ class Runner:
         write_json(rep.json_path, record)
 
 
+def layer_tag(layers: list[str]) -> str:
+    """The layers as a file-name part: tensor names with characters other than letters, digits, '_', '.', '-'
+    replaced, plus a short hash of the real names when anything was replaced or cut (so two layers never share a
+    tag). '/_conv_head/Conv_output_0' -> 'conv_head_Conv_output_0-<6 hex>'."""
+    text = "+".join(layers)
+    tag = re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("._")[:60]
+    if tag != text:
+        tag = f"{tag}-{hashlib.sha1(text.encode()).hexdigest()[:6]}".lstrip("-")
+    return tag
+
+
+def _fail(rep: ImageReport, message: str, exc: Exception | None = None) -> None:
+    rep.error, rep.exception, rep.maps, rep.top = message, exc, [], []
+
+
+def _zero_reason(m: Map) -> str:
+    """Why a map is zero everywhere, per layer: a zero gradient (a zero-weight head, a saturated unit), zero
+    activations, or a raw map that is nowhere positive (CAM keeps the positive part) or uniform."""
+    e, j = m.source, m.index
+    result = getattr(e, "result", None)
+    reasons = []
+    for layer in e.layers:
+        grads = getattr(result, "gradients", {}).get(layer)
+        acts = getattr(result, "activations", {}).get(layer)
+        raw = (getattr(e, "raw", None) or {}).get(layer)
+        if grads is not None and not m.agnostic and not np.asarray(grads)[j].any():
+            reasons.append(f"the target's gradient at {layer} is zero")
+        elif acts is not None and not np.asarray(acts)[j].any():
+            reasons.append(f"the activations at {layer} are zero")
+        elif raw is not None and np.asarray(raw)[j].max() <= 0:
+            reasons.append(f"the {m.method} map at {layer} is nowhere positive (the map keeps only positive "
+                           "values)")
+        else:
+            reasons.append(f"the {m.method} map at {layer} is uniform")
+    return "; ".join(reasons)
+
+
 def _not_a_classifier(shape: tuple) -> InputError:
     return InputError(f"the explained score has shape {shape}; onnxcam explain needs a classifier's (N, classes) "
                       "scores")
@@ -306,7 +404,8 @@ def _not_a_classifier(shape: tuple) -> InputError:
 def _raw_arrays(m: Map) -> dict[str, np.ndarray]:
     """The map at input size, and per layer n: lowres_n (the method's raw map), activations_n, gradients_n."""
     e, j = m.source, m.index
-    arrays = {"map": m.mask.astype(np.float32), "logits": e.logits[j], "target": np.int64(m.target),
+    arrays = {"map": m.mask.astype(np.float32), "logits": e.logits[j],
+              "target": np.int64(-1 if m.agnostic else m.target),
               "layers": np.array(e.layers)}
     raw = getattr(e, "raw", None) or {}
     result = getattr(e, "result", None)
@@ -344,5 +443,5 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def _refuse_inputs(paths, inputs: set) -> None:
     for p in paths:
-        if Path(p).resolve() in inputs:
+        if _real(p) in inputs:
             raise InputError(f"refusing to write over the input file {p}: choose another --out folder")

@@ -14,6 +14,7 @@ The input is computed as ((pixel / 255) - mean) / std on the image resized ("str
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,8 +91,11 @@ def detect_layout(shape: tuple | None) -> str | None:
 
 
 def resolve(proto: onnx.ModelProto, *, size: tuple[int, int] | None = None, mean=None, std=None,
-            layout: str = "auto", bgr: bool = False) -> Preprocess:
-    """The preprocessing for `proto`: overrides > metadata_props > the input shape > ImageNet defaults."""
+            layout: str = "auto", bgr: bool = False, assumed_size: tuple[int, int] | None = None) -> Preprocess:
+    """The preprocessing for `proto`: overrides > metadata_props > the input shape > ImageNet defaults.
+
+    assumed_size: used (source "assumed") when the spatial size is dynamic and neither given nor in the metadata;
+    without it that case raises InputError."""
     meta = _read_preprocess_metadata(proto)
     name, shape = model_input(proto)
     sources: dict[str, str] = {}
@@ -140,14 +144,16 @@ def resolve(proto: onnx.ModelProto, *, size: tuple[int, int] | None = None, mean
     elif static_hw is not None:
         size, sources["size"] = static_hw, "model"
     elif "size" in meta:
-        size, sources["size"] = _check_size(meta["size"]), "metadata"
+        size, sources["size"] = tuple(meta["size"]), "metadata"
+    elif assumed_size is not None:
+        size, sources["size"] = _check_size(assumed_size), "assumed"
     else:
         raise InputError(f"input {name!r} has a dynamic spatial size {_fmt(shape)}: give the size with --size HxW")
 
     n = 1 if color == "gray" else 3
     mean, sources["mean"] = _channels("mean", mean, meta, n, IMAGENET_MEAN)
     std, sources["std"] = _channels("std", std, meta, n, IMAGENET_STD)
-    if any(s <= 0 for s in std):
+    if any(not s > 0 for s in std):
         raise InputError(f"std must be positive, got {list(std)}")
     resize = meta.get("resize", "stretch")
     if resize not in RESIZES:
@@ -171,6 +177,9 @@ def labels_from_metadata(proto: onnx.ModelProto) -> list[str] | None:
 def read_labels(path) -> list[str]:
     """Class names from a file: a JSON list, or one name per line (blank lines at the end ignored)."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a named pipe would block the read forever
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise InputError(f"labels file {path} is {kind}")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -212,7 +221,24 @@ def _read_preprocess_metadata(proto: onnx.ModelProto) -> dict:
         raise ModelError(f"metadata {PREPROCESS_KEY!r}: layout must be one of {LAYOUTS}, not {meta['layout']!r}")
     if meta.get("color", "rgb") not in COLORS:
         raise ModelError(f"metadata {PREPROCESS_KEY!r}: color must be one of {COLORS}, not {meta['color']!r}")
+    if "size" in meta:
+        size = meta["size"]
+        if not (_numbers(size) and len(size) == 2 and all(float(v).is_integer() and v >= 1 for v in size)):
+            raise ModelError(f"metadata {PREPROCESS_KEY!r}: size must be [H, W], two positive integers, not {size!r}")
+        meta["size"] = [int(v) for v in size]
+    for what in ("mean", "std"):
+        if what in meta and not (_numbers(meta[what]) and len(meta[what]) in (1, 3)
+                                 and all(math.isfinite(v) for v in meta[what])):
+            raise ModelError(f"metadata {PREPROCESS_KEY!r}: {what} must be a list of 3 numbers (r, g, b) or 1 for "
+                             f"all channels, in [0, 1] pixel units; got {meta[what]!r}")
+    if "std" in meta and any(v <= 0 for v in meta["std"]):
+        raise ModelError(f"metadata {PREPROCESS_KEY!r}: std must be positive, got {meta['std']!r}")
     return meta
+
+
+def _numbers(value) -> bool:
+    """A JSON list of numbers (true and false are not numbers here)."""
+    return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
 def _check_size(size) -> tuple[int, int]:
@@ -235,6 +261,9 @@ def _channels(what: str, given, meta: dict, n: int, default: tuple) -> tuple[tup
     if len(values) == 1:
         values = values * n
     if len(values) != n:
+        if source == "metadata":
+            raise ModelError(f"metadata {PREPROCESS_KEY!r}: {what} has {len(values)} values {list(values)} for a "
+                             f"{n}-channel input; give {n} or 1")
         raise InputError(f"{what} needs {n} value(s) for a {n}-channel input, got {list(values)}")
     return values, source
 

@@ -187,8 +187,7 @@ def _no_constant(name):
 # ---- watching file reads -------------------------------------------------------------------------------------------
 _LABEL: list[str] = []  # the variant the current case drew, reported with its outcome
 _FORBIDDEN: list[str] = []
-_SEEN_LABEL: list[str] = []  # the variant the current case drew, reported with its outcome
-_FORBIDDEN: list[str] = []
+_SEEN_FORBIDDEN: list[str] = []
 
 
 def _audit(event: str, args) -> None:

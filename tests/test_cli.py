@@ -148,7 +148,11 @@ def test_explain_a_chosen_layer(photos, tmp_path):
     layer = "/_conv_head/Conv_output_0"
     result = run("explain", LITE0, photos / "coffee.png", "--layer", layer, "--out", tmp_path, "--device", "cpu")
     assert result.exit_code == 0, result.stderr
-    record = json.loads((tmp_path / "coffee.json").read_text())
+    # a layer chosen by name is in the file names (sanitized, with a hash of the real name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"coffee.conv_head_Conv_output_0-3e674f.{kind}" for kind in ("gradcam.967.heatmap.png",
+                                                                     "gradcam.967.overlay.png", "json")]
+    record = json.loads((tmp_path / "coffee.conv_head_Conv_output_0-3e674f.json").read_text())
     assert record["layers"] == [layer] and record["top"][0]["class"] == 967
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import stat
+import threading
 
 import cv2
 import numpy as np
@@ -12,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxcam import files, image, preprocess
-from onnxcam.errors import InputError, ModelError
+from onnxcam.errors import ImageTooLargeError, InputError, ModelError
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -86,6 +89,57 @@ def test_undecodable_images_raise_input_error(tmp_path, content, message):
 def test_missing_image(tmp_path):
     with pytest.raises(InputError, match="image not found"):
         image.read_image(tmp_path / "nope.jpg")
+
+
+FORMATS = [("png", "PNG", {}), ("jpg", "JPEG", {}), ("bmp", "BMP", {}), ("gif", "GIF", {}),
+           ("webp", "WEBP", {"lossless": True}), ("webp", "WEBP", {"quality": 80}), ("tif", "TIFF", {}),
+           ("tif", "TIFF", {"compression": "tiff_lzw"}), ("ppm", "PPM", {})]
+
+
+def _encoded(fmt: str, options: dict, alpha: bool = False) -> bytes:
+    arr = np.random.default_rng(0).integers(0, 256, (23, 37, 4 if alpha else 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    PIL.fromarray(arr).save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("ext, fmt, options", FORMATS + [("webp", "WEBP", {"alpha": True})])
+def test_header_size_matches_the_decoded_image(ext, fmt, options):
+    options = dict(options)
+    data = np.frombuffer(_encoded(fmt, options, alpha=options.pop("alpha", False)), np.uint8)
+    assert image.image_size(data) == (37, 23), (fmt, options)
+    assert cv2.imdecode(data, cv2.IMREAD_UNCHANGED).shape[:2] == (23, 37)
+
+
+@pytest.mark.parametrize("ext, fmt, options", FORMATS)
+def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch, ext, fmt, options):
+    path = tmp_path / f"big.{ext}"
+    path.write_bytes(_encoded(fmt, options))
+    assert image.read_image(path, max_pixels=37 * 23).shape == (23, 37, 3)
+
+    def no_decoding(*args):
+        raise AssertionError("decoded an image above the limit")
+
+    monkeypatch.setattr(image, "_decode", no_decoding)
+    with pytest.raises(ImageTooLargeError, match=r"big\.\w+ is 37x23 pixels \(0 megapixels\), above the limit of "
+                                                 r"0\.00085 megapixels: not decoded"):
+        image.read_image(path, max_pixels=37 * 23 - 1)
+
+
+def test_non_regular_files_are_refused_without_reading(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # reading it blocks until a writer comes: should that happen, one comes after a while
+    guard = threading.Timer(30, lambda: os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)))
+    guard.start()
+    try:
+        with pytest.raises(InputError, match="image path is a named pipe \\(FIFO\\), not a regular file"):
+            image.read_image(fifo)
+        with pytest.raises(InputError, match="labels file .*pipe.png is not a regular file"):
+            preprocess.read_labels(fifo)
+    finally:
+        guard.cancel()
+    with pytest.raises(InputError, match="image path is a folder"):
+        image.read_image(tmp_path)
 
 
 # ---- model inputs ------------------------------------------------------------------------------------------------
@@ -178,6 +232,26 @@ def test_overlay_is_show_cam_on_image_at_the_original_resolution():
     assert image.heatmap(mask, (50, 30)).shape == (30, 50, 3)
 
 
+def test_overlay_makes_no_full_size_float_copies_of_the_image(monkeypatch):
+    """Done in bands of rows: equal to the one-piece arithmetic, and the peak allocation stays well under one float32
+    copy of a 6-megapixel image per 12 bytes a pixel (the one-piece blend made four: 48 bytes a pixel)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (2000, 3000, 3), dtype=np.uint8)
+    mask = rng.random((7, 7)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        out = image.overlay(rgb, mask)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak / rgb[..., 0].size < 20
+    heat = np.float32(image.colorize(image.resize_map(mask, (3000, 2000)))) / 255
+    cam = 0.5 * heat + 0.5 * (np.float32(rgb) / 255)
+    np.testing.assert_array_equal(out, np.uint8(255 * (cam / np.max(cam))))
+
+
 def test_png_round_trip(tmp_path):
     rgb = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     path = tmp_path / "x.png"
@@ -204,6 +278,28 @@ def test_atomic_write_leaves_nothing_half_written(tmp_path, monkeypatch):
         files.write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 1}  # the old file is intact
     assert sorted(p.name for p in target.parent.iterdir()) == ["result.json"]  # no temp file left
+
+
+def test_atomic_write_gives_the_usual_permissions_without_touching_the_umask(tmp_path, monkeypatch):
+    """os.umask is process-wide: setting it to read it races with other threads. The kernel applies it instead."""
+    def no_umask(*_):
+        raise AssertionError("os.umask called")
+
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", no_umask)
+        files.atomic_write(tmp_path / "a.png", b"x")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.png").stat().st_mode) == 0o640
+
+
+def test_json_is_strict(tmp_path):
+    for value in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+            files.write_json(tmp_path / "r.json", {"score": value})
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("source, size", [((7, 7), (224, 224)), ((14, 9), (100, 61)), ((30, 40), (12, 9)),
