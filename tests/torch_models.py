@@ -4,6 +4,7 @@ float64 torch.autograd gradients at module outputs, and locating a module's outp
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
@@ -14,6 +15,8 @@ import torch
 import torchvision
 
 from onnxcam.runtime import cpu_session
+
+from .kinks import KinkMode
 
 
 def make_model(name: str, seed: int = 0) -> torch.nn.Module:
@@ -55,13 +58,17 @@ def export(model: torch.nn.Module, x: torch.Tensor, exporter: str, dynamic_batch
     return path
 
 
-def torch_gradients(model, x: torch.Tensor, modules: list[str], targets) -> tuple[np.ndarray, list, list]:
-    """float64 logits, module outputs and d(sum of target logits)/d(module output), by torch.autograd."""
+def torch_gradients(model, x: torch.Tensor, modules: list[str], targets, follow=None) -> tuple[np.ndarray, list, list]:
+    """float64 logits, module outputs and d(sum of target logits)/d(module output), by torch.autograd.
+
+    follow: the float32 values another forward saw at each kink input (kinks.onnx_kink_inputs); each ReLU-like op
+    and max pool then takes the branch those values take, and the gradients are those of that piece."""
     md = _double_copy(model)
     acts = {}
     named = dict(md.named_modules())
     hooks = [named[m].register_forward_hook(lambda mod, i, o, m=m: acts.__setitem__(m, o)) for m in modules]
-    logits = md(x.double())
+    with KinkMode(follow) if follow is not None else contextlib.nullcontext():
+        logits = md(x.double())
     for h in hooks:
         h.remove()
     picked = logits[torch.arange(len(x)), torch.as_tensor(targets)].sum()
@@ -112,6 +119,11 @@ def well_conditioned_input(model, size: int, modules: list[str], targets, batch:
     an input where a relative 1e-6 perturbation (float32's accumulated forward error) moves the float64
     gradients by under 1e-5 has no kink within float32's reach, and the comparison with onnxcam is then a test
     of the gradient graph alone. Seeds are tried in order, so the choice is deterministic.
+
+    A heuristic only, fit for small nets: an input perturbation does not reach a near-tie whose values barely
+    depend on the input (inception_v3's near-constant channels passed this check with max-pool windows whose top
+    two values differ by 2e-8, inside float32's error). Deep nets follow the runtime's branches instead
+    (torch_gradients(follow=kinks.onnx_kink_inputs(...))).
     """
     for seed in seeds:
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
