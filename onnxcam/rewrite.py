@@ -16,6 +16,7 @@ passes through the part of the graph after the layer (often just the head), not 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,14 +25,17 @@ import onnx_graphsurgeon as gs
 
 from .autodiff.builder import Builder
 from .autodiff.engine import backward
-from .errors import LayerError
+from .autodiff.passes import fold_crops
+from .errors import InternalError, LayerError
 from .graph import names
+from .graph.load import is_placeholder
 from .graph.model import ModelGraph
 
 SEED = "onnxcam_seed"
 CLASSES = "onnxcam_classes"
 RANKED = "onnxcam_ranked"
 TOP_CLASSES = "onnxcam_top_classes"
+ORIGIN = "onnxcam_origin"  # the key of the emitting node and rule in a gradient node's doc_string (runtime.py)
 
 
 def grad_name(layer: str) -> str:
@@ -139,17 +143,92 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
             grad_shape = None if shape is None else [shape[0], n_seeds, *shape[1:]]
         extra_outputs.append(_renamed(grad, grad_name(t.name), dtype, grad_shape))
     graph.outputs.extend(exposed + extra_outputs)
+    fold_crops(b)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = mg.proto.ir_version
     del model.opset_import[:]
     model.opset_import.extend(mg.proto.opset_import)
+    check_gradient(model, b.origins)
+    _sign(model, b.origins)
     del model.metadata_props[:]
     model.metadata_props.extend(mg.proto.metadata_props)
     used = {t.name for t in model.graph.initializer}
     weights = {name: a for name, a in mg.weights.items() if name in used}
     return Rewritten(model, mg.input_name, score, layers, score_shape, has_ranking, n_seeds, mg.fixed_batch,
                      original_outputs, weights, act_outputs, by_class)
+
+
+def check_gradient(model: onnx.ModelProto, origins: dict) -> None:
+    """Check the nodes onnxcam added as onnxruntime will at load (ONNX's checker, strict type and shape inference).
+
+    A failure there is onnxcam's bug, not the model's: InternalError names the forward node and the rule that
+    emitted the bad node (`origins`: gradient node name -> (forward node, op, rule), from the Builder). Only the
+    gradient part is checked, its forward inputs declared with their inferred types: the forward graph is the
+    user's, and onnxruntime judges it on its own.
+    """
+    part = _gradient_part(model, origins)
+    ctx = onnx.checker.C.CheckerContext()
+    ctx.ir_version = part.ir_version
+    ctx.opset_imports = {imp.domain: imp.version for imp in part.opset_import}
+    for node in part.graph.node:  # node by node: graph inputs of unknown shape are fine here, not in check_model
+        try:
+            onnx.checker.check_node(node, ctx)
+        except onnx.checker.ValidationError as exc:
+            raise InternalError(f"node {node.name!r}: {_one_line(exc)}", *origins[node.name]) from None
+    try:
+        onnx.shape_inference.infer_shapes(part, check_type=True, strict_mode=True)
+    except onnx.shape_inference.InferenceError as exc:
+        message = _one_line(exc)
+        named = [name for name in origins if name in message]  # the first named (the cause), longest at a tie
+        origin = origins[min(named, key=lambda n: (message.index(n), -len(n)))] if named else (None, None, None)
+        raise InternalError(message, *origin) from None
+
+
+def _sign(model: onnx.ModelProto, origins: dict) -> None:
+    """Write into each emitted node's doc_string which forward node and rule emitted it, so that a node onnxruntime
+    still refuses at load (a kernel it lacks) is reported as onnxcam's InternalError (runtime.session)."""
+    for node in model.graph.node:
+        if node.name in origins:
+            node.doc_string = json.dumps({ORIGIN: dict(zip(("node", "op", "rule"), origins[node.name]))})
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def _gradient_part(model: onnx.ModelProto, origins: dict) -> onnx.ModelProto:
+    """The nodes of `model` named in `origins`, as a model whose inputs are the forward tensors they read.
+
+    Nodes that depend on a forward tensor of unknown type (an output of a custom-domain op) are left out: there is
+    nothing to check them against, and onnxruntime's own refusal of them still names the rule (runtime.py).
+    """
+    graph = model.graph
+    typed = {vi.name: vi for vi in (*graph.input, *graph.value_info, *graph.output) if vi.type.tensor_type.elem_type}
+    inits = {t.name: t for t in graph.initializer}
+    nodes, made, untyped, inputs, consts = [], set(), set(), {}, {}
+    for n in graph.node:
+        if n.name not in origins:
+            continue
+        reads = [i for i in n.input if i and i not in made]
+        if any(i in untyped or (i not in inits and i not in typed) for i in reads):
+            untyped.update(n.output)
+            continue
+        for name in reads:
+            t = inits.get(name)
+            if t is None:
+                inputs[name] = typed[name]
+            elif is_placeholder(t):  # a large weight, held outside the proto: its type is all the check needs
+                inputs[name] = onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims))
+            else:
+                consts[name] = t
+        nodes.append(n)
+        made.update(n.output)
+    outputs = [o for o in graph.output if o.name in made]
+    part = onnx.helper.make_model(onnx.helper.make_graph(nodes, "onnxcam_gradient", list(inputs.values()), outputs,
+                                                         list(consts.values())), opset_imports=model.opset_import)
+    part.ir_version = max(model.ir_version, 4)  # IR 3 wants every initializer listed as an input too
+    return part
 
 
 def _type_name(dtype) -> str:

@@ -12,9 +12,12 @@ import tempfile
 import weakref
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from google.protobuf.message import DecodeError
 
-from .errors import DeviceError, ModelError
+from .errors import DeviceError, InternalError, ModelError, OnnxCamError
+from .graph import external
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
@@ -39,7 +42,7 @@ def cuda_usable() -> bool:
 def _options() -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # onnxruntime's own error lines would duplicate the one-line errors onnxcam raises
     for key, value in SESSION_CONFIG.items():
         opts.add_session_config_entry(key, value)
     return opts
@@ -70,6 +73,7 @@ def session(model_bytes: bytes, device: str = "auto", initializers: dict | None 
         raise DeviceError("device='cuda' was requested but no CUDA GPU is usable by onnxruntime "
                           f"(providers: {', '.join(ort.get_available_providers())})")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+    _refuse_external_data(model_bytes, initializers or {})
     opts = _options()
     if lean:
         opts.enable_cpu_mem_arena = False
@@ -90,7 +94,7 @@ def session(model_bytes: bytes, device: str = "auto", initializers: dict | None 
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
-        raise ModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") from exc
+        raise _load_error(model_bytes, _first_line(exc)) from exc
     if want_cuda and sess.get_providers()[0] != "CUDAExecutionProvider":
         if device == "cuda":
             raise DeviceError("onnxruntime fell back to the CPU although device='cuda' was requested")
@@ -99,6 +103,23 @@ def session(model_bytes: bytes, device: str = "auto", initializers: dict | None 
         _WATCHED.add(id(sess))
         weakref.finalize(sess, _forget, id(sess), folder)
     return sess
+
+
+def _refuse_external_data(model_bytes: bytes, initializers: dict) -> None:
+    """Given a model as bytes, onnxruntime reads external data relative to the working directory. onnxcam reads
+    external data itself when it loads a model (graph/load.py), so the only external tensors a session may meet
+    are the placeholders of the weights passed in `initializers`."""
+    if b"location" not in model_bytes:  # the key of every external-data entry: without it, nothing to look at
+        return
+    try:
+        proto = onnx.ModelProto.FromString(model_bytes)
+    except DecodeError:
+        return  # onnxruntime reports the malformed model
+    for t, place in external.tensors(proto):
+        if external.is_external(t) and not (external.is_placeholder(t) and t.name in initializers):
+            location = next((e.value for e in t.external_data if e.key == "location"), "")
+            raise ModelError(f"{external.describe(place)} refers to external data {location!r} that was not read when the model was "
+                             "loaded; onnxruntime would look for it in the working directory")
 
 
 # ---- node placement ------------------------------------------------------------------------------------------------
@@ -145,6 +166,23 @@ def gradient_fallbacks(placed: dict, provider: str = "CUDAExecutionProvider", pr
     a node that computes float tensors away from the GPU is a fallback that costs two copies per run."""
     return sorted(f"{name} ({op})" for name, (op, where, types) in placed.items()
                   if name.startswith(prefix) and where != provider and _FLOATS.intersection(types))
+
+
+def _load_error(model_bytes: bytes, message: str) -> OnnxCamError:
+    """onnxruntime's refusal of a model: onnxcam's InternalError when it names a node that onnxcam emitted (its
+    doc_string names the forward node and rule, rewrite.py), else the model's ModelError."""
+    if "onnxcam_grad/" in message and isinstance(model_bytes, bytes):
+        try:
+            nodes = onnx.ModelProto.FromString(model_bytes).graph.node
+        except DecodeError:
+            nodes = []
+        named = [n for n in nodes if n.name and n.name in message and "onnxcam_origin" in n.doc_string]
+        if named:
+            node = max(named, key=lambda n: len(n.name))  # names can be prefixes of others
+            return InternalError(f"onnxruntime rejects node {node.name!r}: {message}",
+                                 **json.loads(node.doc_string)["onnxcam_origin"])
+        return InternalError(f"onnxruntime rejects a node onnxcam emitted: {message}")
+    return ModelError(f"onnxruntime cannot load the model: {message}")
 
 
 def _first_line(exc: Exception) -> str:

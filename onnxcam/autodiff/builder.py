@@ -43,6 +43,9 @@ class Builder:
         self.dtype = np.dtype(dtype)
         self.guided = guided  # guided backpropagation: Relu-like rules also zero negative incoming gradients
         self.node: gs.Node | None = None  # the forward node whose rule is running (for names and errors)
+        self.rule: str = "rewrite.build"  # what is emitting nodes now: a rule's name, or the engine's step
+        # gradient node name -> (forward node name, its op, rule): who to blame for a node onnxruntime rejects
+        self.origins: dict[str, tuple[str, str, str]] = {}
         self._ids = itertools.count()
         self._consts: dict = {}
         self._emitted: set[str] = set()  # names of tensors this builder made (everything else is forward graph)
@@ -66,8 +69,14 @@ class Builder:
         outs = [gs.Variable(f"{base}:{k}") for k in range(outputs)]
         self._emitted.update(o.name for o in outs)
         attrs = {k: v for k, v in attrs.items() if v is not None}
-        self.graph.nodes.append(gs.Node(op_type, name=base, attrs=attrs, inputs=ins, outputs=outs))
+        self._append(gs.Node(op_type, name=base, attrs=attrs, inputs=ins, outputs=outs))
         return outs[0] if outputs == 1 else outs
+
+    def _append(self, node: gs.Node) -> None:
+        """Add an emitted node to the graph, remembering which forward node and rule it serves."""
+        n = self.node
+        self.origins[node.name] = (n.name, n.op, self.rule) if n is not None else ("(score seed)", "seed", self.rule)
+        self.graph.nodes.append(node)
 
     def one_hot(self, classes, depth: int):
         """The (N, depth) one-hot rows of (N,) class indices, in the gradient dtype; remembered as one-hot so that
@@ -107,8 +116,8 @@ class Builder:
             return t
         if t.name not in self._widened:
             out = gs.Variable(f"onnxcam_grad/widen/{t.name}", dtype=self.dtype)
-            self.graph.nodes.append(gs.Node("Cast", name=f"onnxcam_grad/widen/{t.name}", inputs=[t], outputs=[out],
-                                            attrs={"to": _onnx_dtype(self.dtype)}))
+            self._append(gs.Node("Cast", name=f"onnxcam_grad/widen/{t.name}", inputs=[t], outputs=[out],
+                                 attrs={"to": _onnx_dtype(self.dtype)}))
             self._emitted.add(out.name)
             self._widened[t.name] = out
         return self._widened[t.name]

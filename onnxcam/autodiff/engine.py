@@ -33,11 +33,12 @@ def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Te
     b.targets = {t.name for t in targets}
     grads: dict[str, list[gs.Tensor]] = {score.name: [seed]}
     for node in reversed(nodes):
+        b.node = node  # set first: the Sum of the outputs' fan-in is named after (and blamed on) this node
         gy = [_total(b, grads, o.name) if o.name in on_path else None for o in node.outputs]
         if all(g is None for g in gy):
             continue
-        b.node = node
         r = find_rule(node.op, b.opset, node.domain or "")
+        b.rule = rule_name(r)
         makers = r.fn(b, node, gy)
         for i, inp in enumerate(node.inputs):
             if not inp.name or inp.name not in on_path:
@@ -51,12 +52,20 @@ def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Te
             if r.broadcast:
                 g = b.unbroadcast(g, b.shape(node.outputs[0]), b.shape(inp))
             grads.setdefault(inp.name, []).append(g)
-    b.node = None
-    result = {t.name: _total(b, grads, t.name) for t in targets}
+    result = {}
+    for t in targets:  # a target's fan-in Sum belongs to its producer, or is named after the graph input
+        b.node = b.model.producer(t) or gs.Node("graph input", name=t.name)
+        result[t.name] = _total(b, grads, t.name)
+    b.node, b.rule = None, "rewrite.build"
     for t in targets:
         if result[t.name] is None:
             raise _no_gradient(b, t, score)
     return result
+
+
+def rule_name(r) -> str:
+    """A rule's name as its module and function (`shape._pad`), for internal-error reports."""
+    return f"{r.fn.__module__.rsplit('.', 1)[-1]}.{r.fn.__qualname__}"
 
 
 def _no_gradient(b: Builder, target: gs.Tensor, score: gs.Tensor) -> UnsupportedOpError:
@@ -76,5 +85,6 @@ def _total(b: Builder, grads: dict[str, list[gs.Tensor]], name: str) -> gs.Tenso
     if not parts:
         return None
     if len(parts) > 1:
+        b.rule = "fan-in Sum (autodiff/engine.py)"
         grads[name] = [b.op("Sum", *parts)]
     return grads[name][0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 from collections import deque
 
 import numpy as np
@@ -106,10 +107,24 @@ class ModelGraph:
             return np.array(shape[start:end], dtype=np.int64)
         if node.op in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"):
             return None
+        if node.op == "If":
+            return self._branch_value(node, t)
+        if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+            return None  # Loop, Scan: their bodies are not evaluated
         inputs = [self.value(i) if i.name else None for i in node.inputs]
         if any(v is None for v, i in zip(inputs, node.inputs) if i.name):
             return None
         return _run_single_node(node, inputs, self.opset)[node.outputs.index(t)]
+
+    def _branch_value(self, node: gs.Node, t: gs.Tensor) -> np.ndarray | None:
+        """An If's output when its condition is constant (torchvision's detectors test shapes) and the branch it
+        takes computes from constants only: that branch's output, evaluated node by node like the outer graph
+        (its nodes read outer tensors as the same objects). A branch that reads data is no constant: None."""
+        cond = self.value(node.inputs[0])
+        if cond is None or np.asarray(cond).size != 1:
+            return None
+        branch = node.attrs["then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"]
+        return self.value(branch.outputs[node.outputs.index(t)])
 
     # ---- paths ---------------------------------------------------------------------------------------------
     def forward_reach(self, starts: list[gs.Tensor]) -> set[str]:
@@ -223,12 +238,15 @@ def _declared_shape(value_info: onnx.ValueInfoProto) -> tuple | None:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
 
 
-def _resolve_input_shape(declared, given, name) -> tuple:
-    """Concrete non-batch dims: those the model declares, else those given; the batch stays symbolic."""
+def _resolve_input_shape(declared, given, name) -> tuple | None:
+    """Non-batch dims: those the model declares, else those given (None where still free: shapes are then
+    inferred symbolically and nothing is measured); the batch stays symbolic. None when the input declares no
+    shape and none is given: its rank and size are those of the first input that arrives."""
+    if given is not None:
+        given = _checked_given(given, name)
     if declared is None:
-        if given is None:
-            raise InputError(f"input {name!r} has no declared shape; give the input size")
-        return (BATCH,) + tuple(given[1:])
+        return None if given is None else (BATCH,) + given[1:]
+    _check_size(declared, f"input {name!r} declares shape {_fmt(declared)}", ModelError)
     shape = [BATCH if (declared[0] is None and i == 0) else d for i, d in enumerate(declared)]
     if given is not None:
         if len(given) != len(declared):
@@ -237,8 +255,35 @@ def _resolve_input_shape(declared, given, name) -> tuple:
             if i > 0 and d is not None and d != g:
                 raise InputError(f"input {name!r} expects shape {_fmt(declared)}, got {_fmt(given)}")
             if i > 0 and d is None:
-                shape[i] = int(g)
+                shape[i] = g
     return tuple(shape)
+
+
+# Elements per sample beyond which no input is built for: 16 GiB of float32, and far from int64 overflow in the
+# element counts the gradient rules compute (a 2^40 x 2^40 input overflowed them to 0).
+MAX_SAMPLE_ELEMENTS = 1 << 32
+
+
+def _checked_given(given, name) -> tuple:
+    """A given input shape as positive ints (the batch dim may be anything: it stays symbolic)."""
+    try:
+        dims = tuple(int(d) if i > 0 else d for i, d in enumerate(given))
+        ok = all(d == g and d > 0 for d, g in zip(dims[1:], tuple(given)[1:]))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not dims:
+        raise InputError(f"the input shape for {name!r} must be positive ints (batch first), got {given!r}")
+    _check_size(dims, f"input shape {_fmt(dims)} for {name!r}", InputError)
+    return dims
+
+
+def _check_size(dims, what: str, error: type) -> None:
+    known = [d for d in dims[1:] if isinstance(d, int)]
+    if any(d < 0 for d in known):
+        raise error(f"{what} has a negative dim")
+    elements = float(np.prod([float(d) for d in known]))  # floats: an int64 product can overflow to 0
+    if elements > MAX_SAMPLE_ELEMENTS:
+        raise error(f"{what}: {elements:.3g} values per sample, more than onnxcam builds for ({MAX_SAMPLE_ELEMENTS})")
 
 
 def _fmt(shape) -> str:
@@ -250,8 +295,9 @@ def _infer(skeleton: onnx.ModelProto, weights: dict, input_name: str, shape: tup
     pinned = onnx.ModelProto()
     pinned.CopyFrom(skeleton)
     del pinned.graph.value_info[:]
+    declared_outputs = _unpin_outputs(pinned)
     for inp in pinned.graph.input:
-        if inp.name == input_name:
+        if inp.name == input_name and shape is not None:
             dims = inp.type.tensor_type.shape.dim
             if len(dims) == 0 and shape:
                 for _ in shape:
@@ -277,7 +323,35 @@ def _infer(skeleton: onnx.ModelProto, weights: dict, input_name: str, shape: tup
         inferred.graph.value_info.extend(onnx.helper.make_tensor_value_info(
             name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for name, v in values.items())
     _probe_missing_shapes(inferred, weights, input_name, shape)
+    if shape is not None and all(isinstance(d, int) for d in shape[1:]):  # symbolic shapes say little
+        _compare_outputs(inferred, declared_outputs)
     return inferred
+
+
+def _unpin_outputs(model: onnx.ModelProto) -> dict:
+    """Remove the graph outputs' declared shapes (returned by name): exporters write wrong ones (a text recognizer
+    declares [1, 'seqlen'] and returns (T, 1, C)), and inference keeps a declared shape over what it computes."""
+    declared = {}
+    for out in model.graph.output:
+        tt = out.type.tensor_type
+        if tt.HasField("shape"):
+            declared[out.name] = _declared_shape(out)
+            tt.ClearField("shape")
+    return declared
+
+
+def _compare_outputs(model: onnx.ModelProto, declared: dict) -> None:
+    """Say when an output's declared shape disagrees with the computed (inferred or measured) one."""
+    for out in model.graph.output:
+        want = declared.get(out.name)
+        tt = out.type.tensor_type
+        if want is None or not tt.HasField("shape"):
+            continue
+        got = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+        if len(got) != len(want) or any(isinstance(a, int) and isinstance(b, int) and a != b
+                                        for a, b in zip(got, want)):
+            log.warning("output %r declares shape %s but the model computes %s: the computed shape is used",
+                        out.name, _fmt(want), _fmt(got))
 
 
 _FOLD_LIMIT = 1 << 16  # elements: constant subgraphs compute pads, shapes and scales, not activations
@@ -378,6 +452,8 @@ _FOLDERS = {
 
 def _probe_missing_shapes(proto: onnx.ModelProto, weights: dict, input_name: str, shape: tuple) -> None:
     """Fill shapes that inference left unknown by running the model (with its weights) at batch 1 and 2."""
+    if shape is None or not all(isinstance(d, int) for d in shape[1:]):
+        return  # a free size: never measured at a guessed one (the model may accept only some sizes)
     known = {vi.name: vi for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input)}
     measure_all = _shape_inference_unreliable(proto)
     missing = []
@@ -562,7 +638,7 @@ def _profiled_shapes(proto, weights, input_name, shape, wanted: set):
             for n in _probe_batches(shape):
                 sess.run(None, _probe_feed(sess, input_name, shape, n))
         except Exception as exc:
-            raise ModelError(f"a probe run to find tensor shapes failed: {exc}") from exc
+            raise _probe_failed(exc, input_name, shape, n, probe, proto) from exc
         with open(sess.end_profiling()) as f:
             events = json.load(f)
     seen: dict[str, list] = {}
@@ -635,12 +711,31 @@ def _probe_chunk(proto, weights, input_name, shape, names):
         try:
             outs = sess.run(names, _probe_feed(sess, input_name, shape, n))
         except Exception as exc:
-            raise ModelError(f"a probe run to find tensor shapes failed: {exc}") from exc
+            raise _probe_failed(exc, input_name, shape, n, probe, proto) from exc
         results.append([o.shape for o in outs])
         dtypes.update({name: onnx.helper.np_dtype_to_tensor_dtype(o.dtype) for name, o in zip(names, outs)})
     second = results[1] if len(results) > 1 else [None] * len(names)
     shapes = {name: (tuple(a), None if b is None else tuple(b)) for name, a, b in zip(names, results[0], second)}
     return shapes, dtypes
+
+
+def _probe_failed(exc: Exception, input_name: str, shape: tuple, n: int, probe: onnx.ModelProto,
+                  original: onnx.ModelProto) -> ModelError:
+    """The one line that says at which input size the model fails, in which node (by its own name), and why."""
+    dims = tuple(_probe_dims(shape, True, shape, n))
+    renamed = {p.name: o.name for p, o in zip(probe.graph.node, original.graph.node)}
+    return ModelError(f"the model fails at input {input_name!r} shape {dims}: {runtime_failure(exc, renamed)}")
+
+
+def runtime_failure(exc: Exception, renamed: dict | None = None) -> str:
+    """onnxruntime's error as one line: the op, the node (`renamed` maps probe names back) and the reason, without
+    onnxruntime's source path and failed condition."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"running (\S+) node\. Name:'([^']*)' Status Message: (.*)", text)
+    if found is None:
+        return text
+    op, name, why = found.groups()
+    return f"{op} node {(renamed or {}).get(name, name)!r}: {why.split(' was false. ', 1)[-1]}"
 
 
 def _np_type(ort_type: str):

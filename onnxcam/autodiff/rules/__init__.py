@@ -12,6 +12,9 @@ The contract, written once:
 - Gradients are always in the builder's dtype (float32), also in fp16/bf16 models: b.op widens forward tensors
   of narrower float types as they enter the gradient graph, so rules never cast gradients to forward types.
 - A rule that meets a form it cannot differentiate raises `b.error(...)`; the walk never invents zeros.
+- A rule never changes nodes it did not just emit: its incoming gradient may be another branch's too (Add, Sum,
+  Identity and Expand hand one tensor to several rules). Folds that need every reader known are passes
+  (autodiff/passes.py), run once the gradient graph is complete.
 - A rule may return FOLDED for an input whose gradient path it has already folded into another input's (x *
   Sigmoid(x): the Sigmoid branch is part of x's gradient). It may do so only when that input feeds nothing else
   and is no target (b.private_to checks both).

@@ -210,6 +210,8 @@ def _pad(b, n, gy):
     """Constant mode: the gradient is gy cropped back (and zero-padded where the pads were negative, i.e. crops).
     Other modes (reflect, edge, wrap) copy input elements into the border: the gradient goes back through each
     padded axis' copy matrix, measured by running Pad itself on an identity basis so it follows the runtime.
+    The crop is a plain Slice: where it is the only reader of a stride-1 Conv adjoint, autodiff/passes.py folds it
+    into that Conv's pads once the whole gradient graph is known (a rule cannot see the gradient's other readers).
     """
     x = n.inputs[0]
     rank = len(b.shape(x))
@@ -229,9 +231,6 @@ def _pad(b, n, gy):
     def crop():
         if not padded:
             return gy[0]
-        folded = _crop_into_producer(b, gy[0], begin, end, padded, rank)
-        if folded is not None:
-            return folded
         g = b.slice(gy[0], [max(begin[a], 0) for a in padded], [-end[a] if end[a] > 0 else BIG for a in padded],
                     padded)
         grow = [max(-p, 0) for p in begin] + [max(-p, 0) for p in end]
@@ -244,30 +243,6 @@ def _pad(b, n, gy):
             g = b.axis_matmul(g, a, rank, _pad_matrix(b, mode, size, begin[a], end[a]).T)
         return g
     return (crop if mode == "constant" else through_matrices,) + (None,) * (len(n.inputs) - 1)
-
-
-def _crop_into_producer(b, g, begin, end, padded, rank):
-    """Crop g by folding into the gradient node that made it, instead of adding a Slice (a copy), where possible.
-
-    Exporters put an explicit Pad before convolutions ("same" padding computed at run time, TF's explicit pads).
-    The adjoint of such a stride-1 convolution is a stride-1 Conv, whose output cropped by (a, e) is the same
-    Conv with its pads reduced by (a, e). g is the Pad's whole output gradient, read by nothing else, so its node
-    may change. None when that does not fit (another producer, a crop wider than the pads).
-    """
-    node = g.inputs[0] if b.made(g) and len(g.inputs) == 1 else None
-    if node is None or any(a < 2 or begin[a] < 0 or end[a] < 0 for a in padded):
-        return None
-    if node.op == "Conv" and "pads" in node.attrs and all(int(s) == 1 for s in node.attrs.get("strides", [1])):
-        spatial = rank - 2
-        pads = [int(p) for p in node.attrs["pads"]]
-        for a in padded:
-            pads[a - 2] -= begin[a]
-            pads[a - 2 + spatial] -= end[a]
-        if min(pads) < 0:
-            return None
-        node.attrs["pads"] = pads
-        return g
-    return None
 
 
 def _pad_matrix(b, mode: str, size: int, begin: int, end: int) -> np.ndarray:
