@@ -17,9 +17,9 @@ strict JSON (an image whose logits, activations or gradients are not finite fail
 
 from __future__ import annotations
 
-import os
 import hashlib
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
