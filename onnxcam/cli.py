@@ -1,10 +1,11 @@
-"""The `onnxcam` command: demo, explain, layers, info. The only click importer.
+"""The `onnxcam` command: demo, explain, layers, info, export. The only click importer.
 
 Library errors become one "Error: ..." line (exit status 1) here, at the edge; --debug shows the traceback.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -171,6 +172,7 @@ def main():
     onnxcam explain model.onnx photos/            heatmaps for your own model and images
     onnxcam layers model.onnx                     which layers can be explained
     onnxcam info model.onnx                       inputs, outputs, preprocessing, gradient support
+    onnxcam export model.onnx -o model-cam.onnx   the model with its Grad-CAM map as an output
     """
     _setup_logging()
 
@@ -364,6 +366,56 @@ def info(model, size, mean, std, layout, bgr):
         click.echo(f"{key:12s}{lines[0]}")
         for line in lines[1:]:
             click.echo(f"{'':12s}{line}")
+
+
+def _parse_export_method(_ctx, _param, value: str) -> str:
+    from .export import exportable_method
+
+    try:
+        return exportable_method(value.strip().lower())
+    except OnnxCamError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path, dir_okay=False), metavar="OUT.onnx",
+              help="The model file to write.")
+@click.option("--method", default="gradcam", show_default=True, callback=_parse_export_method,
+              help="gradcam, hirescam, gradcam_elementwise, gradcam++, xgradcam, layercam or counterfactual_gradcam.")
+@click.option("--layer", "layers", multiple=True, metavar="NAME",
+              help="Target layer (tensor name or module path); repeat for several [default: the last spatial one].")
+@click.option("--top-k", "top_k", type=click.IntRange(min=1), metavar="K",
+              help="Explain each sample's K best classes: cam is then (N, K, H, W).")
+@click.option("--class-input", is_flag=True,
+              help="Add the input cam_target (N, K) int64 of classes to explain (-1: the class ranked there).")
+@click.option("--size", callback=_parse_size, metavar="HxW",
+              help="Input size to build for; needed when the model's spatial size is dynamic.")
+@click.option("--output", "output", metavar="NAME", help="The model output whose classes are explained.")
+@debug_option
+def export(model, out, method, layers, top_k, class_input, size, output):
+    """Write MODEL with its explanation in the graph: OUT.onnx runs wherever ONNX runs, no onnxcam needed.
+
+    OUT.onnx keeps MODEL's inputs and outputs and adds `cam` (N, H, W) in [0, 1] at the input's size,
+    `cam_class` (the explained class of each sample, by default its top class) and `cam_raw` (the map before
+    ReLU and scaling, at the layer's size). Its metadata names the method, layers, score and onnxcam version.
+
+    \b
+    Example:
+        onnxcam export model.onnx -o model-cam.onnx --method hirescam
+        python -c "import onnxruntime as ort, numpy as np; s = ort.InferenceSession('model-cam.onnx'); ..."
+    """
+    from .export import export as export_model
+
+    if out.exists() and out.is_dir():
+        raise click.BadParameter(f"{out} is a folder, not a file", param_hint="'-o'")
+    start = time.perf_counter()
+    options = {"output": output} if output else {}
+    exported = export_model(model, method, list(layers) or None, top_k=top_k, size=size, class_input=class_input,
+                            path=out, **options)
+    layers_used = json.loads(next(p.value for p in exported.metadata_props if p.key == "onnxcam.layers"))
+    click.echo(f"wrote {out}: {method} of {', '.join(layers_used)}"
+               f"{f' for the top {top_k} classes' if top_k else ''} ({time.perf_counter() - start:.1f} s)")
 
 
 # ---- output helpers --------------------------------------------------------------------------------------------

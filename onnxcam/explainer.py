@@ -310,6 +310,13 @@ class Explainer:
             self._check_shape(input_shape)
         return tuple(self._compiled(self._sized(None if a.build_shape else input_shape)).rewritten.score_shape)
 
+    def export(self, path=None, method: str = "gradcam", *, top_k: int | None = None, size=None,
+               class_input: bool = False) -> onnx.ModelProto:
+        """This model with `method`'s map of these layers in the graph (onnxcam.export.export); saved to `path`."""
+        from .export import export
+
+        return export(self, method, top_k=top_k, size=size, class_input=class_input, path=path)
+
     @property
     def build_seconds(self) -> float:
         """Seconds the build took (for a dynamic-size model: the build for the last run's size)."""

@@ -6,6 +6,8 @@ medians (the modes in a new seeded order each repetition), it times:
   last-gradcam  onnxcam Grad-CAM at the last stage (run + map), and last-hirescam likewise
   mid-gradcam   onnxcam Grad-CAM at the middle stage (the end of the second-to-last stage)
   top5          onnxcam gradients for each sample's top-5 classes in one call (last stage)
+  export        plain onnxruntime inference of the model exported with its Grad-CAM map in the graph (last stage;
+                onnxcam/export.py): logits and the scaled map at the input's size, no Python step
   pgc-gradcam   pytorch-grad-cam 1.5.7 GradCAM on the torch model (last stage), pgc-hirescam likewise
 and reports the graph build time (cold, then cached) and peak memory (a subprocess per mode). Each repetition
 takes the best of 3 back-to-back calls per mode; the table reports the median over repetitions.
@@ -13,6 +15,7 @@ takes the best of 3 back-to-back calls per mode; the table reports the median ov
     python tools/bench.py                          # all models, batch 1 and 8, writes bench-results.json
     python tools/bench.py --models resnet50 --batches 1 --reps 5
     python tools/bench.py --device cuda            # on a GPU: batch 1 and 64, onnxruntime CUDA vs torch on CUDA
+    python tools/bench.py --models lite0 --modes ort,last-gradcam,export --idle 0.3   # the export row only
 
 On CUDA every mode runs on the GPU (pytorch-grad-cam on the torch model moved there) and peak memory is not
 measured. Models or pytorch-grad-cam that cannot be imported are skipped with a message, not an error.
@@ -86,7 +89,7 @@ def middle_layer(model_bytes, last_layer):
     raise SystemExit("no middle stage found")
 
 
-def run_bench(name, batch, reps, size=224, device="cpu"):
+def run_bench(name, batch, reps, size=224, device="cpu", only=None, idle=0.0):
     import onnxruntime as ort
     import torch
 
@@ -115,6 +118,8 @@ def run_bench(name, batch, reps, size=224, device="cpu"):
     build_cached = time.perf_counter() - t0
     ex_mid = onnxcam.Explainer(model_bytes, layers=[middle_layer(model_bytes, ex_last.layers[0])], device=device)
     ex_last.run(x, top_k=5)  # build the 5-seed graph outside the timed loop
+    exported = ort.InferenceSession(ex_last.export(method="gradcam").SerializeToString(), runtime._options(),
+                                    providers=providers)
 
     modes = {
         "ort": lambda: plain.run(None, {"input": x}),
@@ -122,8 +127,11 @@ def run_bench(name, batch, reps, size=224, device="cpu"):
         "last-hirescam": lambda: explain(ex_last, x, "hirescam"),
         "mid-gradcam": lambda: explain(ex_mid, x, "gradcam"),
         "top5": lambda: ex_last.run(x, top_k=5),
-        **_pgc_modes(model, name, x, device),
+        "export": lambda: exported.run(None, {"input": x}),
+        **(_pgc_modes(model, name, x, device) if only is None or "pgc-gradcam" in only else {}),
     }
+    if only is not None:
+        modes = {k: fn for k, fn in modes.items() if k in only or k == "ort"}
     times = {k: [] for k in modes}
     for fn in modes.values():
         fn()  # warm-up
@@ -132,7 +140,7 @@ def run_bench(name, batch, reps, size=224, device="cpu"):
     for _ in range(reps):  # interleaved: every mode sees the same machine state
         shuffle(order)  # in a new order each time: no mode always runs right after torch's threads
         for k in order:
-            times[k].append(_best_of(modes[k], 3))
+            times[k].append(_best_of(modes[k], 3, idle))
     med = {k: statistics.median(v) for k, v in times.items()}
     fastest = {k: min(v) for k, v in times.items()}
     return {"model": name, "batch": batch, "device": device, "median_s": med,
@@ -164,10 +172,12 @@ def _pgc_modes(model, name, x, device):
             "pgc-hirescam": lambda: pgc["hirescam"](input_tensor=xt, targets=targets)}
 
 
-def _best_of(fn, n):
-    """The fastest of n back-to-back calls: the first may pay for the previous mode's threads still spinning."""
+def _best_of(fn, n, idle=0.0):
+    """The fastest of n back-to-back calls: the first may pay for the previous mode's threads still spinning.
+    idle: seconds to sleep before each timed call (lets other processes' bursts on a shared machine pass)."""
     best = float("inf")
     for _ in range(n):
+        time.sleep(idle)
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
@@ -197,16 +207,23 @@ def peak_memory(model_bytes: bytes, batch: int, mode: str, size: int = 224) -> f
     import tempfile
     with tempfile.NamedTemporaryFile(suffix=".onnx", delete=False) as f:
         f.write(model_bytes)
+    if mode == "export":
+        import onnxcam
+        with open(f.name + ".cam", "wb") as cam:
+            cam.write(onnxcam.Explainer(model_bytes, device="cpu").export().SerializeToString())
     code = f"""
 import sys, numpy as np, onnxruntime as ort
 sys.path.insert(0, {ROOT!r})
 import onnxcam
-b = open({f.name!r}, 'rb').read()
+b = open({f.name!r} + ('.cam' if {mode!r} == 'export' else ''), 'rb').read()  # read before the baseline
 x = np.zeros(({batch}, 3, {size}, {size}), np.float32)
 def hwm():  # peak RSS of this address space in MiB (ru_maxrss would carry the forking parent's peak)
     return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024
 base = hwm()
 if {mode!r} == 'ort':
+    s = ort.InferenceSession(b, providers=['CPUExecutionProvider'])
+    for _ in range(3): s.run(None, {{'input': x}})
+elif {mode!r} == 'export':  # exported outside the measured process: only the session and its runs count
     s = ort.InferenceSession(b, providers=['CPUExecutionProvider'])
     for _ in range(3): s.run(None, {{'input': x}})
 else:
@@ -218,6 +235,8 @@ print(hwm() - base)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     finally:
         os.unlink(f.name)
+        if mode == "export":
+            os.unlink(f.name + ".cam")
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -228,6 +247,8 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--modes", default=None, help="comma-separated modes to time (ort always): e.g. ort,export")
+    ap.add_argument("--idle", type=float, default=0.0, help="seconds to sleep before each timed call")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-results.json"))
     args = ap.parse_args()
     batches = args.batches or ("1,64" if args.device == "cuda" else "1,8")
@@ -239,13 +260,17 @@ def main():
             print(f"{name} skipped: {exc}", file=sys.stderr)
             continue
         for batch in [int(b) for b in batches.split(",")]:
-            row = run_bench(name, batch, args.reps, device=args.device)
+            only = None if args.modes is None else set(args.modes.split(","))
+            row = run_bench(name, batch, args.reps, device=args.device, only=only, idle=args.idle)
             if not args.no_memory and args.device == "cpu":
                 model_bytes = export(torch_model(name), 224)
                 ort_mb, cam_mb = peak_memory(model_bytes, batch, "ort"), peak_memory(model_bytes, batch, "onnxcam")
-                row["peak_mib"] = {"ort": ort_mb, "onnxcam": cam_mb, "ratio": cam_mb / max(ort_mb, 1e-9)}
+                export_mb = peak_memory(model_bytes, batch, "export")
+                row["peak_mib"] = {"ort": ort_mb, "onnxcam": cam_mb, "ratio": cam_mb / max(ort_mb, 1e-9),
+                                   "export": export_mb, "export_ratio_to_onnxcam": export_mb / max(cam_mb, 1e-9),
+                                   "export_ratio_to_ort": export_mb / max(ort_mb, 1e-9)}
             rows.append(row)
-            print(_line(row), flush=True)
+            print(_line(row) if only is None else _export_line(row), flush=True)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "python": platform.python_version(), "device": args.device}
     if args.device == "cuda":
@@ -254,8 +279,10 @@ def main():
     with open(args.out, "w") as f:
         json.dump({"machine": machine, "rows": rows}, f, indent=2)
     print(f"wrote {args.out}")
-    print(markdown_table({"machine": machine, "rows": rows}))
-    print(fastest_table({"machine": machine, "rows": rows}))
+    if args.modes is None:
+        print(markdown_table({"machine": machine, "rows": rows}))
+        print(fastest_table({"machine": machine, "rows": rows}))
+    print(export_table({"machine": machine, "rows": rows}))
 
 
 def markdown_table(results: dict) -> str:
@@ -284,6 +311,30 @@ def fastest_table(results: dict) -> str:
             lines.append(f"| {r['model']} | {r['batch']} | x{x['last-gradcam']:.2f} | x{x['last-hirescam']:.2f} | "
                          f"x{x['mid-gradcam']:.2f} | x{x['top5']:.2f} |")
     return "\n".join(lines)
+
+
+def export_table(results: dict) -> str:
+    """The exported model (Grad-CAM in the graph) against a plain inference and onnxcam's Python path, median and
+    fastest repetitions; peak memory against a plain inference's and onnxcam's explain run's."""
+    head = ("| model | batch | ORT inference | export, median | export, fastest | export / last-gradcam (median) | "
+            "peak memory vs ORT | vs onnxcam |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        x, f = r["ratio_to_ort"], r["fastest_ratio_to_ort"]
+        if "export" not in x:
+            continue
+        vs = f"x{r['median_s']['export'] / r['median_s']['last-gradcam']:.2f}" if "last-gradcam" in x else "-"
+        mem = (f"x{r['peak_mib']['export_ratio_to_ort']:.2f} ({r['peak_mib']['export']:.0f} MiB) | "
+               f"x{r['peak_mib']['export_ratio_to_onnxcam']:.2f}" if "peak_mib" in r else "- | -")
+        lines.append(f"| {r['model']} | {r['batch']} | {r['median_s']['ort'] * 1e3:.1f} ms | x{x['export']:.2f} | "
+                     f"x{f['export']:.2f} | {vs} | {mem} |")
+    return "\n".join(lines)
+
+
+def _export_line(row):
+    r, f = row["ratio_to_ort"], row["fastest_ratio_to_ort"]
+    return (f"{row['model']:>15} b{row['batch']:<2} ort {row['median_s']['ort'] * 1e3:7.1f} ms | " +
+            " ".join(f"{k} x{r[k]:.2f} (fastest x{f[k]:.2f})" for k in r if k != "ort"))
 
 
 def _line(row):
