@@ -83,8 +83,7 @@ def _setup_logging() -> None:
     if not logger.handlers:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
+        logger.addHandler(handler)  # records still propagate: a host program's (or pytest's) handlers see them
     # Every call starts at WARNING: an earlier --debug in this process (tests call main repeatedly) does not stick.
     debug = click.get_current_context().meta.get("onnxcam.debug")
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)

@@ -4,19 +4,24 @@ from .api import CLASSES, Explanation, explain
 from .base import BaseCAM
 from .cams import (
     CAM,
+    FEM,
     KPCA_CAM,
     CounterfactualGradCAM,
     EigenCAM,
     EigenGradCAM,
+    FinerCAM,
     GradCAM,
     GradCAMElementWise,
     GradCAMPlusPlus,
     GradientXInput,
     HiResCAM,
     LayerCAM,
+    RandomCAM,
     Saliency,
     XGradCAM,
 )
+from .fullgrad import FullGrad
+from .gradient_free import AblationCAM, ScoreCAM
 from .guided import GuidedBackprop, GuidedBackpropReLUModel, GuidedGradCAM
 from .methods import METHODS
 from .postprocess import deprocess_image, scale_cam_image
@@ -31,8 +36,10 @@ from .targets import (
 __all__ = [
     "CAM",
     "CLASSES",
+    "FEM",
     "KPCA_CAM",
     "METHODS",
+    "AblationCAM",
     "BaseCAM",
     "BinaryClassifierOutputTarget",
     "ClassifierOutputSoftmaxTarget",
@@ -41,6 +48,8 @@ __all__ = [
     "EigenCAM",
     "EigenGradCAM",
     "Explanation",
+    "FinerCAM",
+    "FullGrad",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
@@ -50,8 +59,10 @@ __all__ = [
     "GuidedGradCAM",
     "HiResCAM",
     "LayerCAM",
+    "RandomCAM",
     "RawScoresOutputTarget",
     "Saliency",
+    "ScoreCAM",
     "SemanticSegmentationTarget",
     "XGradCAM",
     "deprocess_image",

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..explainer import Explainer, Result
-from . import cams, guided
+from . import cams, fullgrad, gradient_free, guided
 
 # method name -> class; "gradcam++" has "gradcampp" as an alias for command lines and file names
 CLASSES = {
@@ -28,6 +28,12 @@ CLASSES = {
     "gradient_x_input": cams.GradientXInput,
     "guided_backprop": guided.GuidedBackprop,
     "guided_gradcam": guided.GuidedGradCAM,
+    "randomcam": cams.RandomCAM,
+    "fem": cams.FEM,
+    "finercam": cams.FinerCAM,
+    "scorecam": gradient_free.ScoreCAM,
+    "ablationcam": gradient_free.AblationCAM,
+    "fullgrad": fullgrad.FullGrad,
 }
 _INPUT_METHODS = {"saliency", "gradient_x_input", "guided_backprop"}
 

@@ -186,11 +186,21 @@ class BaseCAM:
                 shape = self._score_shape(x)
                 outputs = np.zeros((n, *shape), np.float32)
                 if any(getattr(t, "needs_output", False) for t in targets):
-                    outputs = ex.run(x, seed=outputs).logits  # a first run for the logits (zero seed: no target)
+                    known = self._call.known_outputs  # score_outputs(x) just read them
+                    outputs = known[1] if known is not None and known[0] is x else self.score_outputs(x)
+                    self._call.known_outputs = None
                 r = ex.run(x, seed=seeds(targets, outputs))
         self._score_shapes[x.shape[1:]] = r.logits.shape[1:]
         self.outputs, self.result = r.logits, r
         return r
+
+    def score_outputs(self, x: np.ndarray) -> np.ndarray:
+        """The score (logits) for x by a run with a zero seed (no target), remembered for this thread's next run
+        of the same array (targets built from the logits, e.g. FinerCAM's, then cost no second first run)."""
+        shape = self._score_shape(x)
+        logits = self.explainer.run(x, seed=np.zeros((x.shape[0], *shape), np.float32)).logits
+        self._call.known_outputs = (x, logits)
+        return logits
 
     # ---- per layer -----------------------------------------------------------------------------------------
     def raw_map(self, r: Result, layer: str, x: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
@@ -245,6 +255,12 @@ class BaseCAM:
             self._score_shapes[key] = tuple(shape[1:])
         return self._score_shapes[key]
 
+    def export(self, path=None, *, top_k: int | None = None, size=None, class_input: bool = False) -> onnx.ModelProto:
+        """The model with this method's map in the graph (onnxcam.export.export); saved to `path` when given."""
+        from ..export import export
+
+        return export(self, top_k=top_k, size=size, class_input=class_input, path=path)
+
     # ---- context manager (nothing to release: no hooks) ----------------------------------------------------
     def __enter__(self):
         return self
@@ -260,6 +276,7 @@ class _PerCall(threading.local):
     result: Result | None = None
     raw: dict = {}  # noqa: RUF012 - only ever replaced, never mutated
     degenerate: list = []  # noqa: RUF012 - only ever replaced, never mutated
+    known_outputs: tuple | None = None  # (x, its logits) from score_outputs
 
 
 def degenerate_maps(maps: np.ndarray, r: Result, layers: list[str], gradient_free: bool = False) -> list[str | None]:

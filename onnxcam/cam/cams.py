@@ -10,7 +10,7 @@ from ..errors import InputError, LayerError
 from ..explainer import Result
 from ..graph import names
 from . import methods
-from .base import BaseCAM, input_name
+from .base import BaseCAM, as_numpy_input, input_name
 
 
 class GradCAM(BaseCAM):
@@ -134,6 +134,86 @@ class CAM(BaseCAM):
                              f"{layer!r} {r.activations[layer].shape}: CAM needs the layer that is pooled")
         weights = np.float32(r.gradients[pooled].reshape(n, c))
         return methods.cam(activations, weights, eigen_smooth)
+
+
+class RandomCAM(BaseCAM):
+    """Random-CAM: random channel weights in [-1, 1), a baseline for the metrics. Drawn from numpy's global
+    generator (np.random.seed reproduces pytorch-grad-cam's maps), or from `rng` when given."""
+
+    def __init__(self, model, target_layers=None, reshape_transform=None, *, rng: np.random.Generator | None = None,
+                 **options):
+        super().__init__(model, target_layers, reshape_transform, **options)
+        self.rng = rng
+
+    def method(self, activations, grads, eigen_smooth=False):
+        return methods.random_cam(activations, grads, eigen_smooth, rng=self.rng)
+
+
+class FEM(BaseCAM):
+    """FEM: channels weighted by the share of their positions above mean + k std (k-sigma rule); no gradients."""
+
+    gradient_free = True
+
+    def __init__(self, model, target_layers=None, reshape_transform=None, k: float = 2, **options):
+        super().__init__(model, target_layers, reshape_transform, **options)
+        self.k = k
+
+    def method(self, activations, grads, eigen_smooth=False):
+        return methods.fem(activations, grads, eigen_smooth, k=self.k)
+
+
+class FinerCAM:
+    """Finer-CAM (arXiv 2501.11309): a base method (Grad-CAM by default) explaining FinerWeightedTarget, the target
+    class's logit against the classes the model finds most similar to it (softmax-weighted differences).
+
+    With targets=None each sample's main class is its top class (or target_idx), compared with the classes whose
+    logits are nearest to it: comparison_categories are ranks in that order (1 = the nearest other class).
+    """
+
+    def __init__(self, model, target_layers=None, reshape_transform=None, base_method=GradCAM, **options):
+        self.base_cam = base_method(model, target_layers, reshape_transform, **options)
+
+    def __getattr__(self, name):  # outputs, result, raw, target_layers, degenerate...: the base method's
+        if name == "base_cam":
+            raise AttributeError(name)
+        return getattr(self.base_cam, name)
+
+    def __call__(self, input_tensor, targets=None, eigen_smooth: bool = False, alpha: float = 1,
+                 comparison_categories=None, target_idx: int | None = None, aug_smooth: bool = False) -> np.ndarray:
+        """(N, H, W) maps in [0, 1]; targets given explicitly are used as they are (as pytorch-grad-cam does)."""
+        x = as_numpy_input(input_tensor)
+        if targets is None:
+            targets = finer_targets(self.base_cam.score_outputs(x), alpha, comparison_categories, target_idx)
+        return self.base_cam(x, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
+
+    forward = __call__
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_value, exc_tb):
+        return None
+
+
+def finer_targets(outputs: np.ndarray, alpha: float = 1, comparison_categories=None,
+                  target_idx: int | None = None) -> list:
+    """Finer-CAM's default targets from the logits (N, K): main class = the top one (or target_idx); the classes
+    sorted by |z_k - z_main| ascending; comparisons = those at the given ranks (default 1, 2, 3, within K)."""
+    from ..utils.model_targets import FinerWeightedTarget
+
+    outputs = np.asarray(outputs)
+    if outputs.ndim != 2:
+        raise InputError(f"FinerCAM needs a score of one vector per sample, not of shape {outputs.shape}")
+    k = outputs.shape[-1]
+    if comparison_categories is None:
+        ranks = [1, 2, 3][:max(k - 1, 0)]
+    else:
+        ranks = [int(c) for c in comparison_categories if c < k]
+    if target_idx is not None and not 0 <= target_idx < k:
+        raise InputError(f"target_idx {target_idx} is out of range: the model has {k} classes")
+    main = outputs.max(axis=-1) if target_idx is None else outputs[:, target_idx]
+    order = np.argsort(np.abs(outputs - main[:, None]), axis=-1)
+    return [FinerWeightedTarget(int(row[0]), [int(row[r]) for r in ranks], alpha) for row in order]
 
 
 class _InputMap(BaseCAM):

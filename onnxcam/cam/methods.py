@@ -116,6 +116,49 @@ def kpca_cam(activations: np.ndarray, grads: np.ndarray | None = None, eigen_smo
     return get_2d_projection_kernel(activations, kernel, gamma)
 
 
+# ---- methods without gradients (eigen_smooth applies to the weighted activations) ---------------------------------
+def random_cam(activations: np.ndarray, grads: np.ndarray | None = None, eigen_smooth: bool = False, *,
+               rng: np.random.Generator | None = None) -> np.ndarray:
+    """Random-CAM (pytorch-grad-cam's baseline): channel weights drawn uniformly from [-1, 1).
+
+    rng None draws from numpy's global generator, as pytorch-grad-cam does: after np.random.seed(s) both give the
+    same maps. A sanity baseline for the metrics, not an explanation."""
+    size = activations.shape[:2]
+    weights = np.random.uniform(-1, 1, size=size) if rng is None else rng.uniform(-1, 1, size=size)
+    return _reduce(weights[:, :, None, None] * activations, eigen_smooth)
+
+
+def fem(activations: np.ndarray, grads: np.ndarray | None = None, eigen_smooth: bool = False, *,
+        k: float = 2) -> np.ndarray:
+    """FEM, Feature Explanation Method (Fuad et al., IPTA 2020, hal-02963298): the weight of channel c is the share
+    of its positions above mean_c + k std_c (the k-sigma rule); map = sum_c w_c A_c. No gradients, no eigen_smooth."""
+    n, c = activations.shape[:2]
+    flat = activations.reshape(n, c, -1)
+    threshold = flat.mean(axis=2) + k * flat.std(axis=2)
+    weights = (flat > threshold[:, :, None]).mean(axis=2)
+    return (weights[:, :, None, None] * activations).sum(axis=1)
+
+
+def score_weights(scores: np.ndarray) -> np.ndarray:
+    """Score-CAM's channel weights (Wang et al., arXiv 1910.01279): softmax over channels of the target scores of
+    the masked inputs, (N, C) -> (N, C) float32."""
+    scores = np.asarray(scores, np.float32)
+    e = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def ablation_weights(original: np.ndarray, ablated: np.ndarray) -> np.ndarray:
+    """Ablation-CAM's channel weights (Desai & Ramaswamy, WACV 2020): the relative drop of the target score when
+    the channel is ablated, (y - y_c) / y; original (N,), ablated (N, C)."""
+    original = np.float32(original)[:, None]
+    return (original - np.float32(ablated)) / original
+
+
+def weighted_sum(weights: np.ndarray, activations: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """map = sum_c w_c A_c (or, with eigen_smooth, the first principal component of w_c A_c)."""
+    return _reduce(weights[:, :, None, None] * activations, eigen_smooth)
+
+
 # ---- input-space maps (A is the model input) ------------------------------------------------------------------------
 def saliency(inputs: np.ndarray, grads: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
     """Saliency (Simonyan et al., arXiv 1312.6034): max over channels of |dY/dx|."""
@@ -142,3 +185,5 @@ METHODS = {
     "saliency": saliency,
     "gradient_x_input": gradient_x_input,
 }
+# random_cam and fem are not listed: METHODS is what the command line offers, and its pipeline treats class-agnostic
+# methods (fem) apart; the classes reach them through onnxcam.cam.api.CLASSES.

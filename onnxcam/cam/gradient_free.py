@@ -1,0 +1,310 @@
+"""Gradient-free CAM methods that weight channels by forward passes: Score-CAM and Ablation-CAM.
+
+Both start from one plain forward (the score, the layers' activations); neither differentiates anything.
+- Score-CAM masks the input with each channel's upsampled, min-max scaled map, so each weight is a whole forward.
+  The masked inputs run in batches; every channel whose map is constant gives the same all-zero masked input, so
+  one forward of a zero input serves all of them (ReLU layers often hold many dead channels).
+- Ablation-CAM changes the layer's activations only, so only the part of the model after the layer runs again:
+  the model is cut at the layer (graph/cut.py) and the ablated activations are fed to that tail in batches (at a
+  last stage, the pooling and the classifier). pytorch-grad-cam reruns the whole model for each ablation batch.
+
+Targets are read off the explainer's score (the logits, as for the gradient methods), one target per sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+
+from ..errors import InputError, LayerError, ModelError, NumericalError
+from ..explainer import Result
+from ..graph.cut import tail_model
+from ..graph.model import runtime_failure
+from ..runtime import session
+from . import methods
+from .base import BaseCAM
+from .targets import ClassifierOutputTarget
+
+log = logging.getLogger(__name__)
+
+
+class _ForwardCAM(BaseCAM):
+    """A method whose channel weights come from plain forwards; subclasses give `channel_weights`."""
+
+    gradient_free = True
+
+    def __init__(self, model, target_layers=None, reshape_transform=None, *, batch_size: int = 32, **options):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
+        super().__init__(model, target_layers, reshape_transform, **options)
+        self.batch_size = int(batch_size)
+        self._plain = None  # the plain session on the whole model (built at the first call)
+        self._plain_outputs: tuple = ()
+
+    # ---- the forward runs ------------------------------------------------------------------------------------------
+    def _extra_outputs(self) -> list[str]:
+        """Tensors besides the score and the layers that the first forward must return."""
+        return []
+
+    def _whole(self, names: list[str]):
+        """The plain session on the whole model, with `names` among its outputs."""
+        if self._plain is None or not set(names) <= set(self._plain_outputs):
+            proto = onnx.ModelProto()
+            proto.CopyFrom(self.explainer.proto)
+            have = {o.name for o in proto.graph.output}
+            known = {vi.name: vi for vi in proto.graph.value_info}
+            for name in names:
+                if name not in have:
+                    # no type where none is recorded: onnxruntime infers it (a layer may be any type)
+                    proto.graph.output.append(known.get(name) or onnx.helper.make_empty_tensor_value_info(name))
+            self._plain = session(proto.SerializeToString(), self.explainer.device, self.explainer.weights)
+            self._plain_outputs = tuple(o.name for o in proto.graph.output)
+        return self._plain
+
+    def _batch(self) -> int:
+        """The batch of the repeated forwards: 1 for models exported with a batch of 1."""
+        return 1 if self.explainer._analysis.fixed_batch == 1 else self.batch_size
+
+    def _forward(self, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """The whole model on x (in chunks when its batch is fixed at 1), returning `names`."""
+        sess = self._whole(names)
+        if x.dtype != self.explainer._analysis.dtype:  # the masked inputs are float32 whatever the model takes
+            x = x.astype(self.explainer._analysis.dtype)
+        step = len(x) if self.explainer._analysis.fixed_batch != 1 else 1
+        parts = []
+        for start in range(0, len(x), step):
+            try:
+                parts.append(sess.run(names, {self.explainer.input_name: x[start:start + step]}))
+            except Exception as exc:  # onnxruntime's own error types
+                raise ModelError(f"onnxruntime failed on input {self.explainer.input_name!r} of shape {x.shape}: "
+                                 f"{runtime_failure(exc)}") from exc
+        return [np.concatenate(chunk) for chunk in zip(*parts)]
+
+    def _scores(self, outputs: np.ndarray, samples: np.ndarray) -> np.ndarray:
+        """float32 target score of each output row, row i read by sample samples[i]'s target."""
+        targets = self._call.numpy_targets
+        return np.float32([np.asarray(targets[n](o)).item() for n, o in zip(samples, outputs)])
+
+    def run(self, x: np.ndarray, targets=None) -> Result:
+        """One plain forward: the score and the layers' activations (no gradients); resolves the targets."""
+        ex = self.explainer
+        x = ex._check_input(x)
+        ex._choose_layers(x.shape)
+        layers = self.target_layers
+        names = list(dict.fromkeys([ex.score_name, *layers, *self._extra_outputs()]))
+        values = dict(zip(names, self._forward(x, names)))
+        logits = values[ex.score_name]
+        self._call.numpy_targets = _numpy_targets(targets, logits)  # per thread, as the other per-call results
+        classes = [t.category if type(t) is ClassifierOutputTarget else -1 for t in self._call.numpy_targets]
+        r = Result(logits, np.int64(classes), {layer: values[layer] for layer in layers}, {},
+                   {name: values[name] for name in names if name not in layers})
+        self.outputs, self.result = logits, r
+        return r
+
+    # ---- per layer -------------------------------------------------------------------------------------------------
+    def raw_map(self, r: Result, layer: str, x: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+        activations = self.layer_activations(r.activations[layer], layer, x)
+        weights = self.channel_weights(r, layer, x, activations)
+        return methods.weighted_sum(weights, activations, eigen_smooth)
+
+    def layer_activations(self, a: np.ndarray, layer: str, x: np.ndarray) -> np.ndarray:
+        """A layer's activations as (N, C, h, w) float32."""
+        if self.reshape_transform is not None:
+            a = self.reshape_transform(a)
+        elif a.ndim == 4 and self._channels_last(a.shape, x):
+            a = a.transpose(0, 3, 1, 2)
+        if a.ndim != 4:
+            raise InputError(f"layer {layer!r} has shape {a.shape}; CAM methods need a 4-D (N, C, h, w) activation "
+                             "(give a reshape_transform for token or 3-D layouts)")
+        return np.asarray(a, np.float32)
+
+    def channel_weights(self, r: Result, layer: str, x: np.ndarray, activations: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ScoreCAM(_ForwardCAM):
+    """Score-CAM (Wang et al., arXiv 1910.01279): w_c = softmax over channels of the target's score on the input
+    masked by channel c's map (upsampled bilinearly with aligned corners, scaled to [0, 1]).
+
+    batch_size: masked inputs per forward. `forwards` tells how many inputs the last call ran.
+    A constant channel's mask is zero (0 / (0 + 1e-8)); pytorch-grad-cam gets the same for the all-zero channels of
+    ReLU layers, but for a constant non-zero channel its upsampling can leave float rounding noise that its min-max
+    scaling then blows up into a noise mask: here such a channel is masked to zero as well, as the formula means.
+    """
+
+    @property
+    def forwards(self) -> int:
+        """How many inputs this thread's last call ran through the model after its first forward."""
+        return getattr(self._call, "forwards", 0)
+
+    def forward(self, x: np.ndarray, targets=None, eigen_smooth: bool = False) -> np.ndarray:
+        self._call.forwards, self._call.zero_output = 0, None
+        return super().forward(x, targets, eigen_smooth)
+
+    def channel_weights(self, r: Result, layer: str, x: np.ndarray, activations: np.ndarray) -> np.ndarray:
+        nhwc = self._input_channels_last(x)
+        height, width = (x.shape[1], x.shape[2]) if nhwc else (x.shape[2], x.shape[3])
+        n, c = activations.shape[:2]
+        constant = np.ptp(activations.reshape(n, c, -1), axis=2) == 0
+        scores = np.empty((n, c), np.float32)
+        if constant.any():
+            zero = self._zero_input_output(x)
+            for i, ch in zip(*np.nonzero(constant)):
+                scores[i, ch] = self._scores(zero, [i])[0]
+        pairs = np.argwhere(~constant)
+        for start in range(0, len(pairs), self._batch()):
+            chunk = pairs[start:start + self._batch()]
+            masks = score_masks(activations[chunk[:, 0], chunk[:, 1]], height, width)  # one batch at a time
+            masked = x[chunk[:, 0]] * (masks[:, :, :, None] if nhwc else masks[:, None])
+            out = self._forward(masked, [self.explainer.score_name])[0]
+            scores[chunk[:, 0], chunk[:, 1]] = self._scores(out, chunk[:, 0])
+            self._call.forwards += len(chunk)
+        return methods.score_weights(scores)
+
+    def _zero_input_output(self, x: np.ndarray) -> np.ndarray:
+        """The score of an all-zero input (every constant channel's masked input), run once per call."""
+        if self._call.zero_output is None:
+            self._call.zero_output = self._forward(np.zeros_like(x[:1]), [self.explainer.score_name])[0]
+            self._call.forwards += 1
+        return self._call.zero_output
+
+
+class AblationCAM(_ForwardCAM):
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020): w_c = (y - y_c) / y, the relative drop of the target score y
+    when channel c of the layer is ablated.
+
+    Only the part of the model after the layer runs for the ablations (its tail, fed the ablated activations and
+    whatever else it reads from before the layer, in batches of batch_size). As in pytorch-grad-cam, a channel is
+    ablated to 0 when the sample's smallest activation is 0, else to that minimum - 1e7. pytorch-grad-cam lowers
+    that value by another 1e7 for each earlier channel of the same batch (it takes the minimum of the batch it has
+    already ablated); here every channel gets the same value, so layers with negative values differ from it.
+    """
+
+    ABLATION_VALUE = 1e7
+
+    def __init__(self, model, target_layers=None, reshape_transform=None, *, batch_size: int = 32, **options):
+        super().__init__(model, target_layers, reshape_transform, batch_size=batch_size, **options)
+        self._tails: dict = {}  # (layer, input shapes) -> (session, fed tensor names)
+        self._fed_names: dict = {}  # layer -> the tensors its tail reads besides the layer
+
+    def _extra_outputs(self) -> list[str]:
+        from ..graph.cut import tail_nodes
+
+        out = []
+        for layer in self.target_layers:
+            if layer not in self._fed_names:
+                self._fed_names[layer] = tail_nodes(self.explainer.proto, layer, self.explainer.score_name)[1][1:]
+            out += self._fed_names[layer]
+        return out
+
+    def _tail(self, layer: str, values: dict[str, np.ndarray]):
+        names = [layer, *self._fed_names[layer]]
+        key = (layer, tuple((values[name].shape[1:], values[name].dtype.str) for name in names))
+        if key not in self._tails:
+            ex = self.explainer
+            model, feeds = tail_model(ex.proto, layer, ex.score_name, {name: values[name] for name in names},
+                                      batch=ex._analysis.fixed_batch != 1)
+            used = {t.name for t in model.graph.initializer}
+            weights = {name: w for name, w in ex.weights.items() if name in used}
+            self._tails[key] = (session(model.SerializeToString(), ex.device, weights), feeds)
+        return self._tails[key]
+
+    def channel_weights(self, r: Result, layer: str, x: np.ndarray, activations: np.ndarray) -> np.ndarray:
+        raw = r.activations[layer]
+        axis = self._channel_axis(raw, layer, x, activations.shape[1])
+        values = {layer: raw, **{name: r.outputs[name] for name in self._fed_names[layer]}}
+        sess, feeds = self._tail(layer, values)
+        original = self._scores(r.logits, range(len(raw)))
+        if np.any(original == 0):
+            bad = np.nonzero(original == 0)[0].tolist()
+            raise NumericalError(f"samples {bad}: the target score is 0, and Ablation-CAM divides by it")
+        n, c = activations.shape[:2]
+        lows = raw.reshape(n, -1).min(axis=1)
+        fill = np.where(lows == 0, 0, lows - np.float32(self.ABLATION_VALUE)).astype(raw.dtype)
+        ablated = np.empty((n, c), np.float32)
+        for samples, channels in _chunks(n, c, self._batch()):
+            batch = raw[samples]  # a copy: fancy indexing
+            index = [np.arange(len(samples))] + [slice(None)] * (raw.ndim - 1)
+            index[axis] = channels
+            batch[tuple(index)] = fill[samples].reshape(-1, *[1] * (raw.ndim - 2))
+            fed = {layer: batch, **{name: values[name][samples] for name in feeds[1:]}}
+            try:
+                out = sess.run([self.explainer.score_name], fed)[0]
+            except Exception as exc:  # onnxruntime's own error types
+                raise ModelError(f"onnxruntime failed on the model after layer {layer!r}: "
+                                 f"{runtime_failure(exc)}") from exc
+            ablated[samples, channels] = self._scores(out, samples)
+        return methods.ablation_weights(original, ablated)
+
+    def _channel_axis(self, raw: np.ndarray, layer: str, x: np.ndarray, channels: int) -> int:
+        """The channel axis of the layer's own tensor: 1 (NCHW), 3 (NHWC), or the last of tokens (N, T, C)."""
+        if raw.ndim == 4:
+            axis = 3 if self.reshape_transform is None and self._channels_last(raw.shape, x) else 1
+        elif raw.ndim == 3:
+            axis = 2
+        else:
+            raise LayerError(f"layer {layer!r} has shape {raw.shape}: Ablation-CAM ablates channels of a 4-D "
+                             "(N, C, h, w) or token (N, T, C) layer")
+        if raw.shape[axis] != channels:
+            raise LayerError(f"layer {layer!r} {raw.shape}: its axis {axis} has {raw.shape[axis]} channels but the "
+                             f"reshaped activations have {channels}")
+        return axis
+
+
+def _chunks(n: int, c: int, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(sample, channel) index pairs of all n x c ablations, `size` at a time."""
+    samples, channels = np.divmod(np.arange(n * c), c)
+    for start in range(0, n * c, size):
+        yield samples[start:start + size], channels[start:start + size]
+
+
+def _numpy_targets(targets, logits: np.ndarray) -> list:
+    """One numpy target per sample (None: each sample's top class; an int: that class for all)."""
+    from ..utils.model_targets import as_target
+
+    n = len(logits)
+    if targets is None:
+        return [ClassifierOutputTarget(int(np.argmax(row))) for row in logits.reshape(n, -1)]
+    if isinstance(targets, (int, np.integer)):
+        targets = [targets] * n
+    targets = list(targets)
+    if len(targets) != n:
+        raise InputError(f"got {len(targets)} targets for a batch of {n} samples; give one per sample")
+    try:
+        return [as_target(t) for t in targets]
+    except TypeError as exc:
+        raise InputError(str(exc)) from None
+
+
+def score_masks(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Score-CAM's masks of (B, h, w) channel maps: upsampled to (B, height, width), each scaled to [0, 1] as
+    (m - min) / (max - min + 1e-8)."""
+    masks = upsample_bilinear_aligned(maps[None], height, width)[0]
+    flat = masks.reshape(len(masks), -1)
+    low = flat.min(axis=1, keepdims=True)
+    flat -= low
+    flat /= flat.max(axis=1, keepdims=True) + np.float32(1e-8)
+    return masks
+
+
+def upsample_bilinear_aligned(a: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(N, C, h, w) -> (N, C, height, width) float32, bilinear with aligned corners (torch's UpsamplingBilinear2d),
+    as two small matrix products: each output pixel is the same two-by-two interpolation of the same neighbours."""
+    rows, cols = _interpolation(a.shape[2], height), _interpolation(a.shape[3], width)
+    return np.ascontiguousarray(rows @ (np.asarray(a, np.float32) @ cols.T))
+
+
+def _interpolation(size: int, out: int) -> np.ndarray:
+    """(out, size) float32 matrix of aligned-corner linear interpolation weights (torch's index arithmetic)."""
+    scale = np.float32((size - 1) / (out - 1)) if out > 1 else np.float32(0)
+    real = scale * np.arange(out, dtype=np.float32)
+    low = real.astype(np.int64)
+    frac = real - low.astype(np.float32)
+    high = np.minimum(low + 1, size - 1)
+    m = np.zeros((out, size), np.float32)
+    m[np.arange(out), low] += np.float32(1) - frac
+    m[np.arange(out), high] += frac
+    return m
