@@ -63,8 +63,7 @@ def debug_option(f):
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to sys.stderr as it is when a record comes (click's test runner replaces it for each call), and drops
-    the library's per-batch zero-map warning: the command names each zero map next to its image instead."""
+    """Writes to sys.stderr as it is when a record comes (click's test runner replaces it for each call)."""
 
     @property
     def stream(self):
@@ -73,9 +72,6 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, _value) -> None:
         pass
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.funcName != "degenerate_maps" and super().filter(record)
 
 
 def _setup_logging() -> None:

@@ -300,7 +300,9 @@ def degenerate_maps(maps: np.ndarray, r: Result, layers: list[str], gradient_fre
                            "positive, or constant")
     bad = [i for i, why in enumerate(reasons) if why]
     if bad:
-        log.warning("samples %s: %s", bad, reasons[bad[0]])
+        # INFO, not WARNING: callers read degenerate_reasons (the CLI prints each zero map beside its image); a
+        # warning on every call would flood loops over many images.
+        log.info("samples %s: %s", bad, reasons[bad[0]])
     return reasons
 
 
