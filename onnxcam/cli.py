@@ -128,14 +128,19 @@ def _parse_out(_ctx, _param, value: str) -> Path:
 
 
 def _parse_methods(_ctx, _param, value):
-    from .cam.methods import METHODS
+    from .cam.api import REGISTRY, canonical
+    from .errors import InputError
 
-    methods = [m.strip().lower() for m in value.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    methods, unknown = [], []
+    for m in (m.strip().lower() for m in value.split(",") if m.strip()):
+        try:
+            methods.append(canonical(m))  # an alias (gradcampp) names its method
+        except InputError:
+            unknown.append(m)
     if unknown or not methods:
         raise click.BadParameter(f"unknown method {', '.join(unknown) or repr(value)}; "
-                                 f"choose from {', '.join(METHODS)}")
-    return methods
+                                 f"choose from {', '.join(REGISTRY)}")
+    return list(dict.fromkeys(methods))
 
 
 def model_options(f):
@@ -413,7 +418,199 @@ def export(model, out, method, layers, top_k, class_input, size, output):
                f"{f' for the top {top_k} classes' if top_k else ''} ({time.perf_counter() - start:.1f} s)")
 
 
+COMPARE_BELOW = 3  # onnxcam compare's exit status when an agreement figure is below --fail-under
+
+
+def _per_model(values, n: int, option: str, parse=lambda v: v) -> list:
+    """Values of a per-model option: 'K=VALUE' for the K-th model (1-based), a bare VALUE for every model."""
+    out = [None] * n
+    for value in values:
+        k, sep, rest = value.partition("=")
+        targets = range(n)
+        if sep and k.isdigit():
+            if not 1 <= int(k) <= n:
+                raise click.BadParameter(f"{value!r}: there is no model {k} (models 1 to {n})", param_hint=option)
+            targets, value = [int(k) - 1], rest
+        parsed = parse(value)
+        for t in targets:
+            out[t] = parsed
+    return out
+
+
+def _model_number(value: str, n: int, option: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= n:
+        raise click.BadParameter(f"{value!r} is not a model number (1 to {n}) or 'all'", param_hint=option)
+    return int(value) - 1
+
+
+def _model_floats(name: str):
+    def parse(value):
+        return _parse_floats(None, type("P", (), {"name": name})(), value)
+    return parse
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="MODEL_A MODEL_B "
+                "[MODEL ...] IMAGES...")
+@click.option("--out", default="onnxcam-compare", show_default=True, callback=_parse_out, metavar="DIR",
+              help="Folder for report.html, report.json, report.csv and pictures/.")
+@click.option("--method", "methods", default="gradcam", show_default=True, callback=_parse_methods,
+              help="CAM methods, comma-separated.")
+@click.option("--target", default="top1", show_default=True, metavar="top1|CLASS[,CLASS]",
+              help="The classes every model explains: the first model's top-1, or class numbers or names of the "
+                   "first model (mapped to each model's own by name when they order classes differently).")
+@click.option("--fail-under", type=float, metavar="R",
+              help=f"Exit with status {COMPARE_BELOW} when an agreement figure (top1, top5, pearson, spearman, "
+                   "iou15) of any image is below R.")
+@click.option("--layer", "layers", multiple=True, metavar="[K=]NAME",
+              help="Target layer of model K (1-based), or of every model; repeat for several.")
+@click.option("--size", "sizes", multiple=True, metavar="[K=]HxW", help="Input size of model K, or of every model.")
+@click.option("--mean", "means", multiple=True, metavar="[K=]R,G,B", help="Mean of model K, or of every model.")
+@click.option("--std", "stds", multiple=True, metavar="[K=]R,G,B", help="Std of model K, or of every model.")
+@click.option("--layout", "layouts", multiple=True, metavar="[K=]auto|nchw|nhwc",
+              help="Input layout of model K, or of every model.")
+@click.option("--bgr", "bgrs", multiple=True, metavar="K|all", help="Feed model K (or all) BGR channels.")
+@click.option("--labels", "labels", multiple=True, metavar="[K=]FILE",
+              help="Class names of model K, or of every model ('imagenet' for the bundled list).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where onnxruntime runs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per run.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True, metavar="N",
+              help="Images with more pixels are skipped.")
+@debug_option
+def compare(paths, out, methods, target, fail_under, layers, sizes, means, stds, layouts, bgrs, labels, device,
+            batch_size, max_pixels):
+    """Explain the same images with every model and compare each model with the first.
+
+    Paths ending in .onnx are the models (at least two, the first is the reference); the others are images or
+    folders. Each model keeps its own preprocessing, layer and class names (options prefixed K= apply to the
+    K-th model only). Every model explains the same class: the first model's top-1 (a prediction flip is
+    explained, not hidden) or --target's classes. Maps are compared at each image's resolution.
+
+    \b
+    Writes DIR/report.html (open it in a browser), report.json, report.csv and pictures/.
+    Exit status: 0; 1 on errors (a model that cannot be opened or explained, images that fail: the report is
+    still written and lists them); 3 when --fail-under is given and an agreement figure is below it.
+
+    \b
+    Examples:
+        onnxcam compare model.onnx model-fp16.onnx model-int8.onnx photos/ --out audit/
+        onnxcam compare torch.onnx keras.onnx cat.jpg --layout 2=nhwc --layer 2=conv5/out --fail-under 0.9
+    """
+    from .audit import ModelSpec, write_reports
+    from .audit import compare as run_compare
+    from .audit.report import page_text
+
+    models = [p for p in paths if p.suffix.lower() == ".onnx"]
+    inputs = [p for p in paths if p.suffix.lower() != ".onnx"]
+    if len(models) < 2 or not inputs:
+        raise click.UsageError(f"give at least two models (.onnx) and one image or folder; got {len(models)} "
+                               f"models and {len(inputs)} images")
+    _refuse_input_in_out(inputs, out)
+    n = len(models)
+    layer_lists = [[] for _ in models]
+    for value in layers:
+        for k, name in enumerate(_per_model([value], n, "'--layer'")):
+            if name is not None:
+                layer_lists[k].append(name)
+    bgr_set = {_model_number(b, n, "'--bgr'") for b in bgrs if b != "all"} | (set(range(n)) if "all" in bgrs else set())
+    per = {"size": _per_model(sizes, n, "'--size'", lambda v: _parse_size(None, None, v)),
+           "mean": _per_model(means, n, "'--mean'", _model_floats("mean")),
+           "std": _per_model(stds, n, "'--std'", _model_floats("std")),
+           "layout": [v or "auto" for v in _per_model(layouts, n, "'--layout'", _layout)],
+           "labels": _per_model(labels, n, "'--labels'")}
+    specs = [ModelSpec(m, layers=layer_lists[k] or None, bgr=k in bgr_set, **{key: v[k] for key, v in per.items()})
+             for k, m in enumerate(models)]
+    start = time.perf_counter()
+    result = run_compare(specs, inputs, out, methods=methods, target=target, device=device, batch_size=batch_size,
+                         max_pixels=max_pixels)
+    paths_written = write_reports(result, out, fail_under)
+    click.echo(f"Compared {len(result.images)} images with {n} models ({', '.join(methods)}) in "
+               f"{time.perf_counter() - start:.1f} s; against {result.models[0]['name']}:")
+    click.echo(page_text(result))
+    for f in result.failures:
+        click.echo(f"Error: {f.image}{' with model ' + f.model if f.model else ''}: {f.error}", err=True)
+    click.echo(f"Report: {_show(paths_written['html'])}")
+    if result.failures or not result.images:
+        sys.exit(1)
+    if fail_under is not None:
+        below = result.below(fail_under)
+        if below:
+            worst = min((r[f], f, r["model"], r["image"], r["method"]) for r in below for f in r["below"])
+            click.echo(f"{len(below)} comparisons below --fail-under {fail_under}; the lowest: {worst[1]} "
+                       f"{worst[0]:.4f} ({worst[2]} on {worst[3]}, {worst[4]})", err=True)
+            sys.exit(COMPARE_BELOW)
+
+
+def _layout(value: str) -> str:
+    if value.lower() not in ("auto", "nchw", "nhwc"):
+        raise click.BadParameter(f"{value!r} is not auto, nchw or nhwc", param_hint="'--layout'")
+    return value.lower()
+
+
 # ---- output helpers --------------------------------------------------------------------------------------------
+def _parse_metrics(_ctx, _param, value: str) -> list[str]:
+    from .evaluate import METRICS
+
+    metrics = list(dict.fromkeys(m.strip().lower() for m in value.split(",") if m.strip()))
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise click.BadParameter(f"unknown metric {', '.join(unknown) or repr(value)}; choose from {', '.join(METRICS)}")
+    return metrics
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--method", "methods", default="gradcam,hirescam", show_default=True, callback=_parse_methods,
+              help="CAM methods to compare, comma-separated.")
+@click.option("--metric", "metrics", default="deletion,insertion,road", show_default=True, callback=_parse_metrics,
+              help="Metrics, comma-separated: deletion, insertion, road, pointing, energy, sanity.")
+@click.option("--boxes", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help='Objects for pointing/energy: JSON {"image name": [[x1, y1, x2, y2], ...]} in image pixels.')
+@click.option("--layer", "layers", multiple=True, metavar="NAME", help="Target layer; repeat for several.")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Deletion/insertion perturbation steps.")
+@click.option("--stages", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Randomization stages of the sanity check (top first, cumulative).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of ROAD's noise and the random weights.")
+@click.option("--json", "json_path", default="onnxcam-evaluate.json", show_default=True, metavar="FILE",
+              type=click.Path(path_type=Path, dir_okay=False), help="Where the JSON results are written.")
+@model_options
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where onnxruntime runs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Images per batch.")
+@debug_option
+def evaluate(model, inputs, methods, metrics, boxes, layers, steps, stages, seed, json_path, size, mean, std, layout,
+             bgr, device, batch_size):
+    """Which map to trust: score CAM methods on images with faithfulness metrics; a table and a JSON file.
+
+    Each image is explained for its top class. Lower is better for deletion and sanity (the Spearman
+    correlation of the maps with those of the randomized model), higher for the others.
+
+    \b
+    Example:
+        onnxcam evaluate model.onnx photos/ --method gradcam,hirescam,scorecam --metric deletion,insertion,road
+    """
+    from .evaluate import BOX_METRICS
+    from .evaluate import evaluate as run_evaluation
+    from .evaluate import write_json as write_evaluation
+    from .pipeline import find_images
+
+    needing = [m for m in metrics if m in BOX_METRICS]
+    if needing and boxes is None:
+        raise click.UsageError(f"metric {', '.join(needing)} needs --boxes FILE")
+    files = find_images(inputs)
+    result = run_evaluation(model, [f.path for f in files], methods, metrics, boxes=boxes, layers=list(layers) or None,
+                            steps=steps, batch_size=batch_size, stages=stages, seed=seed, device=device, size=size,
+                            mean=mean, std=std, layout=layout, bgr=bgr)
+    write_evaluation(json_path, result)
+    click.echo(f"{len(files)} images, layer {', '.join(result.layers)}")
+    click.echo(result.table())
+    click.echo(f"wrote {json_path}")
+
+
 def _echo_report(rep) -> int:
     """Print one image's result (or its error on stderr); return 1 if it failed.
 

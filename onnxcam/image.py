@@ -318,6 +318,20 @@ def side_by_side(left: np.ndarray, right: np.ndarray, height: int | None = None)
     return np.concatenate([fit(left), fit(right)], axis=1)
 
 
+def caption(rgb: np.ndarray, columns: list[list[str]]) -> np.ndarray:
+    """The picture with a white strip of text above it, cut into len(columns) equal cells, each holding its lines
+    (the labels of the panels of a side-by-side picture)."""
+    scale, line_h = 0.42, 15
+    cell = rgb.shape[1] // max(1, len(columns))
+    strip = np.full((line_h * max(map(len, columns), default=0) + 6, rgb.shape[1], 3), 255, np.uint8)
+    for c, lines in enumerate(columns):
+        for i, text in enumerate(lines):
+            text = text if len(text) * 8 <= cell else text[:max(1, cell // 8 - 1)] + "~"
+            cv2.putText(strip, text, (c * cell + 4, line_h * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
+                        cv2.LINE_AA)
+    return np.concatenate([strip, rgb], axis=0)
+
+
 def encode_png(rgb: np.ndarray) -> bytes:
     """uint8 RGB (H, W, 3) -> PNG bytes."""
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))

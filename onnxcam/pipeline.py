@@ -29,8 +29,7 @@ import numpy as np
 
 from . import __version__, image, preprocess
 from .autodiff.rules.qlinear import is_quantized
-from .cam.api import Explanation, method_object
-from .cam.methods import METHODS
+from .cam.api import CLASS_AGNOSTIC, REGISTRY, Explanation, canonical, explanation, method_object
 from .errors import InputError, NumericalError
 from .explainer import Explainer
 from .files import atomic_write, write_json, write_npz
@@ -40,8 +39,8 @@ from .modelinfo import check_input_size
 
 log = logging.getLogger(__name__)
 TOP_K = 5
-# Methods whose map is a function of the activations only: the same map for every class, written once.
-CLASS_AGNOSTIC = frozenset({"eigencam", "kpca_cam"})
+# CLASS_AGNOSTIC (from the method registry, onnxcam.cam.api.REGISTRY): methods whose map is the same for every
+# class, written once.
 
 
 # ---- what to explain -------------------------------------------------------------------------------------------
@@ -175,9 +174,9 @@ class Runner:
                  out: str | Path = "onnxcam-out", save_raw: bool = False, output: str | None = None,
                  max_pixels: int | None = image.MAX_PIXELS):
         start = time.perf_counter()
-        unknown = [m for m in methods if m not in METHODS]
+        unknown = [m for m in methods if m not in REGISTRY]
         if unknown or not methods:
-            raise InputError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+            raise InputError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(REGISTRY)}")
         self.model_name = str(model)
         proto = load_model(model)
         self.pre = preprocess.resolve(proto, size=size, mean=mean, std=std, layout=layout, bgr=bgr)
@@ -285,8 +284,13 @@ class Runner:
         """Yield (classes (N,), Explanation) for each class rank (top-k) or each given class.
 
         All ranks (or given classes) come from one run with S targets per sample: one forward and S backward
-        passes through the part after the layer, not S inferences. Methods on the same layers share that run."""
+        passes through the part after the layer, not S inferences. Methods on the same layers share that run;
+        those that need runs of their own (REGISTRY's shared_run False: Score-CAM's masked forwards, FullGrad's
+        bias gradients, ...) are called once per rank with that rank's classes."""
         obj = method_object(self.explainer, method, channels_last=self.pre.layout == "nhwc")
+        if not REGISTRY[canonical(method)].shared_run:
+            yield from self._explain_own(x, method, target, obj)
+            return
         ex = obj.explainer
         key = id(ex)
         if key not in self._runs:
@@ -299,6 +303,28 @@ class Runner:
         for r in self._runs[key]:
             maps = obj.maps_for(x, r)
             yield r.targets, Explanation(maps, dict(obj.raw), r.logits, r.targets, list(obj.target_layers), method, r)
+
+    def _explain_own(self, x: np.ndarray, method: str, target: Target, obj):
+        """As _explain for a method that makes its own runs: its class is called per rank with the classes."""
+        if target.kind == "top":
+            logits = self._plain_logits(x)
+            order = np.argsort(-logits, axis=1, kind="stable")[:, :min(target.k, logits.shape[1])]
+            ranks = [order[:, k] for k in range(order.shape[1])]
+        else:
+            ranks = [np.full(len(x), c, np.int64) for c in target.classes]
+        for classes in ranks:
+            maps = _as_masks(obj(x, _own_targets(method, obj, x, classes)))
+            e = explanation(obj, maps, method)
+            self._check_classes(e.logits)
+            yield classes, e
+
+    def _plain_logits(self, x: np.ndarray) -> np.ndarray:
+        """The scores of x (one run of the shared explainer with no target), to rank the classes."""
+        key = ("logits", id(self.explainer))
+        if key not in self._runs:
+            self._classes(self.explainer, x)
+            self._runs[key] = np.asarray(self.explainer.run(x).logits).reshape(len(x), -1)
+        return self._runs[key]
 
     @staticmethod
     def _classes(ex: Explainer, x: np.ndarray) -> int:
@@ -394,6 +420,28 @@ def _zero_reason(m: Map) -> str:
         else:
             reasons.append(f"the {m.method} map at {layer} is uniform")
     return "; ".join(reasons)
+
+
+def _own_targets(method: str, obj, x: np.ndarray, classes: np.ndarray) -> list:
+    """The targets of a method called on its own: the classes, or for Finer-CAM its comparison target with each
+    class as the main one."""
+    if canonical(method) != "finercam":
+        return [int(c) for c in classes]
+    from .cam.cams import finer_targets
+
+    logits = obj.base_cam.score_outputs(x).reshape(len(x), -1)
+    return [finer_targets(logits[j:j + 1], target_idx=int(c))[0] for j, c in enumerate(classes)]
+
+
+def _as_masks(maps: np.ndarray) -> np.ndarray:
+    """(N, H, W) maps in [0, 1]: the guided methods' (N, H, W, C) input-space maps become the largest magnitude
+    over channels, scaled per image to [0, 1] (an all-zero map stays zero)."""
+    maps = np.asarray(maps, np.float32)
+    if maps.ndim == 3:
+        return maps
+    mag = np.abs(maps).max(axis=-1)
+    top = mag.reshape(len(mag), -1).max(axis=1)[:, None, None]
+    return np.divide(mag, top, out=np.zeros_like(mag), where=top > 0)
 
 
 def _not_a_classifier(shape: tuple) -> InputError:

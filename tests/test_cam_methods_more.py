@@ -260,3 +260,15 @@ def test_bad_batch_size_is_one_clear_error():
     for bad in (0, 2.5, True):
         with pytest.raises(InputError, match="batch_size"):
             onnxcam.ScoreCAM(onnx_bytes, ["block"], device="cpu", batch_size=bad)
+
+
+def test_ablationcam_on_a_tail_that_reads_shape_tensors():
+    """Lite0's tail after its last activation flattens with a shape vector computed for the run's batch ([n, -1]):
+    it is fed as it is (not sliced per sample), and each ablation batch keeps the run's size. Batch 2 gives each
+    sample's batch-1 map exactly (before: onnxruntime refused the tail's Reshape)."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    both = onnxcam.explain(onnxcam.BUNDLED_MODEL, x, method="ablationcam").maps
+    for i in range(2):
+        alone = onnxcam.explain(onnxcam.BUNDLED_MODEL, x[i:i + 1], method="ablationcam").maps
+        np.testing.assert_allclose(both[i], alone[0], atol=1e-6)
+    assert both.std() > 0

@@ -84,7 +84,7 @@ def one_line_error(result, code=1) -> str:
 # ---- help --------------------------------------------------------------------------------------------------------
 def test_every_command_has_help():
     assert run("--help").exit_code == 0
-    assert set(main.commands) == {"demo", "explain", "layers", "info", "export"}
+    assert set(main.commands) == {"demo", "explain", "layers", "info", "export", "evaluate", "compare"}
     for name, command in main.commands.items():
         result = run(name, "--help")
         assert result.exit_code == 0, name

@@ -1,6 +1,6 @@
 """Class activation maps: pure numpy methods, pytorch-grad-cam's classes and post-processing, targets, explain()."""
 
-from .api import CLASSES, Explanation, explain
+from .api import CLASS_AGNOSTIC, CLASSES, REGISTRY, Explanation, MethodInfo, explain
 from .base import BaseCAM
 from .cams import (
     CAM,
@@ -36,9 +36,11 @@ from .targets import (
 __all__ = [
     "CAM",
     "CLASSES",
+    "CLASS_AGNOSTIC",
     "FEM",
     "KPCA_CAM",
     "METHODS",
+    "REGISTRY",
     "AblationCAM",
     "BaseCAM",
     "BinaryClassifierOutputTarget",
@@ -59,6 +61,7 @@ __all__ = [
     "GuidedGradCAM",
     "HiResCAM",
     "LayerCAM",
+    "MethodInfo",
     "RandomCAM",
     "RawScoresOutputTarget",
     "Saliency",

@@ -225,12 +225,16 @@ class AblationCAM(_ForwardCAM):
         lows = raw.reshape(n, -1).min(axis=1)
         fill = np.where(lows == 0, 0, lows - np.float32(self.ABLATION_VALUE)).astype(raw.dtype)
         ablated = np.empty((n, c), np.float32)
-        for samples, channels in _chunks(n, c, self._batch()):
+        # Tensors the tail reads that are not per-sample activations (shape vectors computed for this batch, such
+        # as a flatten's [n, -1]) are fed as they are; every ablation run then has this batch's size, n.
+        shaped = {name for name in feeds[1:] if not _per_sample(values[name], n)}
+        for samples, channels in _chunks(n, c, n if shaped else self._batch()):
             batch = raw[samples]  # a copy: fancy indexing
             index = [np.arange(len(samples))] + [slice(None)] * (raw.ndim - 1)
             index[axis] = channels
             batch[tuple(index)] = fill[samples].reshape(-1, *[1] * (raw.ndim - 2))
-            fed = {layer: batch, **{name: values[name][samples] for name in feeds[1:]}}
+            fed = {layer: batch, **{name: values[name] if name in shaped else values[name][samples]
+                                    for name in feeds[1:]}}
             try:
                 out = sess.run([self.explainer.score_name], fed)[0]
             except Exception as exc:  # onnxruntime's own error types
@@ -252,6 +256,11 @@ class AblationCAM(_ForwardCAM):
             raise LayerError(f"layer {layer!r} {raw.shape}: its axis {axis} has {raw.shape[axis]} channels but the "
                              f"reshaped activations have {channels}")
         return axis
+
+
+def _per_sample(value: np.ndarray, n: int) -> bool:
+    """A batch-major float tensor (an activation), as opposed to shapes and other integer plumbing."""
+    return value.dtype.kind == "f" and value.ndim >= 2 and value.shape[0] == n
 
 
 def _chunks(n: int, c: int, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -185,5 +185,5 @@ METHODS = {
     "saliency": saliency,
     "gradient_x_input": gradient_x_input,
 }
-# random_cam and fem are not listed: METHODS is what the command line offers, and its pipeline treats class-agnostic
-# methods (fem) apart; the classes reach them through onnxcam.cam.api.CLASSES.
+# METHODS: the numpy functions of the methods that are one function of (A, G). Which methods exist, and what the
+# command line, explain() and the classes offer, is onnxcam.cam.api.REGISTRY.
