@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from .autodiff.builder import Builder
 from .autodiff.engine import backward
-from .autodiff.passes import fold_crops
+from .autodiff.passes import fold_crops, take_class_rows
 from .errors import InternalError, LayerError
 from .graph import names
 from .graph.load import is_placeholder
@@ -143,6 +143,7 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
             grad_shape = None if shape is None else [shape[0], n_seeds, *shape[1:]]
         extra_outputs.append(_renamed(grad, grad_name(t.name), dtype, grad_shape))
     graph.outputs.extend(exposed + extra_outputs)
+    take_class_rows(b)
     fold_crops(b)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)

@@ -35,6 +35,9 @@ def _onnx_dtype(dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
+PASSES = ("fold_silu", "take_class_rows", "fold_crops")
+
+
 class Builder:
     def __init__(self, model: ModelGraph, dtype=np.float32, *, guided: bool = False):
         self.model = model
@@ -52,6 +55,8 @@ class Builder:
         self._widened: dict[str, gs.Variable] = {}
         self._one_hots: dict[str, gs.Tensor] = {}  # name of a one-hot seed -> its (N,) class indices
         self.targets: set[str] = set()  # names of the tensors whose gradients are wanted (set by the walk)
+        self.grad_shapes: dict[str, tuple] = {}  # gradient name -> the broadcast shape a rule declared for it
+        self.passes: set[str] = set(PASSES)  # the optimizations of autodiff/passes.py that run; tests drop some
 
     # ---- emitting ------------------------------------------------------------------------------------------
     def op(self, op_type: str, *inputs, outputs: int = 1, widen: bool = True, **attrs):
@@ -80,7 +85,7 @@ class Builder:
 
     def one_hot(self, classes, depth: int):
         """The (N, depth) one-hot rows of (N,) class indices, in the gradient dtype; remembered as one-hot so that
-        a rule can select with the indices instead of multiplying by the rows (one_hot_classes)."""
+        a pass can select with the indices instead of multiplying by the rows (passes.take_class_rows)."""
         rows = self.mask(self.op("Equal", self.unsqueeze(classes, [1]), self.ints(np.arange(depth))))
         self._one_hots[rows.name] = classes
         return rows
@@ -96,7 +101,8 @@ class Builder:
         return taken if dtype is None or dtype == self.dtype else self.cast(taken, self.dtype)
 
     def private_to(self, t: gs.Tensor, node: gs.Node) -> bool:
-        """True when forward tensor t feeds only `node` and is not a target: a rule may fold its gradient path."""
+        """True when forward tensor t feeds only `node` and is neither a target nor a graph output: a pass may fold
+        its gradient path into another's."""
         return t.name not in self.targets and not any(o is t for o in self.graph.outputs) and \
             len(t.outputs) == 1 and t.outputs[0] is node
 
@@ -121,6 +127,11 @@ class Builder:
             self._emitted.add(out.name)
             self._widened[t.name] = out
         return self._widened[t.name]
+
+    def unwidened(self, t):
+        """The forward tensor that a widened one (_widen) stands for; `t` itself when it is no widened tensor."""
+        widened = {v.name: k for k, v in self._widened.items()}
+        return t.inputs[0].inputs[0] if isinstance(t, gs.Tensor) and t.name in widened else t
 
     def const(self, value, dtype=None) -> gs.Constant:
         arr = np.asarray(value, dtype=dtype or (self.dtype if np.asarray(value).dtype.kind == "f" or
@@ -248,6 +259,11 @@ class Builder:
         g = self.op("MatMul", g, self.const(matrix.astype(self.dtype)))
         if perm is not None:
             g = self.op("Transpose", g, perm=[int(p) for p in inv])
+        return g
+
+    def broadcast_shaped(self, g, shape):
+        """Declare that gradient `g` is shaped `shape`, a broadcast of its input's shape: the walk sums it back."""
+        self.grad_shapes[g.name] = tuple(shape)
         return g
 
     def unbroadcast(self, g, from_shape: tuple, to_shape: tuple):

@@ -10,7 +10,8 @@ import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedOpError
 from .builder import Builder
-from .rules import FOLDED, find_rule, load_all
+from .passes import fold_silu, silu_gradient
+from .rules import find_rule, load_all
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Te
     nodes, on_path = b.model.path_nodes(targets, score)
     check_supported(b, nodes)
     b.targets = {t.name for t in targets}
+    silu = fold_silu(b, nodes)
+    on_path = on_path - {s.name for s in silu.values()}  # a folded Sigmoid's output gets no gradient of its own
     grads: dict[str, list[gs.Tensor]] = {score.name: [seed]}
     for node in reversed(nodes):
         b.node = node  # set first: the Sum of the outputs' fan-in is named after (and blamed on) this node
@@ -38,19 +41,22 @@ def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Te
         if all(g is None for g in gy):
             continue
         r = find_rule(node.op, b.opset, node.domain or "")
-        b.rule = rule_name(r)
-        makers = r.fn(b, node, gy)
+        if id(node) in silu:
+            b.rule = "passes.fold_silu"
+            makers = silu_gradient(b, node, silu[id(node)], gy)
+        else:
+            b.rule = rule_name(r)
+            makers = r.fn(b, node, gy)
         for i, inp in enumerate(node.inputs):
             if not inp.name or inp.name not in on_path:
                 continue
             make = makers[i] if i < len(makers) else None
-            if make is FOLDED:
-                continue
             if make is None:
                 raise b.error(f"has no gradient with respect to its input {i} ({inp.name!r})")
             g = make()
-            if r.broadcast:
-                g = b.unbroadcast(g, b.shape(node.outputs[0]), b.shape(inp))
+            shape = b.grad_shapes.get(g.name, b.shape(node.outputs[0]) if r.broadcast else None)
+            if shape is not None:  # broadcasting is summed back here, and only here
+                g = b.unbroadcast(g, shape, b.shape(inp))
             grads.setdefault(inp.name, []).append(g)
     result = {}
     for t in targets:  # a target's fan-in Sum belongs to its producer, or is named after the graph input

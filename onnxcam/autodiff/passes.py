@@ -1,6 +1,12 @@
-"""Rewrites of the finished gradient graph. A rule sees one forward node while the walk is under way; a pass runs
-once every gradient node exists, so it sees every reader of a tensor and can change a node that other branches
-might read (Add, Sum, Identity and Expand hand one gradient tensor to several rules).
+"""Optimizations kept out of the rules, each with its precondition checked.
+
+A rule sees one forward node while the walk is under way and writes its formula only. The passes here see more:
+- fold_silu looks at the forward graph before the walk and finds products x * Sigmoid(x) whose gradient the walk
+  writes as one formula in place of the Mul and Sigmoid rules;
+- take_class_rows and fold_crops run once every gradient node exists, so they see every reader of a tensor and
+  can change a node that other branches might read (Add, Sum, Identity and Expand hand one gradient tensor to
+  several rules).
+Builder.passes names the passes that run (all by default); tests switch one off to compare the graphs.
 """
 
 from __future__ import annotations
@@ -13,11 +19,108 @@ import onnx_graphsurgeon as gs
 
 from .builder import Builder
 
-__all__ = ["fold_crops"]
+__all__ = ["fold_crops", "fold_silu", "silu_gradient", "take_class_rows"]
 
 log = logging.getLogger(__name__)
 
 _TO_THE_END = 2**31 - 1  # a Slice end at least this large keeps the whole axis
+
+
+def fold_silu(b: Builder, nodes: list[gs.Node]) -> dict[int, gs.Tensor]:
+    """The SiLU products among `nodes` (the walk's): {id(Mul node): its Sigmoid's output s} for every
+    Mul(x, s) or Mul(s, x) with s = Sigmoid(x).
+
+    Every EfficientNet export spells SiLU out this way. The walk then writes d/dx = s + out (1 - s) for the Mul
+    (silu_gradient: four passes over the tensor, where the product and Sigmoid rules apart take six and a Sum)
+    and sends nothing through s. Precondition, since s then gets no gradient of its own: s feeds only that Mul,
+    and is neither a target nor a graph output (b.private_to).
+    """
+    if "fold_silu" not in b.passes:
+        return {}
+    folds = {}
+    for n in nodes:
+        if n.op != "Mul" or len(n.inputs) != 2:
+            continue
+        for s, x in (n.inputs, reversed(n.inputs)):
+            producer = s.inputs[0] if s.inputs else None
+            if producer is not None and producer.op == "Sigmoid" and producer.inputs[0] is x and b.private_to(s, n):
+                folds[id(n)] = s
+                break
+    if folds:
+        log.debug("folding %d SiLU products (x * Sigmoid(x)) into one gradient formula each", len(folds))
+    return folds
+
+
+def silu_gradient(b: Builder, n: gs.Node, s: gs.Tensor, gy: list) -> list:
+    """The makers for Mul node `n` = x * s, s = Sigmoid(x), found by fold_silu: x takes g (s + out (1 - s)),
+    s none (the walk never asks: s is off the path)."""
+    out = n.outputs[0]
+
+    def x_grad():
+        return b.op("Mul", gy[0], b.op("Add", s, b.op("Mul", out, b.op("Sub", 1.0, s))))
+    return [None if t is s else x_grad for t in n.inputs]
+
+
+def take_class_rows(b: Builder) -> int:
+    """Replace each product of a one-hot seed with a weight by a Gather of the classes' rows; return how many.
+
+    A classifier's head is a Gemm or MatMul, so the first gradient the walk writes is onehot(classes) @ W: a
+    (N, K) x (K, K_in) product that reads all of W to pick N of its rows. The Gather reads those N rows only
+    (docs/benchmarks.md: the top-5 row). Precondition: the product's left operand is a seed made by b.one_hot (so
+    each row has a single 1 at the class index) and not transposed, a Gemm has no C but the zero of old opsets,
+    and a MatMul's right operand is the 2-D Transpose(W) its rule wrote. The product's output tensor is kept, now
+    written by the Gather, so every reader of it sees the same values.
+    """
+    if "take_class_rows" not in b.passes:
+        return 0
+    done = 0
+    for node in list(b.graph.nodes):
+        if node.name not in b.origins or not node.inputs or node.op not in ("Gemm", "MatMul"):
+            continue
+        classes = b.one_hot_classes(node.inputs[0])
+        rows = None if classes is None else _class_rows_of(b, node, classes)
+        if rows is None:
+            continue
+        out, last = node.outputs[0], rows.inputs[0]
+        node.inputs.clear()
+        node.outputs.clear()
+        last.outputs.clear()
+        last.outputs.append(out)  # the rows' last node writes the product's tensor, which its readers keep
+        done += 1
+    if done:
+        log.debug("replaced %d one-hot seed products by Gathers of the classes' weight rows", done)
+    return done
+
+
+def _class_rows_of(b: Builder, node: gs.Node, classes: gs.Tensor) -> gs.Tensor | None:
+    """onehot(classes) @ W' for a gradient Gemm or MatMul `node`, as a Gather; None when no precondition holds."""
+    before = b.node, b.rule
+    b.node, b.rule = gs.Node(b.origins[node.name][1], name=b.origins[node.name][0]), "passes.take_class_rows"
+    try:
+        if node.op == "Gemm":
+            zero_c = len(node.inputs) < 3 or (isinstance(node.inputs[2], gs.Constant)
+                                              and not np.any(node.inputs[2].values))
+            if int(node.attrs.get("transA", 0)) or not zero_c:
+                return None
+            rows = _class_rows(b, node.inputs[1], classes, transposed=bool(node.attrs.get("transB", 0)))
+            alpha = float(node.attrs.get("alpha", 1.0))
+            return rows if alpha == 1.0 else b.op("Mul", rows, alpha)
+        t = node.inputs[1]
+        transpose = t.inputs[0] if len(t.inputs) == 1 and t.inputs[0].name in b.origins else None
+        if transpose is None or transpose.op != "Transpose" or list(transpose.attrs.get("perm", [])) != [1, 0]:
+            return None
+        return _class_rows(b, transpose.inputs[0], classes, transposed=True)
+    finally:
+        b.node, b.rule = before
+
+
+def _class_rows(b: Builder, w: gs.Tensor, classes: gs.Tensor, transposed: bool) -> gs.Tensor:
+    """(N, K_in) rows of a (K, K_in) weight for (N,) classes; of a (K_in, K) weight when transposed. A weight
+    that the rule widened (fp16 models) is read in its own type: only the taken rows are widened."""
+    w = b.unwidened(w)
+    if not transposed:
+        return b.take(w, classes, axis=0)
+    return b.op("Transpose", b.take(w, classes, axis=1), perm=[1, 0])  # only the N taken columns move
 
 
 def fold_crops(b: Builder) -> int:
@@ -29,6 +132,8 @@ def fold_crops(b: Builder) -> int:
     by (a, e): the Slice, a copy, goes. Precondition: the Conv's output has no reader but the Slice and is no
     graph output, since a gradient can be another branch's too.
     """
+    if "fold_crops" not in b.passes:
+        return 0
     readers = Counter(t.name for n in b.graph.nodes for t in n.inputs)
     outputs = {t.name for t in b.graph.outputs}
     folded = 0

@@ -235,3 +235,15 @@ def test_model_saved_at_ort_enable_all_is_refused_clearly(tmp_path):
         pytest.skip("onnxruntime wrote no NCHWc kernels on this CPU")
     with pytest.raises(UnsupportedOpError, match="ORT_ENABLE_EXTENDED"):
         onnxcam.Explainer(optimized, device="cpu")
+
+
+@pytest.mark.parametrize("case", [c for c in NUMERIC if c.attrs.get("activation")], ids=str)
+def test_fused_activation_masks_by_multiplying(case):
+    """The fused kernels use activations.py's derivations, which mask with Mul by a cast 0/1 (onnxruntime's Where
+    is not vectorised): no Where in the gradient graph of any fused activation."""
+    from onnxcam import rewrite
+
+    from .gradcheck import _model
+    rw = rewrite.build(ModelGraph(_model(case, np.float32)), list(case.wrt), "y0")
+    mine = [n.name for n in rw.model.graph.node if n.name.startswith("onnxcam_grad/") and "/seed/" not in n.name]
+    assert mine and [n for n in mine if "/Where_" in n] == []

@@ -62,3 +62,13 @@ def test_ties_split_evenly(op, pick, opset):
     hit = (x == pick(x, axis=2, keepdims=True)).astype(np.float64)
     assert (hit.sum(axis=2) > 1).any(), "the input should contain ties"
     np.testing.assert_allclose(grad, seed[..., None] * hit / hit.sum(axis=2, keepdims=True), rtol=1e-6)
+
+
+@pytest.mark.parametrize("op, formula", [("ReduceSum", "_reduce_sum"), ("ReduceMax", "_reduce_max_min"),
+                                         ("ReduceLogSumExp", "_reduce_log_sum_exp")])
+def test_reduce_rules_are_named_after_their_formula(op, formula):
+    """An internal error blames a reduction's formula by name (engine.rule_name), not a shared wrapper."""
+    from onnxcam.autodiff.engine import rule_name
+    from onnxcam.autodiff.rules import find_rule, load_all
+    load_all()
+    assert rule_name(find_rule(op, 18)) == f"reduce.{formula}"

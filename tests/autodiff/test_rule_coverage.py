@@ -20,3 +20,14 @@ def test_every_rule_has_a_numerical_case():
     tested = {rule_key(c.op, c.domain) for c in _all_cases()}
     untested = sorted(set(RULES) - tested)
     assert not untested, f"rules without a numerical test case: {untested}"
+
+
+def test_broadcasting_is_summed_back_only_by_the_walk():
+    """Rules declare a broadcast-shaped gradient (broadcast=True, b.broadcast_shaped); none reduces it itself, so
+    the reduction lives in one place (engine.backward)."""
+    import pathlib
+
+    from onnxcam.autodiff import rules
+    offenders = [f"{path.name}:{i}" for path in sorted(pathlib.Path(rules.__file__).parent.glob("*.py"))
+                 for i, line in enumerate(path.read_text().splitlines(), 1) if "unbroadcast(" in line]
+    assert offenders == []

@@ -7,25 +7,26 @@ The contract, written once:
 - It returns one entry per node input: None where the input has no gradient (weights, shapes, indices), or a
   zero-argument function that emits and returns the gradient. The walk calls it only for inputs on the path,
   so rules never compute a gradient nobody needs.
-- Rules registered with broadcast=True return gradients shaped like output 0; the walk sums them back to each
-  input's shape. Every other rule returns gradients shaped exactly like its inputs.
+- A gradient is shaped like its input or like a broadcast of it, and the walk (engine.py) alone sums it back:
+  rules registered with broadcast=True return gradients shaped like output 0; any other rule declares a
+  broadcast-shaped gradient with b.broadcast_shaped(g, shape) (Gemm's C, MatMul's batched operands,
+  LayerNormalization's scale and bias). No rule reduces broadcasting itself.
 - Gradients are always in the builder's dtype (float32), also in fp16/bf16 models: b.op widens forward tensors
   of narrower float types as they enter the gradient graph, so rules never cast gradients to forward types.
 - A rule that meets a form it cannot differentiate raises `b.error(...)`; the walk never invents zeros.
 - A rule never changes nodes it did not just emit: its incoming gradient may be another branch's too (Add, Sum,
   Identity and Expand hand one tensor to several rules). Folds that need every reader known are passes
-  (autodiff/passes.py), run once the gradient graph is complete.
-- A rule may return FOLDED for an input whose gradient path it has already folded into another input's (x *
-  Sigmoid(x): the Sigmoid branch is part of x's gradient). It may do so only when that input feeds nothing else
-  and is no target (b.private_to checks both).
+  (autodiff/passes.py), run once the gradient graph is complete; so are folds of several forward nodes into one
+  formula (x * Sigmoid(x)), which the walk applies in place of the rules.
+- Rules write formulas only; every optimization is a named pass with its precondition checked (passes.py:
+  fold_silu, take_class_rows, fold_crops). One exception is left: MaxPool's rule asks the forward node for its
+  Indices output (conv_pool._argmax), which alters the forward node.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-FOLDED = object()  # returned by a rule for an input whose gradient it folded into another input's
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,84 @@ def _guide(b, g):
     return b.op("Relu", g) if b.guided else g
 
 
-@rule("Relu")
-def _relu(b, n, gy):
-    y = n.outputs[0]
-    return (lambda: _masked(b, _guide(b, gy[0]), b.op("Greater", y, 0.0)),)
+# ---- derivatives read from the output y = act(x), shared with the fused kernels (fused.py) -------------------
+# Each takes the incoming gradient g, the output y and the activation's attributes (ONNX names, ONNX defaults),
+# and returns g * act'(x). From y alone each is exact: y > 0 iff x > 0 for the Relu family, and the flat parts of
+# HardSigmoid and Clip are where y sits on a bound.
+
+def relu_grad(b, g, y, attrs):
+    return _masked(b, _guide(b, g), b.op("Greater", y, 0.0))
+
+
+def leaky_relu_grad(b, g, y, attrs):
+    """Slope 1 where x > 0, alpha elsewhere: alpha + [x > 0] (1 - alpha). `y` may be x itself (any tensor with
+    the sign of x); y has it only for alpha > 0."""
+    alpha = float(attrs.get("alpha", 0.01))
+    slope = b.op("Add", b.op("Mul", b.mask(b.op("Greater", y, 0.0)), 1.0 - alpha), alpha)
+    return b.op("Mul", _guide(b, g), slope)
+
+
+def elu_grad(b, g, y, attrs, gamma_default: float = 1.0, alpha_default: float = 1.0):
+    """Elu and Selu (gamma = 1 for Elu): slope gamma where x > 0; y + gamma alpha where x <= 0 (then y <= 0),
+    so slope = gamma alpha - relu(-y) + [y > 0] (gamma - gamma alpha)."""
+    alpha = float(attrs.get("alpha", alpha_default))
+    gamma = float(attrs.get("gamma", gamma_default))
+    slope = b.op("Sub", gamma * alpha, b.op("Relu", b.op("Neg", y)))
+    if gamma != gamma * alpha:
+        slope = b.op("Add", slope, b.op("Mul", b.mask(b.op("Greater", y, 0.0)), gamma - gamma * alpha))
+    return b.op("Mul", _guide(b, g), slope)
+
+
+_SELU = (1.05070102214813232421875, 1.67326319217681884765625)  # ONNX's default gamma and alpha
+
+
+def selu_grad(b, g, y, attrs):
+    return elu_grad(b, g, y, attrs, *_SELU)
+
+
+def sigmoid_grad(b, g, y, attrs):
+    return b.op("Mul", g, b.op("Mul", y, b.op("Sub", 1.0, y)))
+
+
+def tanh_grad(b, g, y, attrs):
+    return b.op("Mul", g, b.op("Sub", 1.0, b.op("Mul", y, y)))
+
+
+def hard_sigmoid_grad(b, g, y, attrs):
+    """alpha where 0 < alpha x + beta < 1, i.e. where 0 < y < 1."""
+    alpha = float(attrs.get("alpha", 0.2))
+    inside = b.op("And", b.op("Greater", y, 0.0), b.op("Less", y, 1.0))
+    return _masked(b, b.op("Mul", g, alpha), inside)
+
+
+def softplus_grad(b, g, y, attrs):
+    """y = log(1 + e^x): y' = sigmoid(x) = 1 - e^-y."""
+    return b.op("Mul", g, b.op("Sub", 1.0, b.op("Exp", b.op("Neg", y))))
+
+
+def softsign_grad(b, g, y, attrs):
+    """y = x / (1 + |x|): y' = 1 / (1 + |x|)^2 = (1 - |y|)^2."""
+    rest = b.op("Sub", 1.0, b.op("Abs", y))
+    return b.op("Mul", g, b.op("Mul", rest, rest))
+
+
+def clip_grad(b, g, y, lo, hi):
+    """Gradient 1 where lo < y < hi (either bound may be None). At the bounds themselves this takes the
+    subgradient 0, as torch's relu6/hardtanh does (torch.clamp takes 1 there; both are valid, and a float
+    pre-activation hits the bounds with probability 0)."""
+    keep = None
+    if lo is not None:
+        keep = b.op("Greater", y, lo)
+    if hi is not None:
+        below = b.op("Less", y, hi)
+        keep = below if keep is None else b.op("And", keep, below)
+    g = _guide(b, g)
+    return g if keep is None else _masked(b, g, keep)
+
+
+FROM_OUTPUT = {"Relu": relu_grad, "LeakyRelu": leaky_relu_grad, "Elu": elu_grad, "Selu": selu_grad,
+               "Sigmoid": sigmoid_grad, "Tanh": tanh_grad, "HardSigmoid": hard_sigmoid_grad,
+               "Softplus": softplus_grad, "Softsign": softsign_grad}
 
 
 def _masked(b, g, keep):
@@ -30,11 +104,24 @@ def _masked(b, g, keep):
     return b.op("Mul", g, b.mask(keep))
 
 
+def _output_rule(op: str):
+    """Register FROM_OUTPUT[op] as the rule of `op`."""
+    @rule(op)
+    def grad_rule(b, n, gy):
+        return (lambda: FROM_OUTPUT[op](b, gy[0], n.outputs[0], n.attrs),)
+    grad_rule.__qualname__ = f"_{op.lower()}"
+    return grad_rule
+
+
+for _op in ("Relu", "Elu", "Selu", "Sigmoid", "Tanh", "HardSigmoid", "Softplus", "Softsign"):
+    _output_rule(_op)
+
+
 @rule("LeakyRelu")
 def _leaky_relu(b, n, gy):
-    x = n.inputs[0]
-    alpha = float(n.attrs.get("alpha", 0.01))
-    return (lambda: b.op("Where", b.op("Greater", x, 0.0), _guide(b, gy[0]), b.op("Mul", _guide(b, gy[0]), alpha)),)
+    """Read from y where y has the sign of x (alpha > 0), else from x."""
+    sign = n.outputs[0] if float(n.attrs.get("alpha", 0.01)) > 0 else n.inputs[0]
+    return (lambda: leaky_relu_grad(b, gy[0], sign, n.attrs),)
 
 
 @rule("PRelu", broadcast=True)
@@ -45,66 +132,17 @@ def _prelu(b, n, gy):
             lambda: b.op("Where", positive, 0.0, b.op("Mul", gy[0], x)))
 
 
-@rule("Elu")
-def _elu(b, n, gy):
-    x, y = n.inputs[0], n.outputs[0]
-    alpha = float(n.attrs.get("alpha", 1.0))
-    return (lambda: b.op("Where", b.op("Greater", x, 0.0), _guide(b, gy[0]),
-                         b.op("Mul", _guide(b, gy[0]), b.op("Add", y, alpha))),)
-
-
-@rule("Selu")
-def _selu(b, n, gy):
-    x, y = n.inputs[0], n.outputs[0]
-    alpha = float(n.attrs.get("alpha", 1.67326319217681884765625))
-    gamma = float(n.attrs.get("gamma", 1.05070102214813232421875))
-    return (lambda: b.op("Where", b.op("Greater", x, 0.0), b.op("Mul", _guide(b, gy[0]), gamma),
-                         b.op("Mul", _guide(b, gy[0]), b.op("Add", y, alpha * gamma))),)
-
-
 @rule("Clip")
 def _clip(b, n, gy):
-    """Gradient 1 where lo < x < hi, for the attribute (<11) and input forms.
-
-    Read from the output: lo < y < hi holds exactly where lo < x < hi, and reading y keeps onnxruntime's
-    Conv+Clip fusion. At the bounds themselves this takes the subgradient 0, as torch's relu6/hardtanh does
-    (torch.clamp takes 1 there; both are valid, and the bounds are hit with probability 0 by a float pre-activation).
-    """
+    """Gradient 1 where lo < x < hi, for the attribute (<11) and input forms; read from the output (lo < y < hi
+    holds exactly where lo < x < hi), which keeps onnxruntime's Conv+Clip fusion."""
     y = n.outputs[0]
     if b.opset < 11:
         lo, hi = n.attrs.get("min"), n.attrs.get("max")
     else:
         lo = n.inputs[1] if len(n.inputs) > 1 and n.inputs[1].name else None
         hi = n.inputs[2] if len(n.inputs) > 2 and n.inputs[2].name else None
-
-    def grad():
-        keep = None
-        if lo is not None:
-            keep = b.op("Greater", y, lo)
-        if hi is not None:
-            below = b.op("Less", y, hi)
-            keep = below if keep is None else b.op("And", keep, below)
-        g = _guide(b, gy[0])
-        return g if keep is None else _masked(b, g, keep)
-    return (grad, None, None)
-
-
-@rule("Sigmoid")
-def _sigmoid(b, n, gy):
-    y = n.outputs[0]
-    return (lambda: b.op("Mul", gy[0], b.op("Mul", y, b.op("Sub", 1.0, y))),)
-
-
-@rule("HardSigmoid")
-def _hard_sigmoid(b, n, gy):
-    x = n.inputs[0]
-    alpha, beta = float(n.attrs.get("alpha", 0.2)), float(n.attrs.get("beta", 0.5))
-
-    def grad():
-        t = b.op("Add", b.op("Mul", x, alpha), beta)
-        inside = b.op("And", b.op("Greater", t, 0.0), b.op("Less", t, 1.0))
-        return b.op("Where", inside, b.op("Mul", gy[0], alpha), 0.0)
-    return (grad,)
+    return (lambda: clip_grad(b, gy[0], y, lo, hi), None, None)
 
 
 @rule("HardSwish", opsets=(14, 10_000))
@@ -119,27 +157,10 @@ def _hard_swish(b, n, gy):
     return (grad,)
 
 
-@rule("Tanh")
-def _tanh(b, n, gy):
-    y = n.outputs[0]
-    return (lambda: b.op("Mul", gy[0], b.op("Sub", 1.0, b.op("Mul", y, y))),)
-
-
 @rule("Erf")
 def _erf(b, n, gy):
     x = n.inputs[0]
     return (lambda: b.op("Mul", gy[0], b.op("Mul", 2.0 / math.sqrt(math.pi), b.op("Exp", b.op("Mul", x, b.op("Neg", x))))),)
-
-
-@rule("Softplus")
-def _softplus(b, n, gy):
-    return (lambda: b.op("Mul", gy[0], b.op("Sigmoid", n.inputs[0])),)
-
-
-@rule("Softsign")
-def _softsign(b, n, gy):
-    x = n.inputs[0]
-    return (lambda: b.op("Div", gy[0], b.op("Pow", b.op("Add", b.op("Abs", x), 1.0), 2.0)),)
 
 
 @rule("Mish", opsets=(18, 10_000))

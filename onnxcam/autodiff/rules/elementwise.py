@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from . import FOLDED, rule
+from . import rule
 
 
 @rule("Add", broadcast=True)
@@ -21,22 +21,7 @@ def _sub(b, n, gy):
 @rule("Mul", broadcast=True)
 def _mul(b, n, gy):
     x, y = n.inputs
-    if _is_sigmoid_of(y, x) and b.private_to(y, n):
-        return (lambda: _silu_grad(b, gy[0], y, n.outputs[0]), FOLDED)
-    if _is_sigmoid_of(x, y) and b.private_to(x, n):
-        return (FOLDED, lambda: _silu_grad(b, gy[0], x, n.outputs[0]))
     return (lambda: b.op("Mul", gy[0], y), lambda: b.op("Mul", gy[0], x))
-
-
-def _is_sigmoid_of(s, x) -> bool:
-    producer = s.inputs[0] if s.inputs else None
-    return producer is not None and producer.op == "Sigmoid" and producer.inputs[0] is x
-
-
-def _silu_grad(b, g, s, out):
-    """SiLU (x * sigmoid(x), which every EfficientNet export spells out): d/dx = s + x s (1 - s) = s + out (1 - s),
-    four passes where the product and Sigmoid rules apart take six (and a Sum)."""
-    return b.op("Mul", g, b.op("Add", s, b.op("Mul", out, b.op("Sub", 1.0, s))))
 
 
 @rule("Div", broadcast=True)

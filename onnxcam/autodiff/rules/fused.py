@@ -3,10 +3,9 @@ at ORT_ENABLE_EXTENDED): com.microsoft FusedConv = activation(Conv(X, W, B) + Z)
 activation(Gemm(A, B, C)). Each is differentiated as its two halves: the activation's derivative, read from the
 fused output y (it has no pre-activation tensor), then the Conv or Gemm rule on a stand-in node.
 
-From y alone the derivative is exact for the activations onnxruntime fuses (Relu, LeakyRelu with alpha > 0,
-Sigmoid, Tanh, HardSigmoid, Clip; Elu, Selu, Softplus, Softsign into Gemm): y > 0 iff x > 0, sigmoid' = y (1 - y),
-tanh' = 1 - y^2, and so on; the flat parts of HardSigmoid and Clip are where y sits on a bound (Clip's bounds
-excluded, as torch's hardtanh/relu6 backward does).
+The derivatives are activations.py's (FROM_OUTPUT, clip_grad), which read y for the plain ops too: one derivation
+per activation. From y alone each is exact for the activations onnxruntime fuses (Relu, LeakyRelu with alpha > 0,
+Sigmoid, Tanh, HardSigmoid, Clip; Elu, Selu, Softplus, Softsign into Gemm).
 
 Models saved at ORT_ENABLE_ALL also carry com.microsoft.nchwc kernels, whose blocked channel layout depends on the
 CPU that optimized the model; those are refused with that explanation.
@@ -15,7 +14,7 @@ CPU that optimized the model; those are refused with that explanation.
 from __future__ import annotations
 
 from . import find_rule, rule
-from .activations import _guide
+from .activations import FROM_OUTPUT, clip_grad
 from .qlinear import _Stand
 
 MS = "com.microsoft"
@@ -26,40 +25,19 @@ def _text(value) -> str:
 
 
 def _activation_gradient(b, n, g, params: dict):
-    """gy * act'(x), written with the fused node's output y = act(x)."""
+    """gy * act'(x), written with the fused node's output y = act(x): activations.py's derivations."""
     act = _text(n.attrs.get("activation", ""))
     y = n.outputs[0]
     if act in ("", "Identity"):
         return g
-    if act == "Relu":
-        return b.op("Where", b.op("Greater", y, 0.0), _guide(b, g), 0.0)
-    if act == "LeakyRelu":
-        alpha = float(params.get("alpha", 0.01))
-        if alpha <= 0:
-            raise b.error(f"has LeakyRelu alpha {alpha}: with alpha <= 0 the sign of x cannot be read from y")
-        return b.op("Where", b.op("Greater", y, 0.0), _guide(b, g), b.op("Mul", _guide(b, g), alpha))
-    if act == "Sigmoid":
-        return b.op("Mul", g, b.op("Mul", y, b.op("Sub", 1.0, y)))
-    if act == "Tanh":
-        return b.op("Mul", g, b.op("Sub", 1.0, b.op("Mul", y, y)))
-    if act == "HardSigmoid":
-        alpha = float(params.get("alpha", 0.2))
-        inside = b.op("And", b.op("Greater", y, 0.0), b.op("Less", y, 1.0))
-        return b.op("Where", inside, b.op("Mul", g, alpha), 0.0)
-    if act in ("Elu", "Selu"):  # x <= 0: y = gamma alpha (e^x - 1), so y' = y + gamma alpha; x > 0: gamma
-        alpha = float(params.get("alpha", 1.0 if act == "Elu" else 1.67326319217681884765625))
-        gamma = 1.0 if act == "Elu" else float(params.get("gamma", 1.05070102214813232421875))
-        return b.op("Mul", g, b.op("Where", b.op("Greater", y, 0.0), gamma, b.op("Add", y, gamma * alpha)))
-    if act == "Softplus":  # y = log(1 + e^x): y' = sigmoid(x) = 1 - e^-y
-        return b.op("Mul", g, b.op("Sub", 1.0, b.op("Exp", b.op("Neg", y))))
-    if act == "Softsign":  # y = x / (1 + |x|): y' = 1 / (1 + |x|)^2 = (1 - |y|)^2
-        rest = b.op("Sub", 1.0, b.op("Abs", y))
-        return b.op("Mul", g, b.op("Mul", rest, rest))
+    if act == "LeakyRelu" and float(params.get("alpha", 0.01)) <= 0:
+        raise b.error(f"has LeakyRelu alpha {params['alpha']}: with alpha <= 0 the sign of x cannot be read from y")
     if act == "Clip":
         if "min" not in params or "max" not in params:
             raise b.error("has a Clip activation without its min and max activation_params")
-        inside = b.op("And", b.op("Greater", y, float(params["min"])), b.op("Less", y, float(params["max"])))
-        return b.op("Where", inside, _guide(b, g), 0.0)
+        return clip_grad(b, g, y, float(params["min"]), float(params["max"]))
+    if act in FROM_OUTPUT:
+        return FROM_OUTPUT[act](b, g, y, params)
     raise b.error(f"has activation {act!r}; onnxcam differentiates fused Relu, LeakyRelu, Sigmoid, Tanh, "
                   "HardSigmoid, Clip, Elu, Selu, Softplus and Softsign (explain the model saved before "
                   "onnxruntime's optimizations instead)")

@@ -20,9 +20,6 @@ def _gemm(b, n, gy):
     g = gy[0]
 
     def d_a():  # dA' = alpha gy B'^T; dA = dA'^T when transA
-        classes = b.one_hot_classes(g)
-        if classes is not None and not ta:  # a one-hot seed: dA = alpha * B' rows of the classes, no product
-            return _scaled(b, _class_rows(b, bb, classes, transposed=not tb), alpha)
         return _product(b, bb, g, alpha, tb, 1) if ta else _product(b, g, bb, alpha, 0, 1 - tb)
 
     def d_b():  # dB' = alpha A'^T gy; dB = dB'^T when transB
@@ -30,19 +27,8 @@ def _gemm(b, n, gy):
 
     def d_c():
         scaled = g if beta == 1.0 else b.op("Mul", g, beta)
-        return b.unbroadcast(scaled, b.shape(n.outputs[0]), b.shape(n.inputs[2]))
+        return b.broadcast_shaped(scaled, b.shape(n.outputs[0]))  # C broadcasts to Y
     return (d_a, d_b, d_c)
-
-
-def _class_rows(b, w, classes, transposed: bool):
-    """(N, K_in) rows of a (K, K_in) weight for (N,) classes; of a (K_in, K) weight when transposed."""
-    if not transposed:
-        return b.take(w, classes, axis=0)
-    return b.op("Transpose", b.take(w, classes, axis=1), perm=[1, 0])  # only the N taken columns move
-
-
-def _scaled(b, g, alpha: float):
-    return g if alpha == 1.0 else b.op("Mul", g, alpha)
 
 
 @rule("MatMul")
@@ -69,19 +55,18 @@ def _matmul(b, n, gy):
         return b.op("Transpose", x, perm=perm)
 
     def d_a():
-        classes = b.one_hot_classes(gy[0])
-        if classes is not None and len(sa) == 2 and len(sc) == 2:  # a one-hot seed: the classes' columns of C
-            return _class_rows(b, c, classes, transposed=True)
         _, sa2, c2, sc2, g, go = prepared()
-        ga = b.op("MatMul", g, t(c2, len(sc2)))
-        ga = b.unbroadcast(ga, go[:-2] + sa2[-2:], sa2)
-        return b.squeeze(ga, [0]) if len(sa) == 1 else ga
+        ga, shape = b.op("MatMul", g, t(c2, len(sc2))), go[:-2] + sa2[-2:]
+        if len(sa) == 1:  # the promoted row axis goes: ga is then a broadcast of (K,)
+            ga, shape = b.squeeze(ga, [len(shape) - 2]), shape[:-2] + shape[-1:]
+        return b.broadcast_shaped(ga, shape)
 
     def d_c():
         a2, sa2, _, sc2, g, go = prepared()
-        gc = b.op("MatMul", t(a2, len(sa2)), g)
-        gc = b.unbroadcast(gc, go[:-2] + sc2[-2:], sc2)
-        return b.squeeze(gc, [1]) if len(sc) == 1 else gc
+        gc, shape = b.op("MatMul", t(a2, len(sa2)), g), go[:-2] + sc2[-2:]
+        if len(sc) == 1:  # the promoted column axis goes: gc is then a broadcast of (K,)
+            gc, shape = b.squeeze(gc, [len(shape) - 1]), shape[:-1]
+        return b.broadcast_shaped(gc, shape)
     return (d_a, d_c)
 
 

@@ -114,6 +114,6 @@ def _layer_norm(b, n, gy):
         return _standardized_grad(b, b.op("Mul", g, scale), xhat, inv_std, axes)
 
     def d_scale():
-        return b.unbroadcast(b.op("Mul", g, stats()[0]), shape, b.shape(scale))
+        return b.broadcast_shaped(b.op("Mul", g, stats()[0]), shape)
 
-    return (d_x, d_scale, lambda: b.unbroadcast(g, shape, b.shape(n.inputs[2])))
+    return (d_x, d_scale, lambda: b.broadcast_shaped(g, shape))

@@ -112,10 +112,10 @@ def _float_equivalent(spec: _Spec, output_op: str | None = None):
         operands = [dequantized(b, n.inputs[d], _input(n, s), _input(n, z), spec.axis(k, n))
                     for k, (d, s, z) in enumerate(spec.operands)]
         out = n.outputs[0]
-        if output_op is not None:  # float rules that read their output (Sigmoid) get the float result
-            out = b.op(output_op, operands[0])
-            out.shape, out.dtype = b.shape(n.outputs[0]), b.dtype
         attrs = {k: v for k, v in n.attrs.items() if k not in spec.drop_attrs}
+        if output_op is not None:  # float rules that read their output (Sigmoid, LeakyRelu) get the float result
+            out = b.op(output_op, operands[0], **attrs)
+            out.shape, out.dtype = b.shape(n.outputs[0]), b.dtype
         stand = _Stand(spec.float_op, n.name, operands, [out], attrs)
         g = gy[0] if spec.output is None else _unquantize_gradient(b, n, gy[0], *spec.output)
         makers = inner.fn(b, stand, [g])
@@ -129,12 +129,14 @@ def _float_equivalent(spec: _Spec, output_op: str | None = None):
 
 
 def _scaled(b, n, make, broadcast: bool, data: int, scale, axis: int):
-    """d(raw integer) = d(dequantized) * scale, summed back to the operand's shape for broadcasting float ops."""
+    """d(raw integer) = d(dequantized) * scale. A broadcast-shaped gradient (output-shaped for a broadcasting
+    float op, or as the float rule declared it) stays so and is declared again: the walk sums it back to the
+    operand's shape. The scale, shaped against the operand, broadcasts against it from the right."""
     def grad():
         g = make()
-        if broadcast:
-            g = b.unbroadcast(g, b.shape(n.outputs[0]), b.shape(n.inputs[data]))
-        return b.op("Mul", g, _along(b, scale, n.inputs[data], axis))
+        shape = b.shape(n.outputs[0]) if broadcast else b.grad_shapes.get(g.name)
+        scaled = b.op("Mul", g, _along(b, scale, n.inputs[data], axis))
+        return scaled if shape is None else b.broadcast_shaped(scaled, shape)
     return grad
 
 
@@ -165,7 +167,7 @@ _register("QLinearAdd", _Spec("Add", ((0, 1, 2), (3, 4, 5)), (6, 7)), MS)
 _register("QLinearMul", _Spec("Mul", ((0, 1, 2), (3, 4, 5)), (6, 7)), MS)
 # QLinearSigmoid / QLinearLeakyRelu(X, X_scale, X_zp, Y_scale, Y_zp)
 _register("QLinearSigmoid", _Spec("Sigmoid", ((0, 1, 2),), (3, 4)), MS, output_op="Sigmoid")
-_register("QLinearLeakyRelu", _Spec("LeakyRelu", ((0, 1, 2),), (3, 4)), MS)
+_register("QLinearLeakyRelu", _Spec("LeakyRelu", ((0, 1, 2),), (3, 4)), MS, output_op="LeakyRelu")
 # QLinearAveragePool(X, x_scale, x_zp, y_scale, y_zp)
 _channels_first_only("QLinearAveragePool", _Spec("AveragePool", ((0, 1, 2),), (3, 4), drop_attrs=("channels_last",)))
 

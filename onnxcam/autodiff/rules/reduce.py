@@ -53,19 +53,27 @@ def _count(b, n, axes):
     return b.op("Div", size_x, size_y)
 
 
-def _reduce_rule(*ops):
-    """Register `factor(b, x, y, axes)`: dx = gy * factor, with gy and y already shaped with keepdims=1."""
-    def register(factor):
-        @rule(*ops)
+def _reduce_rule(*ops: str):
+    """Register a reduction's formula as the rule of each op in `ops`.
+
+    The formula is called as `formula(b, n, x, y, g, axes)` and returns dx, shaped like x: `n` is the forward
+    node, `x` its input, `y` its output and `g` the incoming gradient, both with the reduced axes kept as size 1
+    (so they broadcast against x), and `axes` the reduced axes, sorted and non-negative ([] when the node reduces
+    nothing). The registered rule carries the formula's name, so an internal error names the formula.
+    """
+    def register(formula):
         def grad_rule(b, n, gy):
             x = n.inputs[0]
 
             def grad():
                 axes = _axes(b, n)
                 g, y = _kept(b, n, gy[0], axes), _kept(b, n, n.outputs[0], axes)
-                return factor(b, n, x, y, g, axes)
+                return formula(b, n, x, y, g, axes)
             return (grad, None)
-        return factor
+        grad_rule.__qualname__ = grad_rule.__name__ = formula.__name__
+        grad_rule.__doc__ = formula.__doc__
+        rule(*ops)(grad_rule)
+        return formula
     return register
 
 

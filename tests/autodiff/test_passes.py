@@ -1,0 +1,148 @@
+"""The optimizations of autodiff/passes.py, each against the same graph built without it, in float64: a pass may
+change how a gradient is computed, never its value. Each also checks its precondition: a fold never takes over a
+tensor that another consumer reads or that is a target.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcam.autodiff.builder import PASSES, Builder
+from onnxcam.autodiff.engine import backward
+from onnxcam.autodiff.passes import fold_crops, take_class_rows
+from onnxcam.graph.model import ModelGraph
+from onnxcam.runtime import cpu_session
+
+rng = np.random.default_rng(3)
+X_SHAPE = (2, 3, 5, 5)
+
+
+def model(nodes, inits: dict | None = None) -> onnx.ModelProto:
+    """A float64 model on input x (X_SHAPE) with score y."""
+    graph = helper.make_graph(nodes, "passes", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, X_SHAPE)],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)],
+                              [numpy_helper.from_array(v, k) for k, v in (inits or {}).items()])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def gradients64(proto: onnx.ModelProto, targets: list[str], passes, x, u) -> tuple[dict, Builder]:
+    """{target: d<u, y>/d target} from the gradient graph built in float64 with only `passes` enabled. An integer
+    `u` holds class indices: the seed is then the one-hot rows of a (N, K) score (Builder.one_hot)."""
+    mg = ModelGraph(proto)
+    b = Builder(mg, np.float64)
+    b.passes = set(passes)
+    seed = gs.Variable("seed", dtype=u.dtype, shape=list(u.shape))
+    mg.graph.inputs.append(seed)
+    if u.dtype.kind == "i":
+        seed = b.one_hot(seed, mg.shape(mg.tensor("y"))[1])
+    grads = backward(b, [mg.tensor(t) for t in targets], mg.tensor("y"), seed)
+    for g in grads.values():
+        g.dtype = np.float64
+        mg.graph.outputs.append(g)
+    take_class_rows(b)  # as rewrite.build runs them
+    fold_crops(b)
+    mg.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(mg.graph, do_type_check=False)
+    sess = cpu_session(out.SerializeToString(), mg.weights)
+    values = sess.run([grads[t].name for t in targets], {"x": x, "seed": u})
+    return dict(zip(targets, values)), b
+
+
+def rules_for(b: Builder, forward_op: str) -> set[str]:
+    """The rules (or passes) that emitted gradient nodes for forward nodes of `forward_op`."""
+    return {rule for _, op, rule in b.origins.values() if op == forward_op}
+
+
+def with_and_without(nodes, targets, pass_name: str, inits=None, u=None) -> tuple[Builder, Builder]:
+    """Build with every pass and with all but `pass_name`; assert equal float64 gradients; return both builders."""
+    x, u = rng.standard_normal(X_SHAPE), rng.standard_normal((2, 3)) if u is None else u
+    on, b_on = gradients64(model(nodes, inits), targets, PASSES, x, u)
+    off, b_off = gradients64(model(nodes, inits), targets, set(PASSES) - {pass_name}, x, u)
+    for t in targets:
+        assert np.abs(on[t]).max() > 0
+        np.testing.assert_allclose(on[t], off[t], rtol=1e-12, atol=1e-14, err_msg=t)
+    return b_on, b_off
+
+
+def head(src: str) -> list:
+    """y = the spatial mean of `src`, (N, C): a score onnxruntime computes in float64 (its GlobalAveragePool
+    has no float64 kernel)."""
+    return [helper.make_node("ReduceMean", [src], ["y"], axes=[2, 3], keepdims=0)]
+
+
+def silu(order: str) -> list:
+    """x2 = x * x (so x2 is not a graph input); m = x2 * Sigmoid(x2), in either operand order."""
+    operands = ["x2", "s"] if order == "x-first" else ["s", "x2"]
+    return [helper.make_node("Mul", ["x", "x"], ["x2"]), helper.make_node("Sigmoid", ["x2"], ["s"]),
+            helper.make_node("Mul", operands, ["m"])]
+
+
+@pytest.mark.parametrize("order", ["x-first", "s-first"])
+def test_fold_silu(order):
+    """x * Sigmoid(x) becomes one formula: no gradient node for the Sigmoid, the same gradient as without."""
+    b_on, b_off = with_and_without(silu(order) + head("m"), ["x"], "fold_silu")
+    assert rules_for(b_on, "Sigmoid") == set() and rules_for(b_on, "Mul") >= {"passes.fold_silu"}
+    assert rules_for(b_off, "Sigmoid") == {"activations._sigmoid"}
+    assert "passes.fold_silu" not in rules_for(b_off, "Mul")
+
+
+@pytest.mark.parametrize("variant", ["sigmoid-read-twice", "sigmoid-is-a-target", "x-is-a-target"])
+def test_fold_silu_precondition(variant):
+    """The fold applies only where the Sigmoid's output feeds that Mul alone and is no target; a target x is
+    folded (its gradient is the fold's)."""
+    nodes = silu("x-first")
+    targets = ["x"]
+    if variant == "sigmoid-read-twice":
+        nodes += [helper.make_node("Add", ["m", "s"], ["m2"])] + head("m2")
+    else:
+        nodes += head("m")
+        targets = ["x", "s"] if variant == "sigmoid-is-a-target" else ["x", "x2"]
+    b_on, _ = with_and_without(nodes, targets, "fold_silu")
+    folded = variant == "x-is-a-target"
+    assert (rules_for(b_on, "Sigmoid") == set()) == folded
+    assert ("passes.fold_silu" in rules_for(b_on, "Mul")) == folded
+
+
+def emitted_ops(b: Builder, forward_op: str) -> list[str]:
+    """The ops of the gradient nodes in the graph emitted for forward nodes of `forward_op`."""
+    return [n.op for n in b.graph.nodes if n.name in b.origins and b.origins[n.name][1] == forward_op]
+
+
+HEADS = {  # name -> (head node on f = the (2, 3) spatial mean of x, its weight)
+    "gemm-transB": (helper.make_node("Gemm", ["f", "w"], ["y"], transB=1, alpha=0.5), rng.standard_normal((4, 3))),
+    "gemm": (helper.make_node("Gemm", ["f", "w"], ["y"]), rng.standard_normal((3, 4))),
+    "matmul": (helper.make_node("MatMul", ["f", "w"], ["y"]), rng.standard_normal((3, 4))),
+}
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_take_class_rows(kind):
+    """onehot(classes) @ W becomes a Gather of W's class rows, with the same gradient as the product."""
+    head_node, w = HEADS[kind]
+    nodes = [helper.make_node("ReduceMean", ["x"], ["f"], axes=[2, 3], keepdims=0), head_node]
+    b_on, b_off = with_and_without(nodes, ["f"], "take_class_rows", {"w": w}, u=np.array([3, 1], np.int64))
+    product = head_node.op_type
+    assert product not in emitted_ops(b_on, product) and "Gather" in emitted_ops(b_on, product)
+    assert product in emitted_ops(b_off, product) and "Gather" not in emitted_ops(b_off, product)
+
+
+def test_take_class_rows_needs_a_one_hot_seed():
+    """A dense seed keeps the product: its rows are no selection."""
+    head_node, w = HEADS["gemm-transB"]
+    nodes = [helper.make_node("ReduceMean", ["x"], ["f"], axes=[2, 3], keepdims=0), head_node]
+    b_on, _ = with_and_without(nodes, ["f"], "take_class_rows", {"w": w}, u=rng.standard_normal((2, 4)))
+    assert "Gemm" in emitted_ops(b_on, "Gemm") and "Gather" not in emitted_ops(b_on, "Gemm")
+
+
+def test_take_class_rows_keeps_a_transposed_seed_product():
+    """The weight's own gradient is onehot^T @ f (the seed transposed): no selection of rows, the product stays."""
+    head_node, w = HEADS["gemm-transB"]
+    nodes = [helper.make_node("ReduceMean", ["x"], ["f"], axes=[2, 3], keepdims=0), head_node]
+    b_on, _ = with_and_without(nodes, ["f", "w"], "take_class_rows", {"w": w}, u=np.array([3, 1], np.int64))
+    assert emitted_ops(b_on, "Gemm").count("Gemm") == 1  # dw's product; df's became a Gather
