@@ -19,7 +19,7 @@ import torchvision
 import onnxcam
 from onnxcam.graph import names
 
-from .torch_models import export, make_model, rel_err
+from .torch_models import _randomize_batchnorm, export, make_model, rel_err
 
 EXPORTERS = ["torchscript", "dynamo"]
 
@@ -63,16 +63,10 @@ class PairNet(torch.nn.Module):
 def _prepared(model: torch.nn.Module) -> torch.nn.Module:
     """Eval mode, no in-place ops (a hook must see the value before them), BatchNorm with random statistics (a
     fresh one is almost the identity, which would hide a Conv+BatchNorm fold)."""
-    g = torch.Generator().manual_seed(1)
     for m in model.modules():
         if hasattr(m, "inplace"):
             m.inplace = False
-        if isinstance(m, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    _randomize_batchnorm(model)
     return model.eval()
 
 
