@@ -11,11 +11,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 import onnxcam
 from onnxcam import image, preprocess
@@ -173,7 +175,7 @@ def test_outputs_are_written(audit):
         h, w = image.read_image(im["image"]).shape[:2]
         for p in im["pictures"]:
             pic = image.read_image(out / p)
-            assert pic.shape[1] == 6 * round(w * min(h, 224) / h)  # image, 3 overlays, 2 differences side by side
+            assert pic.shape[1] == 6 * round(w * 224 / h)  # image, 3 overlays, 2 differences side by side
     html = (out / "report.html").read_text()
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
     assert html.count("class='image-row") == 4
@@ -229,6 +231,155 @@ def test_two_exporters_agree(tmp_path):
     assert len(report["rows"]) == 8 and all(r["top1"] == 1.0 and r["pearson"] >= 0.99 for r in report["rows"])
 
 
+KERAS = Path(__file__).parent / "fixtures" / "keras"
+
+
+def test_keras_exporters_agree(tmp_path):
+    """custom_cnn (seeded weights) through tf2onnx and through Keras' model.export: the same predictions and maps
+    (every agreement figure >= 0.99) on every photo, at the model's own 32x32 NHWC input. Each graph's automatic
+    layer is its Transpose of c4's ReLU back to NHWC (its own name in each graph)."""
+    models = [KERAS / "custom_cnn.onnx", KERAS / "custom_cnn_keras_export.onnx"]
+    images = []
+    for p in onnxcam.SAMPLE_IMAGES:  # images of the input's size: no resizing differences to speak of
+        images.append(tmp_path / f"{p.stem}.png")
+        images[-1].write_bytes(image.encode_png(cv2.resize(image.read_image(p), (32, 32), interpolation=cv2.INTER_AREA)))
+    # By construction: the two graphs' probabilities agree to float32 error, and the top-2 margins are far above it.
+    pre = preprocess.resolve(onnx.load(str(models[0])))
+    x = np.stack([image.to_input(image.read_image(p), pre) for p in images])
+    probs = [ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0] for m in models]
+    assert np.abs(probs[0] - probs[1]).max() < 1e-6
+    top2 = np.sort(probs[0], axis=1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() > 1e-3, top2
+    out = tmp_path / "out"
+    result = _compare(*models, *images, "--out", out, "--method", "gradcam,hirescam", "--fail-under", 0.99,
+                      "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    for m, info in zip(models, report["models"]):
+        (layer,) = info["layers"]
+        node = next(n for n in onnx.load(str(m)).graph.node if layer in n.output)
+        assert (node.op_type, list(node.input)) == ("Transpose", ["custom_cnn_1/c4_1/Relu:0"])
+    rows = report["rows"]
+    assert len(rows) == 4 * 2 and all(r["top1"] == 1.0 for r in rows)
+    assert min(min(r["pearson"], r["spearman"], r["iou15"]) for r in rows) >= 0.99, rows
+    # not agreement by default: the second graph explained at its first convolution's ReLU does not agree
+    early = _compare(*models, *images, "--out", tmp_path / "early", "--layer", "2=custom_cnn_1/c1_1/Relu:0",
+                     "--fail-under", 0.99, "--device", "cpu")
+    assert early.exit_code == COMPARE_BELOW, early.output
+
+
+# ---- a model that overflows float16 on one image -----------------------------------------------------------------
+OVERFLOW = 10000.0  # 1x1 convolution weights: an output overflows float16 (65504) where |channel sum| > 6.55
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 1x1 convolution (filters +-OVERFLOW x the channel sum, and two channel differences), ReLU, global average
+    pooling, a small linear head; its fp16 build; a dark picture and the same with a white square, whose channel
+    sum (7.32 after the ImageNet normalization) overflows float16 at the convolution, where the dark one's stays
+    below 3.7."""
+    folder = tmp_path_factory.mktemp("tiny")
+    w1 = np.zeros((4, 3, 1, 1), np.float32)
+    w1[:, :, 0, 0] = OVERFLOW * np.array([[1, 1, 1], [-1, -1, -1], [1, -1, 0], [0, 1, -1]], np.float32)
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["pre"]), helper.make_node("Relu", ["pre"], ["act"]),
+         helper.make_node("GlobalAveragePool", ["act"], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]),
+         helper.make_node("Gemm", ["flat", "w2", "b2"], ["logits"], transB=1)], "tiny",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [None, 10])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(rng.normal(0, 1e-4, (10, 4)).astype(np.float32), "w2"),
+         numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "b2")])
+    fp32 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    paths = {"fp32": _save(fp32, folder / "fp32.onnx"), "fp16": _save(fp16(fp32, keep_io_types=True),
+                                                                        folder / "fp16.onnx")}
+    yy, xx = np.mgrid[0:48, 0:64]
+    dark = np.stack([40 + 60 * (xx / 63), 30 + 80 * (yy / 47), 60 + 50 * np.sin(xx / 7.0) ** 2], -1).astype(np.uint8)
+    bright = dark.copy()
+    bright[10:30, 20:44] = 255
+    pre = preprocess.resolve(fp32)
+    for name, rgb in (("dark", dark), ("bright", bright)):
+        paths[name] = folder / f"{name}.png"
+        paths[name].write_bytes(image.encode_png(rgb))
+        top = np.abs(np.tensordot(w1[:, :, 0, 0], image.to_input(rgb, pre), 1)).max()  # the convolution's output
+        assert (top > 65504) == (name == "bright"), (name, top)
+    return paths
+
+
+def test_an_image_one_model_cannot_explain_is_listed_and_the_rest_reported(tiny, tmp_path):
+    out = tmp_path / "out"
+    result = _compare(tiny["fp32"], tiny["fp16"], tiny["dark"], tiny["bright"], "--out", out, "--device", "cpu")
+    assert result.exit_code == 1
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error")]
+    assert line.startswith(f"Error: {tiny['bright']} with model fp16.onnx: the activation of layer 'act' holds Inf")
+    assert "overflows" in line
+    report = json.loads((out / "report.json").read_text())
+    assert [im["image"] for im in report["images"]] == [str(tiny["dark"])]
+    (failure,) = report["failures"]
+    assert (failure["image"], failure["model"]) == (str(tiny["bright"]), "fp16.onnx") and "Inf" in failure["error"]
+    (row,) = report["rows"]  # the dark image: the fp16 build agrees
+    assert row["top1"] == 1.0 and row["pearson"] > 0.999
+    with open(out / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["image"], r["model"], bool(r["error"])) for r in rows] == [
+        (str(tiny["dark"]), "fp16.onnx", False), (str(tiny["bright"]), "fp16.onnx", True)]
+    page = (out / "report.html").read_text()
+    assert re.search(r"<ul id='failures'><li>[^<]*bright.png with fp16.onnx: the activation", page)
+    assert page.count("class='image-row") == 1
+
+
+def test_pictures_carry_their_labels_or_are_bare(tiny, tmp_path):
+    """The labelled picture is the bare one under a caption band naming the image, method and class, and per model
+    its prediction, the explained class's probability and the layer (drawn by image.caption: compared pixel for
+    pixel with the band drawn from report.json's values)."""
+    runs = {}
+    for how in ("labelled", "bare"):
+        out = tmp_path / how
+        result = _compare(tiny["fp32"], tiny["fp16"], tiny["dark"], "--out", out, "--device", "cpu",
+                          *(["--bare"] if how == "bare" else []))
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "report.json").read_text())
+        (im,) = report["images"]
+        runs[how] = image.read_image(out / im["pictures"][0])
+    (row,) = report["rows"]
+    models, preds = report["models"], im["predictions"]
+    columns = [["dark.png", f"gradcam for {row['label']}"]]
+    columns += [[m["name"], f"top-1 {p['label']} {p['score']:.2f}", f"explains {score:.2f}", f"@ {m['layers'][0]}"]
+                for m, p, score in zip(models, preds, (row["score_first"], row["score_model"]))]
+    columns.append(["|map - fp32.onnx|", "fp16.onnx"])
+    assert runs["bare"].shape[0] == 224
+    assert np.array_equal(runs["labelled"], image.caption(runs["bare"], columns))
+
+
+def test_evaluations_are_shown_in_the_report(tiny, tmp_path):
+    from onnxcam.evaluate import evaluate, write_json
+
+    path = tmp_path / "evaluation.json"
+    write_json(path, evaluate(tiny["fp32"], [tiny["dark"]], methods=("gradcam", "hirescam"),
+                              metrics=("deletion", "insertion"), steps=4))
+    out = tmp_path / "out"
+    result = _compare(tiny["fp32"], tiny["fp16"], tiny["dark"], "--out", out, "--device", "cpu",
+                      "--evaluate", path, "--evaluate", f"2={path}")  # found by its model's path; given for model 2
+    assert result.exit_code == 0, result.output
+    record = json.loads(path.read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluations"] == {"fp32.onnx": record, "fp16.onnx": record}
+    page = (out / "report.html").read_text()
+    assert "<h2>Evaluation of fp32.onnx</h2>" in page and "<h2>Evaluation of fp16.onnx</h2>" in page
+    scores = record["scores"]["hirescam"]
+    assert (f"<tr><td>hirescam</td><td class='num'>{scores['deletion']:.4f}</td><td class='num'>"
+            f"{scores['insertion']:.4f}</td></tr>") in page
+    assert "deletion (lower is better)" in page
+    other = tmp_path / "other.json"
+    other.write_text(path.read_text().replace(str(tiny["fp32"]), "/elsewhere/model.onnx"))
+    for bad, message in ((other, "is of /elsewhere/model.onnx, which is none of the compared models"),
+                         (tiny["dark"], f"cannot read the evaluation {tiny['dark']}")):
+        result = _compare(tiny["fp32"], tiny["fp16"], tiny["dark"], "--out", out, "--evaluate", bad)
+        assert result.exit_code == 1
+        (line,) = [x for x in result.output.splitlines() if x.startswith("Error")]
+        assert message in line
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------------
 def test_different_classes_without_names(models, tmp_path):
     result = _compare(models["fp32"], models["500"], onnxcam.SAMPLE_IMAGES[0], "--out", tmp_path)
@@ -276,7 +427,8 @@ def test_bad_options(models, tmp_path):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _dom(browser: str, url: str) -> str:
+def page_dom(browser: str, url: str) -> str:
+    """The page's DOM after its scripts ran (and its images loaded), from headless Chromium."""
     return subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--virtual-time-budget=5000",
                            "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
 
@@ -288,7 +440,7 @@ def test_report_in_a_browser(audit, tmp_path):
     _, out, report = audit
     url = (out / "report.html").resolve().as_uri()
     for key in ("name", "-agreement", "agreement"):
-        dom = _dom(browser, f"{url}#sort={key}")
+        dom = page_dom(browser, f"{url}#sort={key}")
         body = re.search(r"<body([^>]*)>", dom).group(1)
         assert f'data-sorted="{key}"' in body, body
         n = len(report["images"]) * 2
@@ -301,8 +453,15 @@ def test_report_in_a_browser(audit, tmp_path):
             assert names == sorted(names)
         else:
             assert agreement == sorted(agreement, reverse=key.startswith("-"))
-    shot = tmp_path / "shot.png"
+    assert_not_blank(screenshot(browser, url, tmp_path / "shot.png"))
+
+
+def screenshot(browser: str, url: str, path: Path) -> np.ndarray:
+    """The page as headless Chromium draws it (1200 x 1600), as uint8 RGB."""
     subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--window-size=1200,1600",
-                    f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
-    pixels = image.read_image(shot)
+                    f"--screenshot={path}", url], capture_output=True, timeout=120, check=True)
+    return image.read_image(path)
+
+
+def assert_not_blank(pixels: np.ndarray) -> None:
     assert pixels.std() > 20 and (pixels < 200).mean() > 0.05  # not blank: text, tables, pictures

@@ -118,7 +118,8 @@ class _Capture(Runner):
         super().__init__(*args, **kwargs)
         self.logits: dict[Path, np.ndarray] = {}
 
-    def _write(self, rep, rgb, timings, target) -> None:
+    def write_report(self, rep, rgb, timings, target) -> None:
+        """Runner's hook for an explained image: keep its logits, write nothing (one thread: explain_batch)."""
         for m in rep.maps:
             if m.source is not None and rep.image.base not in self.logits:
                 self.logits[rep.image.base] = np.asarray(m.source.logits[m.index], np.float64).ravel()
@@ -220,10 +221,12 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 # ---- the run ---------------------------------------------------------------------------------------------------
 def compare(specs: list[ModelSpec], inputs, out: str | Path, *, methods=("gradcam",), target: str = "top1",
-            device: str = "auto", batch_size: int = 8, max_pixels: int | None = image.MAX_PIXELS) -> Comparison:
+            device: str = "auto", batch_size: int = 8, max_pixels: int | None = image.MAX_PIXELS,
+            labelled: bool = True) -> Comparison:
     """Explain the images in `inputs` with every model and compare each model with the first.
 
-    Writes the side-by-side pictures under out/pictures/ as it goes (report.write_reports writes the rest).
+    Writes the side-by-side pictures under out/pictures/ as it goes (report.write_reports writes the rest),
+    labelled (model, prediction, score, layer) or, with labelled=False, bare.
     A model that cannot be opened, or classes that cannot be mapped, raise; an image that cannot be read, or that
     one model cannot explain, is listed in Comparison.failures and the others are compared."""
     from . import report
@@ -248,13 +251,14 @@ def compare(specs: list[ModelSpec], inputs, out: str | Path, *, methods=("gradca
                                                  "explain_s": [0.0] * len(runners)})
     files = find_images(inputs, exclude=[out])
     for i in range(0, len(files), batch_size):
-        _compare_batch(result, runners, maps, files[i:i + batch_size], given, Path(out), max_pixels, report)
+        _compare_batch(result, runners, maps, files[i:i + batch_size], given, Path(out), max_pixels,
+                       lambda *args: report.write_picture(*args, labelled=labelled))
     result.images.sort(key=lambda e: (e["agreement"], e["image"]))
     result.timings["total_s"] = time.perf_counter() - start
     return result
 
 
-def _compare_batch(result: Comparison, runners, maps, files, given: Target, out: Path, max_pixels, report) -> None:
+def _compare_batch(result: Comparison, runners, maps, files, given: Target, out: Path, max_pixels, picture) -> None:
     batch = []
     for f in files:
         try:
@@ -267,17 +271,25 @@ def _compare_batch(result: Comparison, runners, maps, files, given: Target, out:
     for k, (r, mapping) in enumerate(zip(runners[1:], maps), start=1):
         reports.append(_explain_mapped(result, k, r, batch, reports[0], mapping, given))
     for f in batch:
-        _compare_image(result, runners, maps, f, [reps.get(f.base) for reps in reports], out, report)
+        _compare_image(result, runners, maps, f, [reps.get(f.base) for reps in reports], out, picture)
 
 
 def _explain(result: Comparison, k: int, runner: Runner, files: list[ImageFile], target: Target) -> dict:
+    """One model's explanations of the images, by image; an image it cannot explain (numbers that are not finite
+    at that image, say an fp16 build overflowing) is listed as a failure of that model, the others go on. An error
+    of the model as a whole raises, naming the model."""
     t = time.perf_counter()
     reps = {}
-    for rep in runner.explain_batch(files, target):
+    try:
+        explained = runner.explain_batch(files, target)
+    except OnnxCamError as exc:
+        raise _named(exc, k, Path(result.models[k]["path"])) from exc
+    for rep in explained:
         if rep.ok:
             reps[rep.image.base] = rep
-        else:
-            result.failures.append(Failure(str(rep.image.path), result.models[k]["name"], rep.error))
+        else:  # the failure line names the image already
+            error = rep.error.removeprefix(f"image {rep.image.path}: ")
+            result.failures.append(Failure(str(rep.image.path), result.models[k]["name"], error))
     result.timings["explain_s"][k] += time.perf_counter() - t
     return reps
 
@@ -305,7 +317,7 @@ def _explain_mapped(result, k, runner, files, first_reps: dict, mapping: np.ndar
     return reps
 
 
-def _compare_image(result: Comparison, runners, maps, f: ImageFile, reps: list, out: Path, report) -> None:
+def _compare_image(result: Comparison, runners, maps, f: ImageFile, reps: list, out: Path, picture) -> None:
     logits = [r.logits.pop(f.base, None) for r in runners]
     if any(r is None for r in reps):
         return  # the failure is listed already
@@ -324,7 +336,7 @@ def _compare_image(result: Comparison, runners, maps, f: ImageFile, reps: list, 
                    **preds[k - 1], **map_figures(big[0], big[k])}
             result.rows.append(row)
             worst = min(worst, row["pearson"])
-        pictures.append(report.write_picture(out, f, group, big, result.models, reps))
+        pictures.append(picture(out, f, group, big, result.models, reps))
     result.images.append({"image": str(f.path), "name": str(f.base), "agreement": worst,
                           "top1": min(p["top1"] for p in preds), "prob_diff": max(p["prob_diff"] for p in preds),
                           "predictions": [{"model": info["name"], "class": r.top[0][0], "label": r.top[0][1],

@@ -1,6 +1,7 @@
 """A comparison's outputs: report.html (self-contained: inline CSS, SVG plots and script; pictures beside it,
 linked relatively), report.json, report.csv, and pictures/<image>.<method>[.<class>].png side by side (the image,
-each model's overlay labelled with its prediction, the absolute difference of each model's map from the first's).
+each model's overlay labelled with its prediction, score and layer unless written bare, the absolute difference of
+each model's map from the first's). Failures are listed in all three reports; `onnxcam evaluate`'s tables can join.
 
 The page works without JavaScript (rows come most divergent first); with it, column headers sort the rows, and
 report.html#sort=KEY (agreement, -agreement, name, prob_diff) sorts on load.
@@ -18,37 +19,52 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, image
+from ..errors import InputError
 from ..files import atomic_write, write_json
+from . import page
 from .compare import AGREEMENT, DISTANCES, Comparison
 
 log = logging.getLogger(__name__)
-PICTURE_HEIGHT = 224  # each panel's height in the side-by-side pictures (smaller images keep theirs)
+PICTURE_HEIGHT = 224  # each panel's height in the side-by-side pictures (small images scaled up: labels fit)
 CSV_FIELDS = ("image", "method", "class", "label", "model", "class_in_model", "score_first", "score_model",
-              *AGREEMENT, *DISTANCES, "zero_map")
+              *AGREEMENT, *DISTANCES, "zero_map", "error")
 
 
-def write_picture(out: Path, f, group, big, models: list[dict], reps) -> str:
-    """Write one image's side-by-side picture for one method and class; return its path relative to `out`."""
+def write_picture(out: Path, f, group, big, models: list[dict], reps, labelled: bool = True) -> str:
+    """Write one image's side-by-side picture for one method and class; return its path relative to `out`.
+
+    labelled: a caption band above the panels names the image, method and class, and per model its name, top-1
+    class and probability, the explained class's probability and the layer; False writes the panels bare."""
     m0 = group[0]
-    h = min(PICTURE_HEIGHT, f.rgb.shape[0])
+    h = PICTURE_HEIGHT
     panels = [f.rgb] + [image.overlay(f.rgb, m.mask) for m in group]
     panels += [image.heatmap(np.abs(big[0] - b), (f.rgb.shape[1], f.rgb.shape[0])) for b in big[1:]]
     row = reduce(lambda a, b: image.side_by_side(a, b, h), panels[1:], image.side_by_side(panels[0], panels[0], h))
     row = row[:, row.shape[1] // (len(panels) + 1):]  # the image was put in twice to scale it: drop one
-    what = m0.method if m0.agnostic else f"{m0.method} for {m0.label}"
-    cols = [[f"{f.path.name}", what]]
-    for info, rep, m in zip(models, reps, group):
-        _c, label, p = rep.top[0]
-        cols.append([info["name"], f"top-1 {label} {p:.2f}", "zero map" if m.zero else
-                     ("" if m.agnostic else f"explains {m.score:.2f}")])
-    cols += [[f"|map - {models[0]['name']}|", info["name"]] for info in models[1:]]
     rel = Path("pictures") / (str(f.base) + f".{m0.method}" + ("" if m0.agnostic else f".{m0.target}") + ".png")
-    atomic_write(out / rel, image.encode_png(image.caption(row, cols)))
+    if labelled:
+        row = image.caption(row, _labels(f, group, models, reps))
+    atomic_write(out / rel, image.encode_png(row))
     return rel.as_posix()
 
 
-def write_reports(result: Comparison, out: Path, fail_under: float | None = None) -> dict[str, Path]:
-    """report.json, report.csv and report.html in `out`; returns their paths."""
+def _labels(f, group, models: list[dict], reps) -> list[list[str]]:
+    """The caption's lines, one list per panel."""
+    m0 = group[0]
+    cols = [[f"{f.path.name}", m0.method if m0.agnostic else f"{m0.method} for {m0.label}"]]
+    for info, rep, m in zip(models, reps, group):
+        _c, label, p = rep.top[0]
+        cols.append([info["name"], f"top-1 {label} {p:.2f}", "zero map" if m.zero else
+                     ("" if m.agnostic else f"explains {m.score:.2f}"), f"@ {', '.join(info['layers'])}"])
+    return cols + [[f"|map - {models[0]['name']}|", info["name"]] for info in models[1:]]
+
+
+def write_reports(result: Comparison, out: Path, fail_under: float | None = None,
+                  evaluations: dict[str, dict] | None = None) -> dict[str, Path]:
+    """report.json, report.csv and report.html in `out`; returns their paths.
+
+    Failures are listed in all three (in the CSV as rows with an error). evaluations: `onnxcam evaluate`'s records
+    (page.read_evaluation) by model name, shown as method x metric tables."""
     out = Path(out)
     paths = {"json": out / "report.json", "csv": out / "report.csv", "html": out / "report.html"}
     summary = result.summary()
@@ -57,16 +73,42 @@ def write_reports(result: Comparison, out: Path, fail_under: float | None = None
               "agreement_figures": list(AGREEMENT), "distance_figures": list(DISTANCES),
               "fail_under": fail_under, "below": len(below), "summary": summary, "images": result.images,
               "rows": [_clean(r) for r in result.rows],
-              "failures": [vars(f) for f in result.failures], "timings": _rounded(result.timings)}
+              "failures": [vars(f) for f in result.failures], "evaluations": evaluations or {},
+              "timings": _rounded(result.timings)}
     write_json(paths["json"], record)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in result.rows:
         writer.writerow({**r, "zero_map": "; ".join(r["zero_map"] or [])})
+    for f in result.failures:
+        writer.writerow({"image": f.image, "model": f.model or "", "error": f.error})
     atomic_write(paths["csv"], buf.getvalue().encode("utf-8"))
-    atomic_write(paths["html"], _html(result, summary, fail_under, below).encode("utf-8"))
+    atomic_write(paths["html"], _html(result, summary, fail_under, below, evaluations or {}).encode("utf-8"))
     return paths
+
+
+def read_evaluations(models: list[Path], files: list[tuple[int | None, Path]]) -> dict[int, dict]:
+    """`onnxcam evaluate`'s JSON files by the index of the model each belongs to: the given index, or else the
+    model whose path the file names (as given to evaluate, or the same file name when only one model has it)."""
+    out = {}
+    for k, path in files:
+        record = page.read_evaluation(path)
+        if k is None:
+            k = _evaluated_model(models, Path(record["model"]), path)
+        elif Path(record["model"]).name != Path(models[k]).name:
+            log.warning("%s evaluates %s; shown for model %d (%s) as asked", path, record["model"], k + 1, models[k])
+        out[k] = record
+    return out
+
+
+def _evaluated_model(models: list[Path], evaluated: Path, path: Path) -> int:
+    same = [k for k, m in enumerate(models) if Path(m).resolve() == evaluated.resolve()]
+    named = [k for k, m in enumerate(models) if Path(m).name == evaluated.name]
+    if same or len(named) == 1:
+        return (same or named)[0]
+    raise InputError(f"the evaluation {path} is of {evaluated}, which is none of the compared models (or several "
+                     "share its name): say which model it belongs to")
 
 
 def _clean(r: dict) -> dict:
@@ -82,11 +124,6 @@ def _rounded(d):
 
 
 # ---- the page --------------------------------------------------------------------------------------------------
-_CSS = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0}
-td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}th{background:#f3f3f3}
-th.sort{cursor:pointer;text-decoration:underline}.bad{background:#fdd}.num{text-align:right}
-img.pair{max-width:100%;display:block;margin-bottom:4px}code{font-size:12px}svg{background:#fafafa;margin-right:1em}"""
-
 _SCRIPT = """
 function sortRows(key){
   var body=document.querySelector('#images tbody'); if(!body) return;
@@ -105,17 +142,12 @@ document.querySelectorAll('th.sort').forEach(function(th){
     var k=th.dataset.key; var now=document.body.dataset.sorted;
     sortRows(now===k?'-'+k:k);});});
 var m=/sort=(-?[a-z_]+)/.exec(location.hash); if(m) sortRows(m[1]);
-window.addEventListener('load',function(){
-  var imgs=Array.prototype.slice.call(document.images);
-  document.body.dataset.imagesLoaded=imgs.filter(function(i){return i.complete&&i.naturalWidth>0;}).length;
-  document.body.dataset.images=imgs.length;});
 """
 
 
-def _html(result: Comparison, summary: list[dict], fail_under, below) -> str:
+def _html(result: Comparison, summary: list[dict], fail_under, below, evaluations: dict[str, dict]) -> str:
     e = html.escape
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>onnxcam compare</title>",
-             f"<style>{_CSS}</style></head><body>",
+    parts = [page.head("onnxcam compare"),
              (f"<h1>onnxcam compare</h1><p>{len(result.images)} images compared, {len(result.failures)} failures; "
              f"methods {e(', '.join(result.methods))}; each model is compared with the first "
              f"({e(result.models[0]['name'])}). onnxcam {e(__version__)}.</p>")]
@@ -136,18 +168,17 @@ def _html(result: Comparison, summary: list[dict], fail_under, below) -> str:
     parts.append("</table>")
     parts.append(_summary_table(summary))
     parts.append("<h2>Plots</h2>" + _histogram(result) + _scatter(result))
-    if result.failures:
-        parts.append("<h2>Failures</h2><ul id='failures'>")
-        parts += [f"<li>{e(f.image)}{' with ' + e(f.model) if f.model else ''}: {e(f.error)}</li>"
-                  for f in result.failures]
-        parts.append("</ul>")
-    parts.append("<h2>Images</h2><p>Most divergent first; click a header to sort.</p><table id='images'><thead><tr>"
+    parts += [page.evaluation_table(record, f"Evaluation of {name}") for name, record in evaluations.items()]
+    parts.append(page.failure_list([(f.image + (f" with {f.model}" if f.model else ""), f.error)
+                                    for f in result.failures]))
+    parts.append("<h2>Images</h2><p>Most divergent first; click a header to sort. Overlays and differences in the "
+                 "colour scale below.</p>" + page.colour_bar() + "<table id='images'><thead><tr>"
                  "<th class='sort' data-key='name'>image</th><th class='sort' data-key='agreement'>agreement "
                  "(lowest Pearson)</th><th class='sort' data-key='top1'>same top-1</th>"
                  "<th class='sort' data-key='prob_diff'>largest probability difference</th><th>pictures</th>"
                  "</tr></thead><tbody>")
     for im in result.images:
-        pics = "".join(f"<img class='pair' src='{e(p)}' alt='{e(p)}'>" for p in im["pictures"])
+        pics = "".join(f"<img class='pair' src='{page.href(p)}' alt='{e(p)}'>" for p in im["pictures"])
         preds = "<br>".join(f"{e(p['model'])}: {e(p['label'])} {p['score']:.3f}" for p in im["predictions"])
         bad = " bad" if fail_under is not None and im["agreement"] < fail_under else ""
         parts.append(f"<tr class='image-row{bad}' data-name='{e(im['name'])}' data-agreement='{im['agreement']:.6f}'"
@@ -155,7 +186,7 @@ def _html(result: Comparison, summary: list[dict], fail_under, below) -> str:
                      f"<br><small>{preds}</small></td><td class='num'>{im['agreement']:.4f}</td>"
                      f"<td>{'yes' if im['top1'] == 1 else 'no'}</td><td class='num'>{im['prob_diff']:.4f}</td>"
                      f"<td>{pics}</td></tr>")
-    parts.append(f"</tbody></table><script>{_SCRIPT}</script></body></html>")
+    parts.append("</tbody></table>" + page.footer(_SCRIPT))
     return "\n".join(parts)
 
 
