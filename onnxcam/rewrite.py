@@ -48,6 +48,17 @@ def act_name(layer: str) -> str:
 
 @dataclass
 class Rewritten:
+    """The explainable model rewrite.build makes: the original graph with the layers' activations and the gradient of
+    the seeded score with respect to them as extra outputs, standard ONNX ops only.
+
+    model: the rewritten skeleton (large weights as placeholders; `weights` holds their values until the Explainer's
+    session has its own copy). Inputs besides the model's own: the seed (SEED, dense) or, when by_class, the class
+    indices (CLASSES) and whether to rank them in the graph (RANKED, giving TOP_CLASSES). Outputs: the model's own
+    (original_outputs), the score, each layer's activation (act_outputs[layer]) and gradient (grad_name(layer)),
+    (N, n_seeds, ...) when n_seeds > 1. score_shape: the score's static shape (batch symbolic); fixed_batch: the
+    model fixes its batch.
+    """
+
     model: onnx.ModelProto
     input_name: str
     score: str
@@ -173,6 +184,8 @@ def check_gradient(model: onnx.ModelProto, origins: dict) -> None:
     ctx.ir_version = part.ir_version
     ctx.opset_imports = {imp.domain: imp.version for imp in part.opset_import}
     for node in part.graph.node:  # node by node: graph inputs of unknown shape are fine here, not in check_model
+        if any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute):
+            continue  # a Scan body reads outer tensors, which a lone node cannot see: shape inference checks it below
         try:
             onnx.checker.check_node(node, ctx)
         except onnx.checker.ValidationError as exc:
@@ -198,6 +211,17 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
+def _outer_reads(node: onnx.NodeProto) -> set:
+    """Names that the subgraphs of a node (a Scan body) read from the enclosing graph."""
+    reads = set()
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            local = {i.name for i in a.g.input} | {t.name for t in a.g.initializer} | {o for n in a.g.node
+                                                                                      for o in n.output}
+            reads |= {i for n in a.g.node for i in (*n.input, *_outer_reads(n)) if i and i not in local}
+    return reads
+
+
 def _gradient_part(model: onnx.ModelProto, origins: dict) -> onnx.ModelProto:
     """The nodes of `model` named in `origins`, as a model whose inputs are the forward tensors they read.
 
@@ -211,7 +235,7 @@ def _gradient_part(model: onnx.ModelProto, origins: dict) -> onnx.ModelProto:
     for n in graph.node:
         if n.name not in origins:
             continue
-        reads = [i for i in n.input if i and i not in made]
+        reads = [i for i in (*n.input, *_outer_reads(n)) if i and i not in made]
         if any(i in untyped or (i not in inits and i not in typed) for i in reads):
             untyped.update(n.output)
             continue

@@ -42,3 +42,12 @@ def _quantize(b, n, gy):
 @rule("DequantizeLinear")
 def _dequantize(b, n, gy):
     return (lambda: b.op("Mul", gy[0], _scale(b, n)), None, None)
+
+
+@rule("DynamicQuantizeLinear")
+def _dynamic_quantize(b, n, gy):
+    """y = round(x / y_scale) + y_zero_point with the scale and zero point computed from x's range (always holding
+    0, so nothing saturates): straight through, 1 / y_scale. As with QuantizeLinear, the scale and zero point count
+    as constants (graph/model.py keeps them off the gradient path). An all-zero x has scale 0: gradient 0."""
+    tiny = float(np.finfo(np.float32).tiny)
+    return (lambda: b.op("Div", gy[0], b.op("Max", n.outputs[1], tiny)),)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...graph.evaluate import run_node
 from . import rule
-from .conv_pool import run_op
+from .select import slice_at_run_time
 
 BIG = 2**62  # an end index past any axis, for Slice
 
@@ -118,7 +119,9 @@ def _slice(b, n, gy):
         starts, ends = n.attrs["starts"], n.attrs["ends"]
         axes, steps = n.attrs.get("axes"), None
     else:
-        starts, ends = b.value(n.inputs[1], "starts"), b.value(n.inputs[2], "ends")
+        starts, ends = b.model.value(n.inputs[1]), b.model.value(n.inputs[2])
+        if starts is None or ends is None:  # computed at run time (chunk with a dynamic batch): scatter back
+            return slice_at_run_time(b, n, gy)
         axes, steps = _side_input(b, n, 3, "axes"), _side_input(b, n, 4, "steps")
     axes = range(len(starts)) if axes is None else [int(a) % rank for a in axes]
     steps = [1] * len(starts) if steps is None else steps
@@ -249,8 +252,8 @@ def _pad_matrix(b, mode: str, size: int, begin: int, end: int) -> np.ndarray:
     """m[i, j] = how much output j of a padded axis takes from input i: Pad run on the rows of an identity."""
     eye = np.eye(size, dtype=np.float32)
     if b.opset < 11:
-        return run_op("Pad", [eye], {"mode": mode, "pads": [0, begin, 0, end]}, b.opset)
-    return run_op("Pad", [eye, np.array([0, begin, 0, end], np.int64)], {"mode": mode}, b.opset)
+        return run_node("Pad", [eye], {"mode": mode, "pads": [0, begin, 0, end]}, b.opset)[0]
+    return run_node("Pad", [eye, np.array([0, begin, 0, end], np.int64)], {"mode": mode}, b.opset)[0]
 
 
 # ---- interpolations: Resize, Upsample ------------------------------------------------------------------------
@@ -319,14 +322,14 @@ def _resize_matrix(b, n, axis, size_in, size_out, scales, sizes, roi, rank) -> n
         attrs["extrapolation_value"] = 0.0  # outputs outside the roi are constants: no gradient
     scale = np.array([1, 1, 1, scales[axis]], np.float32) if scales is not None else None
     if n.op == "Upsample" or b.opset < 11:
-        m = run_op(n.op, [basis, scale], attrs, b.opset)
+        m = run_node(n.op, [basis, scale], attrs, b.opset)[0]
     else:
         box = roi[axis] if roi is not None else (0.0, 1.0)
         rois = np.array([0, 0, 0, box[0], 1, 1, 1, box[1]], np.float32)
         size = None if sizes is None else np.array([1, size_in, 1, size_out], np.int64)
         if size is not None and b.opset < 13:
             scale = np.zeros(0, np.float32)  # Resize-11 wants an empty scales input next to sizes
-        m = run_op("Resize", [basis, rois, scale, size], attrs, b.opset)
+        m = run_node("Resize", [basis, rois, scale, size], attrs, b.opset)[0]
     if m.shape != (1, size_in, 1, size_out):
         raise b.error(f"measured a resize of axis {axis} to {m.shape[-1]} elements, the model says {size_out}")
     return m.reshape(size_in, size_out)
