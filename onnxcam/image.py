@@ -318,18 +318,39 @@ def side_by_side(left: np.ndarray, right: np.ndarray, height: int | None = None)
     return np.concatenate([fit(left), fit(right)], axis=1)
 
 
-def caption(rgb: np.ndarray, columns: list[list[str]]) -> np.ndarray:
-    """The picture with a white strip of text above it, cut into len(columns) equal cells, each holding its lines
-    (the labels of the panels of a side-by-side picture)."""
+def caption(picture: np.ndarray, lines: list[str] | list[list[str]]) -> np.ndarray:
+    """The uint8 RGB picture with a white band of black text above it; the picture's own pixels are kept as they are.
+
+    lines: the lines of one caption (["tabby cat 0.83", "gradcam @ layer4"]), or one list of lines per column: the
+    band is then cut into len(lines) equal cells (the labels of the panels of a side-by-side picture). A line too
+    wide for its cell is cut and ends in "~"."""
+    picture = np.asarray(picture)
+    if picture.dtype != np.uint8 or picture.ndim != 3 or picture.shape[2] != 3:
+        raise InputError(f"a caption goes on a uint8 RGB picture (H, W, 3), not {picture.dtype} {picture.shape}")
+    columns = [lines] if all(isinstance(x, str) for x in lines) else lines
     scale, line_h = 0.42, 15
-    cell = rgb.shape[1] // max(1, len(columns))
-    strip = np.full((line_h * max(map(len, columns), default=0) + 6, rgb.shape[1], 3), 255, np.uint8)
-    for c, lines in enumerate(columns):
-        for i, text in enumerate(lines):
-            text = text if len(text) * 8 <= cell else text[:max(1, cell // 8 - 1)] + "~"
-            cv2.putText(strip, text, (c * cell + 4, line_h * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
-                        cv2.LINE_AA)
-    return np.concatenate([strip, rgb], axis=0)
+    cell = picture.shape[1] // max(1, len(columns))
+    strip = np.full((line_h * max(map(len, columns), default=0) + 6, picture.shape[1], 3), 255, np.uint8)
+    for c, column in enumerate(columns):
+        for i, text in enumerate(column):
+            cv2.putText(strip, _fit(str(text), cell - 6, scale), (c * cell + 4, line_h * (i + 1)),
+                        cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([strip, picture], axis=0)
+
+
+def _fit(text: str, width: int, scale: float) -> str:
+    """The text, cut and ended with "~" where it is wider than `width` pixels (cv2's Hershey font is ASCII only:
+    other characters are drawn as "?")."""
+    text = text.encode("ascii", "replace").decode("ascii")
+
+    def wide(t: str) -> int:
+        return cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+
+    if wide(text) <= width:
+        return text
+    while len(text) > 1 and wide(text + "~") > width:
+        text = text[:-1]
+    return text + "~"
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
@@ -338,3 +359,43 @@ def encode_png(rgb: np.ndarray) -> bytes:
     if not ok:
         raise InputError(f"OpenCV could not encode a PNG of shape {rgb.shape}")
     return buf.tobytes()
+
+
+# ---- detections and masks (onnxcam/tasks) ----------------------------------------------------------------------
+def _palette(i: int) -> tuple[int, int, int]:
+    """A distinct bright RGB colour per class index."""
+    hue = int(i * 47) % 180
+    bgr = cv2.cvtColor(np.uint8([[[hue, 220, 255]]]), cv2.COLOR_HSV2BGR)[0, 0]
+    return int(bgr[2]), int(bgr[1]), int(bgr[0])
+
+
+def draw_boxes(rgb: np.ndarray, boxes, texts: list[str], classes: list[int]) -> np.ndarray:
+    """A copy of the uint8 RGB image with each (x1, y1, x2, y2) box (image pixels) drawn and labelled."""
+    out = np.ascontiguousarray(rgb).copy()
+    thick = max(1, round(max(out.shape[:2]) / 300))
+    for (x1, y1, x2, y2), text, c in zip(boxes, texts, classes):
+        colour = _palette(c)
+        p1, p2 = (round(x1), round(y1)), (round(x2), round(y2))
+        cv2.rectangle(out, p1, p2, colour, thick, cv2.LINE_AA)
+        text = text.encode("ascii", "replace").decode("ascii")
+        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, 1)
+        top = max(p1[1], th + 4)
+        cv2.rectangle(out, (p1[0], top - th - 4), (p1[0] + tw + 4, top), colour, -1)
+        cv2.putText(out, text, (p1[0] + 2, top - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    return out
+
+
+def draw_outline(rgb: np.ndarray, mask: np.ndarray, c: int = 0, text: str | None = None) -> np.ndarray:
+    """A copy of the uint8 RGB image with the outline of a (h, w) mask (resized to the image) drawn in class c's
+    colour, and `text` at its top-left."""
+    out = np.ascontiguousarray(rgb).copy()
+    h, w = out.shape[:2]
+    big = cv2.resize(np.uint8(np.asarray(mask) > 0.5) * 255, (w, h), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    thick = max(1, round(max(h, w) / 300))
+    cv2.drawContours(out, contours, -1, _palette(c), thick, cv2.LINE_AA)
+    if text:
+        cv2.putText(out, text.encode("ascii", "replace").decode("ascii"), (4, 14 * thick),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.45 * thick, _palette(c), 1, cv2.LINE_AA)
+    return out

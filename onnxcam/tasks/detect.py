@@ -1,0 +1,328 @@
+"""Detection heads: recognising raw, pre-NMS YOLO outputs, decoding them, and targets that explain one detection.
+
+Layouts (FACTS.md "Output layouts of deployed models"), each box (cx, cy, w, h) in input pixels:
+- "yolov8": (N, 4 + C, A), then C class scores after sigmoid, no objectness (YOLOv8, YOLO11);
+- "yolov8t": the same transposed, (N, A, 4 + C);
+- "yolov5": (N, A, 5 + C), objectness then C class scores (YOLOv5, YOLOv7, YOLOX's concatenated scales).
+A is the anchor count: the cells of the strides 8-32 (or 8-64, 4-32) grids, times 3 anchors per cell for
+anchor-based heads. A layout is recognised from the output shape and the input size (and the class count of the
+model's metadata where it has one), or named with decode=.
+
+A detection's score is its class score (v8) or objectness x class score (v5). onnxcam explains it in one run by a
+seed on the output: the gradient of score (+ the IoU of the box with a reference box, FasterRCNNBoxScoreTarget's
+semantics) with respect to the output, which is exact because the seed is that gradient evaluated at the output.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+DECODES = {"yolov8": "(N, 4+C, A)", "yolov8t": "(N, A, 4+C)", "yolov5": "(N, A, 5+C)"}
+STRIDE_SETS = ((8, 16, 32), (8, 16, 32, 64), (4, 8, 16, 32))
+
+
+@dataclass(frozen=True)
+class DetectionLayout:
+    """Where a head's numbers sit in one sample's output (the batch axis removed)."""
+
+    decode: str          # a key of DECODES
+    anchors: int
+    classes: int
+    source: str          # how it was recognised: "shape", "shape and metadata", "decode="
+
+    @property
+    def anchors_last(self) -> bool:
+        return self.decode == "yolov8"
+
+    @property
+    def objectness(self) -> bool:
+        return self.decode == "yolov5"
+
+    @property
+    def first_class(self) -> int:
+        return 5 if self.objectness else 4
+
+    def rows(self, sample: np.ndarray) -> np.ndarray:
+        """One sample's output as (features, anchors): a view, so writing into it writes the sample."""
+        return sample if self.anchors_last else sample.T
+
+    def describe(self) -> dict:
+        return {"decode": self.decode, "layout": DECODES[self.decode], "anchors": self.anchors,
+                "classes": self.classes, "objectness": self.objectness, "box": "cx, cy, w, h in input pixels",
+                "recognised_from": self.source}
+
+
+@dataclass
+class Detection:
+    anchor: int
+    label: int
+    score: float
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in input pixels
+
+    def to_json(self) -> dict:
+        return {"anchor": self.anchor, "label": self.label, "score": round(self.score, 6),
+                "box": [round(v, 3) for v in self.box]}
+
+
+# ---- recognising a layout ------------------------------------------------------------------------------------
+def anchor_counts(input_hw: tuple[int, int]) -> dict[int, str]:
+    """Anchor counts a YOLO head has at this input size -> a description (stride-2 stages round up, as a
+    3x3 stride-2 convolution with padding 1 does)."""
+    counts = {}
+    for strides in STRIDE_SETS:
+        cells = sum(_cells(input_hw, s) for s in strides)
+        counts.setdefault(cells, f"one per cell of strides {'/'.join(map(str, strides))}")
+        counts.setdefault(3 * cells, f"three per cell of strides {'/'.join(map(str, strides))}")
+    return counts
+
+
+def _cells(input_hw: tuple[int, int], stride: int) -> int:
+    h, w = input_hw
+    while stride > 1:
+        h, w, stride = -(-h // 2), -(-w // 2), stride // 2
+    return h * w
+
+
+def recognise(shape: tuple, input_hw: tuple[int, int], classes: int | None = None, decode: str | None = None,
+              name: str = "output") -> DetectionLayout:
+    """The detection layout of an output of `shape` (batch first) at input size (H, W), or InputError naming the
+    shape and the decode= values that would read it. classes: the class count the model's metadata gives."""
+    if decode is not None and decode not in DECODES:
+        raise InputError(f"unknown detection decode {decode!r}; choose from {', '.join(DECODES)}")
+    if len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
+        raise InputError(f"output {name!r} has shape {_fmt(shape)}: a YOLO detection head is 3-D, (N, 4+C, A) or "
+                         "(N, A, 5+C); give the output holding the class scores (output=)")
+    _, a, b = shape
+    if decode is not None:
+        return _given(decode, a, b, name, shape)
+    counts = anchor_counts(input_hw)
+    if classes is not None:  # the metadata's class count settles square-ish shapes
+        for decode_, anchors, features in (("yolov8", b, a), ("yolov8t", a, b), ("yolov5", a, b)):
+            if anchors in counts and features == (5 if decode_ == "yolov5" else 4) + classes:
+                return DetectionLayout(decode_, anchors, classes, "shape and metadata")
+    if b in counts and 5 <= a < b:
+        return DetectionLayout("yolov8", b, a - 4, "shape")
+    if a in counts and 5 <= b < a:
+        if classes is not None and b == 4 + classes:
+            return DetectionLayout("yolov8t", a, classes, "shape and metadata")
+        if classes is not None and b != 5 + classes:
+            raise InputError(f"output {name!r} has shape {_fmt(shape)}: {b} numbers per anchor fit neither 4 + "
+                             f"{classes} nor 5 + {classes} classes (the metadata's class count); give decode="
+                             f"{_choices()}")
+        return DetectionLayout("yolov5", a, b - 5, "shape" if classes is None else "shape and metadata")
+    raise InputError(f"output {name!r} has shape {_fmt(shape)}, which is no detection layout onnxcam recognises for "
+                     f"a {input_hw[0]}x{input_hw[1]} input (YOLO heads: (N, 4+C, A) or (N, A, 5+C) with A one of "
+                     f"{sorted(counts)[:6]}...); give decode={_choices()}")
+
+
+def _given(decode: str, a: int, b: int, name: str, shape: tuple) -> DetectionLayout:
+    features, anchors = (a, b) if decode == "yolov8" else (b, a)
+    first = 5 if decode == "yolov5" else 4
+    if features <= first:
+        raise InputError(f"output {name!r} has shape {_fmt(shape)}: decode={decode!r} {DECODES[decode]} needs more "
+                         f"than {first} numbers per anchor, it has {features}")
+    return DetectionLayout(decode, anchors, features - first, "decode=")
+
+
+def _choices() -> str:
+    return ", ".join(f"'{k}' for {v}" for k, v in DECODES.items())
+
+
+def class_names(metadata: dict[str, str]) -> list[str] | None:
+    """Class names from a model's metadata_props: ultralytics' `names` ("{0: 'person', ...}") or onnxcam.labels."""
+    raw = metadata.get("names")
+    if raw:
+        try:
+            names = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            names = None
+        if isinstance(names, dict) and all(isinstance(k, int) for k in names):
+            return [str(names.get(i, i)) for i in range(max(names) + 1)] if names else None
+        if isinstance(names, list):
+            return [str(n) for n in names]
+    raw = metadata.get("onnxcam.labels")
+    if raw:
+        try:
+            names = json.loads(raw)
+        except ValueError:
+            return None
+        return [str(n) for n in names] if isinstance(names, list) else None
+    return None
+
+
+# ---- decoding --------------------------------------------------------------------------------------------------
+def boxes_xyxy(rows: np.ndarray) -> np.ndarray:
+    """(features, A) rows -> (A, 4) boxes x1, y1, x2, y2 from the first four rows (cx, cy, w, h)."""
+    cx, cy, w, h = (np.asarray(rows[i], np.float64) for i in range(4))
+    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+
+
+def class_scores(rows: np.ndarray, layout: DetectionLayout) -> np.ndarray:
+    """(C, A) scores of every class at every anchor (objectness x class probability for v5-style heads)."""
+    scores = np.asarray(rows[layout.first_class:], np.float64)
+    return scores * np.asarray(rows[4], np.float64) if layout.objectness else scores
+
+
+def decode(output: np.ndarray, layout: DetectionLayout, conf: float = 0.25, top: int | None = None,
+           iou: float = 0.45) -> list[list[Detection]]:
+    """Per sample, its detections: each anchor's best class above `conf`, class-wise NMS at `iou`, the `top`
+    highest scores first."""
+    found = []
+    for sample in np.asarray(output):
+        rows = layout.rows(sample)
+        scores = class_scores(rows, layout)
+        labels, best = scores.argmax(axis=0), scores.max(axis=0)
+        keep = np.flatnonzero(best > conf)
+        boxes = boxes_xyxy(rows)
+        kept = keep[nms(boxes[keep], best[keep], iou, labels[keep])]
+        if top is not None:
+            kept = kept[:top]
+        found.append([Detection(int(a), int(labels[a]), float(best[a]), tuple(float(v) for v in boxes[a]))
+                      for a in kept])
+    return found
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of (n, 4) boxes against (m, 4) boxes, xyxy: (n, m)."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    union = _area(a)[:, None] + _area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _area(x: np.ndarray) -> np.ndarray:
+    return np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.45, labels: np.ndarray | None = None) -> np.ndarray:
+    """Indices kept by greedy non-maximum suppression, best score first (per class when labels are given: boxes
+    of different classes are shifted apart so they never overlap)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if labels is not None and len(boxes):
+        boxes = boxes + (np.asarray(labels, np.float64) * (boxes.max() + 1))[:, None]
+    order, kept = list(np.argsort(-np.asarray(scores), kind="stable")), []
+    while order:
+        i = order.pop(0)
+        kept.append(i)
+        if order:
+            overlaps = box_iou(boxes[i], boxes[order])[0]
+            order = [j for j, o in zip(order, overlaps) if o <= iou]
+    return np.asarray(kept, np.int64)
+
+
+# ---- targets ---------------------------------------------------------------------------------------------------
+def detection_seed(sample: np.ndarray, layout: DetectionLayout, anchor: int, label: int,
+                   ref_box=None) -> np.ndarray:
+    """d(score of class `label` at `anchor` [+ IoU(its box, ref_box)]) / d(one sample's output)."""
+    sample = np.asarray(sample, np.float32)
+    _check_index(anchor, layout.anchors, "anchor", "the head's anchors")
+    _check_index(label, layout.classes, "class", "the head's classes")
+    seed = np.zeros(sample.shape, np.float32)
+    rows, out = layout.rows(seed), layout.rows(sample)
+    row = layout.first_class + label
+    if layout.objectness:  # d(obj * cls): product rule, evaluated at this output
+        rows[row, anchor], rows[4, anchor] = out[4, anchor], out[row, anchor]
+    else:
+        rows[row, anchor] = 1.0
+    if ref_box is not None:
+        rows[:4, anchor] += iou_gradient(out[:4, anchor], ref_box)
+    return seed
+
+
+def iou_gradient(cxcywh, ref_box) -> np.ndarray:
+    """d IoU(box, ref_box) / d (cx, cy, w, h) of a box given as centre and size; ref_box is x1, y1, x2, y2.
+    An edge exactly on the reference's edge (a kink) counts as the box's own."""
+    cx, cy, w, h = (float(v) for v in cxcywh)
+    x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+    rx1, ry1, rx2, ry2 = (float(v) for v in ref_box)
+    iw, ih = min(x2, rx2) - max(x1, rx1), min(y2, ry2) - max(y1, ry1)
+    if iw <= 0 or ih <= 0:
+        return np.zeros(4, np.float32)
+    inter = iw * ih
+    union = w * h + (rx2 - rx1) * (ry2 - ry1) - inter
+    # d inter / d (x1, x2, y1, y2): only the box's own edges that bound the intersection move it
+    di = np.array([-ih * (x1 >= rx1), ih * (x2 <= rx2), -iw * (y1 >= ry1), iw * (y2 <= ry2)])
+    du = np.array([-h, h, -w, w]) - di  # union = w h + area_ref - inter
+    d = (di * union - inter * du) / union ** 2  # d IoU / d (x1, x2, y1, y2)
+    return np.float32([d[0] + d[1], d[2] + d[3], (d[1] - d[0]) / 2, (d[3] - d[2]) / 2])
+
+
+def _check_index(value: int, size: int, what: str, of: str) -> None:
+    if not 0 <= int(value) < size:
+        raise InputError(f"detection {what} {int(value)} is out of range: {of} number {size} (0 to {size - 1})")
+
+
+class DetectionTarget:
+    """One detection of a YOLO head, as a target for the CAM classes (a seed on the raw output).
+
+    anchor: the anchor index; or label with box (x1, y1, x2, y2, input pixels): the anchor whose box matches it
+    best by IoU (at least iou_threshold) among those whose best class is `label` (pytorch-grad-cam's
+    FasterRCNNBoxScoreTarget; no match gives a zero seed, as its zero score does). iou=True adds the matched box's
+    IoU to the score. label defaults to the anchor's best class."""
+
+    needs_output = True
+
+    def __init__(self, layout: DetectionLayout, anchor: int | None = None, label: int | None = None,
+                 box=None, iou: bool = False, iou_threshold: float = 0.5):
+        if anchor is None and (box is None or label is None):
+            raise InputError("a DetectionTarget needs an anchor, or a label and a box to match")
+        if iou and box is None:
+            raise InputError("DetectionTarget(iou=True) needs box=: the IoU is the detection's with that box")
+        self.layout, self.anchor, self.label, self.iou, self.iou_threshold = layout, anchor, label, iou, iou_threshold
+        self.box = None if box is None else tuple(float(v) for v in box)
+
+    def match(self, sample: np.ndarray) -> tuple[int, int] | None:
+        """(anchor, label) this target explains in one sample's output; None when no box matches."""
+        rows = self.layout.rows(np.asarray(sample))
+        if self.anchor is not None:
+            _check_index(self.anchor, self.layout.anchors, "anchor", "the head's anchors")
+            label = self.label if self.label is not None else int(class_scores(rows[:, [self.anchor]],
+                                                                                self.layout).argmax())
+            return int(self.anchor), int(label)
+        _check_index(self.label, self.layout.classes, "class", "the head's classes")
+        same = np.flatnonzero(class_scores(rows, self.layout).argmax(axis=0) == self.label)
+        if not len(same):
+            return None
+        overlaps = box_iou(boxes_xyxy(rows[:, same]), self.box)[:, 0]
+        best = int(overlaps.argmax())
+        return (int(same[best]), int(self.label)) if overlaps[best] >= self.iou_threshold else None
+
+    def seed(self, output: np.ndarray) -> np.ndarray:
+        found = self.match(output)
+        if found is None:
+            log.info("%r: no box of class %s overlaps %s by IoU %.2f or more: zero target", self, self.label,
+                     self.box, self.iou_threshold)
+            return np.zeros(np.shape(output), np.float32)
+        anchor, label = found
+        return detection_seed(output, self.layout, anchor, label, self.box if self.iou else None)
+
+    def __call__(self, output: np.ndarray) -> float:
+        """The target's value on one sample's output (score, + IoU when iou=True)."""
+        found = self.match(output)
+        if found is None:
+            return 0.0
+        anchor, label = found
+        rows = self.layout.rows(np.asarray(output))
+        value = float(class_scores(rows[:, [anchor]], self.layout)[label, 0])
+        if self.iou:
+            value += float(box_iou(boxes_xyxy(rows[:, [anchor]]), self.box)[0, 0])
+        return value
+
+    def __repr__(self) -> str:
+        what = f"anchor={self.anchor}" if self.anchor is not None else f"label={self.label}, box={self.box}"
+        return f"DetectionTarget({what}, iou={self.iou})"
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join("N" if d is None or isinstance(d, str) else str(d) for d in shape) + ")"
