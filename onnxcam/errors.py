@@ -4,7 +4,12 @@ from __future__ import annotations
 
 
 class OnnxCamError(Exception):
-    """Base class of every error onnxcam raises on purpose."""
+    """Base class of every error onnxcam raises on purpose. `option`: the parameter that fixes it, if one does
+    ("size", "layout", "bgr", "out"): the CLI names its flag, library messages never do."""
+
+    def __init__(self, *args, option: str | None = None):
+        super().__init__(*args)
+        self.option = option
 
 
 class ModelError(OnnxCamError):

@@ -6,58 +6,24 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from . import rewrite
+from . import rewrite, runtime
+from .cache import CACHE
 from .errors import InputError, ModelError, NumericalError
-from .graph.load import load_detached, with_weights
-from .graph.model import ModelGraph, runtime_failure
+from .graph.evaluate import runtime_failure
+from .graph.load import LoadedModel, with_weights
+from .graph.model import ModelGraph
 from .runtime import first_run_placement, gradient_fallbacks, session
 
 log = logging.getLogger(__name__)
 
-_CACHE: OrderedDict = OrderedDict()  # (digest, layers, score, shape, guided, device) -> _Compiled
-_CACHE_SIZE = 8
-_CACHE_LOCK = threading.Lock()
-_ANALYSES: dict = {}  # (digest, layers, score, output, input_shape) -> _Analysis; (.., size) -> auto layers
-_DIGESTS: dict = {}  # (path, size, mtime) -> (model digest, the stats of the external data files it read)
-
-
-def _stat_key(path) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return os.path.realpath(path), st.st_size, st.st_mtime_ns
-
-
-def _digest_of(path) -> str | None:
-    """The model digest of a file seen before (same path, size and mtime, and so are its external data files),
-    else None."""
-    key = _stat_key(path)
-    if key is None:
-        return None  # loading reports the missing file clearly
-    with _CACHE_LOCK:
-        found = _DIGESTS.get(key)
-    if found is None or any(_stat_key(f) != stat for f, stat in found[1]):
-        return None
-    return found[0]
-
-
-def _remember_digest(path, digest: str, data_files: list) -> None:
-    key = _stat_key(path)
-    if key is not None:
-        with _CACHE_LOCK:
-            _DIGESTS[key] = (digest, tuple((f, _stat_key(f)) for f in data_files))
-
-
 def _quantization(proto: onnx.ModelProto, mg: ModelGraph, layers: list[str]) -> tuple:
     """How the model is quantized, and the per-tensor (scale, zero point) of each integer layer."""
-    from .autodiff.rules.qlinear import is_quantized, quantization_of
+    from .graph.quant import is_quantized, quantization_of
 
     kind = is_quantized(proto)
     found = {}
@@ -73,8 +39,9 @@ def _quantization(proto: onnx.ModelProto, mg: ModelGraph, layers: list[str]) -> 
 
 
 @dataclass(frozen=True)
-class _Analysis:
-    """What Explainer.__init__ resolves once per model and request, without running the model at any size."""
+class Analysis:
+    """What an Explainer resolves once per model and request, without running the model at any size: the names it
+    explains and the input contract x must meet (Explainer.analysis; shared through onnxcam.cache)."""
 
     input_name: str
     score: str
@@ -85,7 +52,7 @@ class _Analysis:
     fixed_batch: int | None  # the batch the model declares, if it fixes one
 
 
-def _analyse(mg: ModelGraph, layers, score, output) -> _Analysis:
+def _analyse(mg: ModelGraph, layers, score, output) -> Analysis:
     """Resolve the names and the input contract. `mg` is shaped at the build size when there is one, else
     symbolically (shape inference only): names and the score need no sizes, the automatic layer choice does."""
     score_name = rewrite.resolve_score(mg, score, output)
@@ -95,13 +62,22 @@ def _analyse(mg: ModelGraph, layers, score, output) -> _Analysis:
     expect = None if shape is None else (None,) + tuple(shape[1:])
     dtype = _numpy_type(mg.tensor(mg.input_name).dtype)
     fixed = shape[0] if shape is not None and isinstance(shape[0], int) else None
-    return _Analysis(mg.input_name, score_name, None if chosen is None else tuple(chosen),
-                     tuple(shape) if static else None, expect, dtype, fixed)
+    return Analysis(mg.input_name, score_name, None if chosen is None else tuple(chosen),
+                    tuple(shape) if static else None, expect, dtype, fixed)
 
 
 @dataclass
 class Result:
-    """What one explain run returns; arrays are numpy, gradients are d(sum(seed * score)) / d(activation)."""
+    """What one explain run returns (Explainer.run); arrays are numpy.
+
+    logits: the score (N, K) (or the score's own shape), as the model computes it.
+    targets: (N,) class per sample, or (N, S) for S targets per sample (top_k, (N, S) targets); -1 where a dense
+        seed had no single class.
+    activations: layer -> the layer's activations (N, ...), in real units for integer layers of quantized models.
+    gradients: layer -> d(sum(seed * score)) / d(activation), shaped like the activations ((N, S, ...) for S targets).
+    outputs: the model's own outputs by name. seed: the weighting of the score that was differentiated.
+    quantized: "qdq"/"qoperator" for a quantized model, differentiated as its dequantized float equivalent.
+    """
 
     logits: np.ndarray
     targets: np.ndarray
@@ -109,7 +85,7 @@ class Result:
     gradients: dict[str, np.ndarray]
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     seed: np.ndarray | None = None
-    quantized: str | None = None  # "qdq"/"qoperator": a quantized model, differentiated as its float equivalent
+    quantized: str | None = None
 
     def rank(self, k: int) -> Result:
         """The single-target result of the k-th of S targets per sample (targets (N, S)); views, no copies."""
@@ -121,7 +97,9 @@ class Result:
 
 
 @dataclass
-class _Compiled:
+class Compiled:
+    """One built explainable model (Explainer.compiled): the rewrite, its onnxruntime session, what it cost."""
+
     rewritten: rewrite.Rewritten
     session: object
     build_seconds: float
@@ -130,17 +108,35 @@ class _Compiled:
     cpu_fallbacks: list | None = None  # CUDA: gradient nodes the first run computed on the CPU
 
 
+
+def _session_config() -> tuple:
+    """runtime.SESSION_CONFIG as a cache key part: sessions built with other onnxruntime options are others."""
+    return tuple(sorted(runtime.SESSION_CONFIG.items()))
+
+
 class Explainer:
     """Differentiate a model's score with respect to chosen activations, in standard ONNX ops.
 
-    model: a path (external data next to it loads), bytes, an onnx.ModelProto (left untouched), or another
-        Explainer (its loaded model is shared, nothing is read again).
+    model: a path (external data next to it loads), bytes, an onnx.ModelProto (left untouched), a
+        graph.load.LoadedModel, or another Explainer (its loaded model is shared, nothing is read again).
     layers: ONNX tensor names, or None for the last 4-D activation with spatial size > 1 before the score.
     score: a float tensor name, or None for the logits (the input of a final Softmax/LogSoftmax, if any).
     device: "auto" (CUDA when onnxruntime really runs there, else CPU), "cpu" or "cuda".
     output: which model output the default score follows, for models with several outputs.
     input_shape: the one input shape to build for (its batch is free), for models whose size is dynamic.
+    guided: differentiate with guided-backpropagation ReLUs.
     base_dir: the folder holding the external data of a model given as bytes or a ModelProto.
+    build: build a static-size model's session now (False: at the first run or compiled() call).
+    input_name: the input explained, for models with side inputs (an image plus im_info, a scale or a prompt
+        embedding); None: the first input. Inherited from an Explainer given as the model.
+    extra_inputs: {name: array} for the other inputs, fed to every run (run()'s extra_inputs add or replace them);
+        a value with batch 1 is repeated over a batch when its input's batch is free. Inherited like input_name.
+
+    The model is read once (graph/load.py LoadedModel): its skeleton stays, its large weights are dropped after
+    each build, since onnxruntime holds its own copy. Anything that needs them later (a build at another size,
+    explainable_model, export, the gradient-free CAMs' plain sessions) reads them again from the source, logged at
+    INFO: a model file that changed meanwhile is then a ModelError. Built sessions and analyses are shared by
+    every Explainer of the same model through onnxcam.cache (onnxcam.cache.clear(), .configure()).
 
     A model whose spatial size is dynamic is built for the size of each input that arrives (once per size, cached);
     the constructor never runs it at a guessed size. With layers=None such a model's layer is chosen at the size of
@@ -149,44 +145,38 @@ class Explainer:
     and `score_shape` take a size). Explainers are safe to share between threads.
     """
 
-    def __init__(self, model, layers=None, score=None, device: str = "auto", *, output: str | None = None,
-                 input_shape: tuple[int, ...] | None = None, guided: bool = False, base_dir=None):
-        self._source, self._base_dir = model, base_dir
-        self._proto: onnx.ModelProto | None = None  # a skeleton: large weights live in self._weights
-        self._weights: dict | None = None  # released after each build: the session holds its own copy
+    def __init__(self, model, layers: str | list[str] | None = None, score: str | None = None, device: str = "auto",
+                 *, output: str | None = None, input_shape: tuple[int, ...] | None = None, guided: bool = False,
+                 base_dir=None, build: bool = True, input_name: str | None = None, extra_inputs: dict | None = None):
         if isinstance(model, Explainer):
-            self._source, self._proto, self._weights, self.digest = model._source, model._proto, model._weights, \
-                model.digest
-            self._base_dir = model._base_dir
-        elif isinstance(model, (str, os.PathLike)):
-            self.digest = _digest_of(model)
-            if self.digest is None:  # first sight of this file: read it once, keep what was read for the build
-                data_files: list = []
-                self.digest = self._load(data_files)
-                _remember_digest(model, self.digest, data_files)
+            self._model = model._model
+            input_name = model._input_choice if input_name is None else input_name
+            extra_inputs = model.extra_inputs if extra_inputs is None else extra_inputs
         else:
-            self.digest = self._load()
+            self._model = LoadedModel.of(model, base_dir)
+        self.digest: str = self._model.digest
         self.device = device
         self.guided = guided
         self._graph_for_build = None
         self._lock = threading.RLock()  # one build at a time per Explainer: builds share the loaded model
         self._last_shape: tuple | None = None  # the input shape of the last run (dynamic sizes)
-        key = (self.digest, None if layers is None else tuple([layers] if isinstance(layers, str) else layers),
+        self._input_choice = input_name
+        self.extra_inputs: dict = dict(extra_inputs or {})
+        key = (self.digest, input_name, None if layers is None else tuple([layers] if isinstance(layers, str) else layers),
                score, output, None if input_shape is None else tuple(input_shape))
-        with _CACHE_LOCK:
-            found = _ANALYSES.get(key)
-        if found is None:
-            mg = ModelGraph(self.proto, input_shape, self.weights)
+
+        def analyse() -> Analysis:
+            mg = ModelGraph(self.proto, input_shape, self.weights, input_name)
             found = _analyse(mg, layers, score, output)
-            if found.build_shape is not None:
+            if found.build_shape is not None and build:
                 self._graph_for_build = mg  # reused by the first build, so the analysis is not done twice
-            with _CACHE_LOCK:
-                _ANALYSES[key] = found
-        self._analysis = found
-        self.input_name, self.score_name = found.input_name, found.score
-        self._layers = None if found.layers is None else list(found.layers)
-        if found.build_shape is not None:
-            self._compiled(found.build_shape)
+            return found
+
+        self._analysis = CACHE.get_or_build("analyses", key, analyse)
+        self.input_name, self.score_name = self._analysis.input_name, self._analysis.score
+        self._layers = None if self._analysis.layers is None else list(self._analysis.layers)
+        if self._analysis.build_shape is not None and build:
+            self._compiled(self._analysis.build_shape)
 
     @property
     def layers(self) -> list[str]:
@@ -197,57 +187,111 @@ class Explainer:
         return list(self._layers)
 
     @property
+    def analysis(self) -> Analysis:
+        """The resolved input name, score, layers and the input contract (shape, dtype, fixed batch)."""
+        return self._analysis
+
+    @property
+    def loaded(self) -> LoadedModel:
+        """The one loaded model (skeleton, weights, digest) this Explainer and the ones made from it share."""
+        return self._model
+
+    @property
     def proto(self) -> onnx.ModelProto:
-        """The model without its large weights, read on first use: a second Explainer on an unchanged file
-        builds nothing and reads nothing."""
-        if self._proto is None:
-            self._load()
-        return self._proto
+        """The model's skeleton: the whole graph and metadata, with placeholders for the large weights. Read on first
+        use: a second Explainer on an unchanged file whose build is cached reads nothing."""
+        return self._model.skeleton
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The model's metadata_props (preprocessing, labels: onnxcam.preprocess reads them)."""
+        return self._model.metadata
+
+    @property
+    def quantized(self) -> str | None:
+        """"qdq" or "qoperator" for a quantized model (differentiated as its dequantized float equivalent), else None."""
+        from .graph.quant import is_quantized
+
+        return is_quantized(self.proto)
 
     @property
     def weights(self) -> dict:
-        """{name: numpy array} of the model's large initializers (the proto holds placeholders for them),
-        read again from the source when a build needs them after they were released."""
-        if self._weights is None:
-            self._load()
-        return self._weights
+        """{name: numpy array} of the model's large initializers (the proto holds placeholders for them). Read
+        again from the source when they were released after a build (logged at INFO; see the class docstring)."""
+        return self._model.weights
 
-    def _load(self, data_files: list | None = None) -> str:
-        """Read the model once and hold each large weight once, as numpy (the proto keeps placeholders);
-        returns the model digest (and appends the external data files read to `data_files`)."""
-        self._proto, self._weights, digest = load_detached(self._source, self._base_dir, data_files)
-        return digest
+    @property
+    def last_input_shape(self) -> tuple | None:
+        """The input shape of the last run, or None before the first."""
+        return self._last_shape
 
     # ---- building ------------------------------------------------------------------------------------------
-    def _compiled(self, shape: tuple, n_seeds: int = 1, by_class: bool = True) -> _Compiled:
-        """The session for one input shape and seed form (class indices, or a dense seed for custom targets)."""
-        self._choose_layers(shape)
-        key = (self.digest, tuple(self._layers), self.score_name, tuple(shape[1:]), self.guided, self.device,
-               n_seeds, by_class)
-        with _CACHE_LOCK:
-            hit = _CACHE.get(key)
-            if hit is not None:
-                _CACHE.move_to_end(key)
-                return hit
-        with self._lock:
-            with _CACHE_LOCK:
-                hit = _CACHE.get(key)  # built by another thread meanwhile
-            if hit is not None:
-                return hit
-            start = time.perf_counter()
-            mg = self._graph_at(shape)
-            rw = rewrite.build(mg, self._layers, self.score_name, guided=self.guided, n_seeds=n_seeds,
-                               by_class=by_class)
-            sess = session(rw.model.SerializeToString(), self.device, rw.weights, watch_placement=True)
-            compiled = _Compiled(rw, sess, time.perf_counter() - start, *_quantization(self.proto, mg, self._layers))
-            # onnxruntime copied the weights: holding a second copy would double the memory of big models.
-            rw.weights, mg.weights, self._weights = {}, {}, None
-            log.debug("built the explainable model for input shape %s in %.3f s", shape, compiled.build_seconds)
-            with _CACHE_LOCK:
-                _CACHE[key] = compiled
-                while len(_CACHE) > _CACHE_SIZE:
-                    _CACHE.popitem(last=False)
+    def compiled(self, input_shape: tuple | None = None, n_seeds: int = 1, by_class: bool = True) -> Compiled:
+        """The built explainable model and session for inputs of `input_shape` (None: the size built for, or the
+        last run's), with n_seeds targets per sample, by class index (by_class) or by a dense seed. Built on first
+        use and kept in onnxcam.cache."""
+        return self._compiled(self.resolved_input_shape(input_shape), n_seeds, by_class)
+
+    def _compiled(self, shape: tuple, n_seeds: int = 1, by_class: bool = True) -> Compiled:
+        self.choose_layers(shape)
+        key = (self.digest, self.input_name, tuple(self._layers), self.score_name, tuple(shape[1:]), self.guided, self.device,
+               n_seeds, by_class, _session_config())
+        built = []
+
+        def build() -> Compiled:
+            with self._lock:
+                start = time.perf_counter()
+                mg = self._graph_at(shape)
+                rw = rewrite.build(mg, self._layers, self.score_name, guided=self.guided, n_seeds=n_seeds,
+                                   by_class=by_class)
+                quantization = _quantization(self.proto, mg, self._layers)
+                model, weights, data_file = self._session_inputs(rw)
+                # The session gets its own copy of the weights (or reads them from the model file itself): holding
+                # ours meanwhile would double the memory of big models.
+                rw.weights, mg.weights, mg = {}, {}, None
+                self._model.release_weights()
+                try:
+                    sess = session(model.SerializeToString(), self.device, weights, watch_placement=True,
+                                   data_file=data_file)
+                except ModelError:
+                    if data_file is None:
+                        raise
+                    # an onnxruntime that cannot read external data from a given folder: pass the values instead
+                    log.info("onnxruntime did not read the weights from %s: passing them", data_file)
+                    held = self._model.weights
+                    weights.update({t.name: held[t.name] for t in rw.model.graph.initializer
+                                    if t.name in held and t.name not in weights})
+                    sess = session(rw.model.SerializeToString(), self.device, weights, watch_placement=True)
+                    self._model.release_weights()
+                compiled = Compiled(rw, sess, time.perf_counter() - start, *quantization)
+                built.append(True)
+                log.debug("built the explainable model for input shape %s in %.3f s", shape, compiled.build_seconds)
+                return compiled
+
+        compiled = CACHE.get_or_build("sessions", key, build)
+        if not built and self._model.holds_weights:  # built before (by another Explainer): the session has them
+            self._model.release_weights()
         return compiled
+
+    def _session_inputs(self, rw: rewrite.Rewritten) -> tuple[onnx.ModelProto, dict, str | None]:
+        """(model, weights to pass, model file) for the session of a rewrite: weights that lie as they are in the
+        model file this was read from are read by onnxruntime from there (its placeholders then point into the
+        file), so that they are never in memory twice while the session is made."""
+        in_file = self._model.file_backed(rw.weights)
+        if not in_file:
+            return rw.model, dict(rw.weights), None
+        model = onnx.ModelProto()
+        model.CopyFrom(rw.model)  # a skeleton: small; rw.model keeps its placeholders (explainable_model, export)
+        path = str(self._model.source)
+        for t in model.graph.initializer:
+            if t.name in in_file:
+                offset, length = in_file[t.name]
+                del t.external_data[:]
+                for key, value in (("location", os.path.basename(path)), ("offset", str(offset)),
+                                   ("length", str(length))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, value
+        return model, {k: v for k, v in rw.weights.items() if k not in in_file}, path
 
     def _graph_at(self, shape: tuple) -> ModelGraph:
         """The model shaped at `shape` (the analysis' graph when it is at that size: a build mutates it, so it
@@ -256,35 +300,36 @@ class Explainer:
         if mg is not None and tuple(mg.input_shape[1:]) == tuple(shape[1:]):
             return mg
         try:
-            return ModelGraph(self.proto, shape, self.weights)
+            return ModelGraph(self.proto, shape, self.weights, self.input_name)
         except ModelError as exc:
             if self._analysis.build_shape is not None:
                 raise
             raise InputError(f"input {self.input_name!r} of shape {tuple(shape)} is not a size this model accepts: "
                              f"{exc}") from exc
 
-    def _choose_layers(self, shape: tuple) -> None:
-        """The automatic layer of a dynamic-size model, chosen at the first size built for (once per size and
-        model across Explainers), then kept."""
+    def choose_layers(self, input_shape: tuple) -> list[str]:
+        """The target layers for inputs of `input_shape`: for a dynamic-size model with layers=None, the automatic
+        layer is chosen at the first size asked for (once per size and model across Explainers), then kept."""
         if self._layers is not None:
-            return
+            return list(self._layers)
         with self._lock:
             if self._layers is not None:
-                return
-            key = (self.digest, "layers at", self.score_name, tuple(shape[1:]))
-            with _CACHE_LOCK:
-                chosen = _ANALYSES.get(key)
-            if chosen is None:
-                mg = self._graph_at(shape)
-                chosen = rewrite.resolve_layers(mg, None, self.score_name)
-                self._graph_for_build = mg
-                with _CACHE_LOCK:
-                    _ANALYSES[key] = chosen
-            log.info("layer %s chosen at input shape %s", ", ".join(chosen), tuple(shape[1:]))
-            self._layers = list(chosen)
+                return list(self._layers)
+            shape = tuple(input_shape)
 
-    def _sized(self, input_shape: tuple | None = None) -> tuple:
-        """The input shape to describe: the given one, the one built for, or the last run's; else InputError."""
+            def choose() -> tuple:
+                mg = self._graph_at(shape)
+                self._graph_for_build = mg
+                return tuple(rewrite.resolve_layers(mg, None, self.score_name))
+
+            chosen = CACHE.get_or_build("analyses", (self.digest, "layers at", self.input_name, self.score_name,
+                                                      shape[1:]), choose)
+            log.info("layer %s chosen at input shape %s", ", ".join(chosen), shape[1:])
+            self._layers = list(chosen)
+        return list(self._layers)
+
+    def resolved_input_shape(self, input_shape: tuple | None = None) -> tuple:
+        """The input shape meant: the given one, the one built for, or the last run's; else InputError."""
         shape = input_shape or self._analysis.build_shape or self._last_shape
         if shape is None:
             raise InputError(f"input {self.input_name!r} has a dynamic size: give the input shape, or run the "
@@ -294,12 +339,13 @@ class Explainer:
     @property
     def explainable_model(self) -> onnx.ModelProto:
         """The rewritten model (original graph + activations and gradients as outputs), for inspection; for a
-        dynamic-size model, at the size of the last run (explainable_model_at takes a size)."""
+        dynamic-size model, at the size of the last run (explainable_model_at takes a size). Self-contained: its
+        weights are read again from the source (see the class docstring)."""
         return self.explainable_model_at(None)
 
     def explainable_model_at(self, input_shape: tuple | None) -> onnx.ModelProto:
         """The rewritten model for inputs of `input_shape` (None: as explainable_model)."""
-        return with_weights(self._compiled(self._sized(input_shape)).rewritten.model, self.weights)
+        return with_weights(self.compiled(input_shape).rewritten.model, self.weights)
 
     def score_shape(self, input_shape: tuple | None = None) -> tuple:
         """The score's static shape (batch symbolic) for inputs of `input_shape` (needed for dynamic-size models
@@ -308,10 +354,10 @@ class Explainer:
         if a.build_shape is None and input_shape is not None:
             input_shape = (1, *tuple(input_shape)[1:])
             self._check_shape(input_shape)
-        return tuple(self._compiled(self._sized(None if a.build_shape else input_shape)).rewritten.score_shape)
+        return tuple(self.compiled(None if a.build_shape else input_shape).rewritten.score_shape)
 
-    def export(self, path=None, method: str = "gradcam", *, top_k: int | None = None, size=None,
-               class_input: bool = False) -> onnx.ModelProto:
+    def export(self, path: str | os.PathLike | None = None, method: str = "gradcam", *, top_k: int | None = None,
+               size: tuple[int, int] | None = None, class_input: bool = False) -> onnx.ModelProto:
         """This model with `method`'s map of these layers in the graph (onnxcam.export.export); saved to `path`."""
         from .export import export
 
@@ -320,11 +366,12 @@ class Explainer:
     @property
     def build_seconds(self) -> float:
         """Seconds the build took (for a dynamic-size model: the build for the last run's size)."""
-        return self._compiled(self._sized()).build_seconds
+        return self.compiled().build_seconds
 
     @property
     def providers(self) -> list[str]:
-        return self._compiled(self._sized()).session.get_providers()
+        """onnxruntime's execution providers of the built session, in priority order."""
+        return self.compiled().session.get_providers()
 
     @property
     def cpu_fallbacks(self) -> list[str] | None:
@@ -332,38 +379,42 @@ class Explainer:
         None on the CPU or before the first run."""
         if self._analysis.build_shape is None and self._last_shape is None:
             return None
-        return self._compiled(self._sized()).cpu_fallbacks
+        return self.compiled().cpu_fallbacks
 
     # ---- running -------------------------------------------------------------------------------------------
-    def run(self, x: np.ndarray, targets=None, *, top_k: int | None = None, seed: np.ndarray | None = None) -> Result:
+    def run(self, x: np.ndarray, targets: int | list[int] | np.ndarray | None = None, *, top_k: int | None = None,
+            seed: np.ndarray | None = None, extra_inputs: dict | None = None) -> Result:
         """Explain a preprocessed batch `x` (float32, the model's own layout) in one onnxruntime run.
 
         targets: None (each sample's top class), one int for all samples, one int per sample, or an (N, S)
             array of S classes per sample.
         top_k: explain each sample's k best classes at once (instead of targets).
         seed: instead of targets, any weighting of the score, shaped like it (N, K, ...).
+        extra_inputs: {name: array} for the model's other inputs (added to, or replacing, the constructor's).
         With S > 1 targets per sample, gradients are (N, S, ...) and targets (N, S).
         NumericalError: x, or the run's score, activations or gradients, hold NaN or Inf (naming which, where).
         """
-        x = self._check_input(x)
+        x = self.check_input(x)
         n = x.shape[0]
+        side = self._side_feeds(extra_inputs, n)
         plan = _Plan.make(targets, top_k, seed, n)
         shape = self._analysis.build_shape or x.shape
         compiled = self._compiled(shape, plan.n_seeds, plan.seed is None)
         self._last_shape = tuple(x.shape)
         rw = compiled.rewritten
         if rw.fixed_batch and n > 1 and self._analysis.fixed_batch == 1:
-            result = _concat([self._run_one(compiled, x[i:i + 1], plan.sample(i)) for i in range(n)])
+            result = _concat([self._run_one(compiled, x[i:i + 1], plan.sample(i), _sample(side, i, n))
+                              for i in range(n)])
         else:
-            result = self._run_one(compiled, x, plan)
+            result = self._run_one(compiled, x, plan, side)
         _check_finite(result, rw.score)
         return result
 
-    def _run_one(self, compiled: _Compiled, x, plan: _Plan) -> Result:
+    def _run_one(self, compiled: Compiled, x, plan: _Plan, side: dict | None = None) -> Result:
         rw = compiled.rewritten
         n = x.shape[0]
         score_shape = tuple(n if not isinstance(d, int) else d for d in rw.score_shape)
-        feeds = {rw.input_name: x, **plan.feeds(score_shape, rw)}
+        feeds = {rw.input_name: x, **(side or {}), **plan.feeds(score_shape, rw)}
         names = list(rw.original_outputs)
         if rw.score not in names:
             names.append(rw.score)
@@ -407,6 +458,37 @@ class Explainer:
             quantized=compiled.quantized,
         )
 
+    def _side_feeds(self, given: dict | None, n: int) -> dict:
+        """The model's other inputs for a batch of n: the constructor's extra_inputs updated by `given`, in each
+        input's declared type; a batch-1 value repeated over n when its input's batch is free. InputError naming
+        a missing, unknown or misshapen one."""
+        from .graph.inputs import declared_shape, model_inputs
+
+        side = {**self.extra_inputs, **(given or {})}
+        declared = {i.name: i for i in model_inputs(self.proto) if i.name != self.input_name}
+        unknown = [name for name in side if name not in declared]
+        if unknown:
+            others = ", ".join(repr(name) for name in declared) or "none"
+            raise InputError(f"extra input {unknown[0]!r} is no other input of the model (those are: {others})")
+        feeds = {}
+        for name, vi in declared.items():
+            shape = declared_shape(vi)
+            if name not in side:
+                raise InputError(f"the model's input {name!r} (shape {_fmt(shape or ())}) is missing: give it in "
+                                 f"extra_inputs={{{name!r}: ...}}")
+            a = np.asarray(side[name])
+            dtype = _numpy_type(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+                                if vi.type.tensor_type.elem_type else None)
+            a = _converted(a, dtype, name) if a.dtype != dtype else a
+            if shape and a.ndim == len(shape) and a.ndim and a.shape[0] == 1 and n > 1 and \
+                    not isinstance(shape[0], int):
+                a = np.repeat(a, n, axis=0)
+            if shape is not None and (a.ndim != len(shape) or any(isinstance(d, int) and d != got
+                                                                  for d, got in zip(shape, a.shape))):
+                raise InputError(f"input {name!r} expects shape {_fmt(shape)}; got {a.shape}")
+            feeds[name] = np.ascontiguousarray(a)
+        return feeds
+
     def _check_shape(self, shape: tuple) -> None:
         """InputError unless `shape` fits the input's declared rank and dims (and the size built for)."""
         want = self._analysis.expect
@@ -416,8 +498,9 @@ class Explainer:
         if len(shape) == 0 or any(d < 1 for d in shape[1:]):
             raise InputError(f"input {self.input_name!r} needs a batch axis and non-empty dims; got {tuple(shape)}")
 
-    def _check_input(self, x) -> np.ndarray:
-        """x as the model's input type, contiguous; InputError for a wrong shape or type, NumericalError for NaN/Inf."""
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        """x as the model's input type, contiguous; InputError for a wrong shape or type, NumericalError for NaN/Inf
+        (what run() checks first; methods that run the model themselves call it too)."""
         a = self._analysis
         if not isinstance(x, np.ndarray):
             raise InputError(f"x must be a numpy array, not {type(x).__name__}")
@@ -558,7 +641,7 @@ class _Plan:
         return _Plan(self.n_seeds, self.ranked, self.single, pick(self.classes), pick(self.seed))
 
 
-def _check_placement(compiled: _Compiled) -> None:
+def _check_placement(compiled: Compiled) -> None:
     """On CUDA, once per compiled graph: warn about gradient nodes that onnxruntime left on the CPU."""
     placed = first_run_placement(compiled.session)
     if placed is None:
@@ -603,6 +686,11 @@ def _one_hot_rows(classes: np.ndarray, score_shape) -> np.ndarray:
     return seeds.reshape(n, s, score_shape[1])
 
 
+def _sample(side: dict, i: int, n: int) -> dict:
+    """Sample i's side inputs, for a model run one sample at a time (those with a batch axis of n are sliced)."""
+    return {k: v[i:i + 1] if v.ndim and v.shape[0] == n else v for k, v in side.items()}
+
+
 def _concat(parts: list[Result]) -> Result:
     cat = np.concatenate
     return Result(
@@ -611,22 +699,6 @@ def _concat(parts: list[Result]) -> Result:
         gradients={k: cat([p.gradients[k] for p in parts]) for k in parts[0].gradients},
         outputs={k: cat([p.outputs[k] for p in parts]) for k in parts[0].outputs},
         seed=cat([p.seed for p in parts]), quantized=parts[0].quantized)
-
-
-def _guess_shape(proto: onnx.ModelProto, given):
-    """For models with a dynamic spatial size: the given shape, else 224 for the layer choice (built per size)."""
-    if given is not None:
-        return tuple(given)
-    init = {t.name for t in proto.graph.initializer}
-    for inp in proto.graph.input:
-        if inp.name in init:
-            continue
-        dims = inp.type.tensor_type.shape.dim
-        shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-        if any(d is None for d in shape[1:]):
-            return tuple([1] + [d if d is not None else 224 for d in shape[1:]])
-        return None
-    return None
 
 
 def _fmt(shape) -> str:

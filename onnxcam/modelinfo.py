@@ -14,7 +14,8 @@ import onnx
 from . import preprocess
 from .errors import InputError, OnnxCamError
 from .graph import names
-from .graph.load import load_model, model_digest
+from .graph.inputs import model_inputs
+from .graph.load import LoadedModel, model_digest
 from .graph.model import ModelGraph
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class OpenModel:
     score: str | None
     default_layer: str | None
     problems: dict              # what could not be determined -> why
+    digest: str = ""            # the model hash (graph/load.py model_digest)
 
 
 @dataclass
@@ -47,14 +49,15 @@ class LayerRow:
 
 
 def open_model(path, *, size=None, mean=None, std=None, layout="auto", bgr=False) -> OpenModel:
-    proto = load_model(path)
+    loaded = LoadedModel.of(path)  # read once; `proto` is its skeleton (no large weights)
+    proto = loaded.skeleton
     note = ""
     pre = preprocess.resolve(proto, size=size, mean=mean, std=std, layout=layout, bgr=bgr,
                              assumed_size=DEFAULT_PROBE_SIZE)
     if pre.sources["size"] == "assumed":
         note = (f"(the input size is dynamic: shapes shown for {DEFAULT_PROBE_SIZE[0]}x{DEFAULT_PROBE_SIZE[1]}; "
                 "explain needs --size HxW)")
-    graph = ModelGraph(proto, pre.input_shape(1))
+    graph = ModelGraph(proto, pre.input_shape(1), loaded.weights)
     check_input_size(graph, pre)
     problems = {}
     score = layer = None
@@ -63,7 +66,7 @@ def open_model(path, *, size=None, mean=None, std=None, layout="auto", bgr=False
         layer = graph.default_layer(score)
     except OnnxCamError as exc:
         problems["score" if score is None else "layer"] = str(exc)
-    return OpenModel(Path(path), proto, pre, note, graph, score, layer, problems)
+    return OpenModel(Path(path), proto, pre, note, graph, score, layer, problems, loaded.digest)
 
 
 def check_input_size(graph: ModelGraph, pre: preprocess.Preprocess) -> None:
@@ -95,13 +98,13 @@ def candidate_layers(m: OpenModel, show_all: bool = False) -> list[LayerRow]:
             shape = g.shape(out)
             if out.name not in on_path or not _is_map(shape):
                 continue
-            rows.append(LayerRow(out.name, node.op, _fmt(shape), module_path(protos.get(out.name)),
+            rows.append(LayerRow(out.name, node.op, _fmt(shape), names.node_module(protos.get(out.name)),
                                  out.name == m.default_layer, _missing_after(g, out, unsupported)))
     if m.default_layer and not any(r.default for r in rows):  # e.g. the choice is a plumbing op's output
         t = g.tensor(m.default_layer)
         node = g.producer(t)
         rows.append(LayerRow(t.name, node.op if node else "input", _fmt(g.shape(t)),
-                             module_path(protos.get(t.name)), True))
+                             names.node_module(protos.get(t.name)), True))
     return rows
 
 
@@ -121,11 +124,6 @@ def _missing_after(g: ModelGraph, t, unsupported: dict[str, str]) -> tuple[str, 
         return ()
     reach = g.forward_reach([t])
     return tuple(sorted({op for name, op in unsupported.items() if name in reach and name != t.name}))
-
-
-def module_path(node: onnx.NodeProto | None) -> str | None:
-    """The source module of a node, where the exporter recorded it (torch scopes, dynamo name_scopes, TF names)."""
-    return None if node is None else names.node_module(node)
 
 
 def gradient_support(m: OpenModel) -> tuple[list[str], dict[str, int], dict[str, int]]:
@@ -155,13 +153,12 @@ def describe(m: OpenModel) -> list[tuple[str, str]]:
     opsets = ", ".join(f"{imp.domain or 'ai.onnx'} {imp.version}" for imp in p.opset_import)
     producer = " ".join(s for s in (p.producer_name, p.producer_version) if s) or "unknown"
     size_mb = m.path.stat().st_size / 1e6 if m.path.is_file() else 0
-    inits = {t.name for t in p.graph.initializer}
     rows = [
         ("Model", f"{m.path} ({size_mb:.1f} MB)"),
-        ("Hash", model_digest(p)),
+        ("Hash", m.digest or model_digest(p)),
         ("Producer", producer),
         ("Format", f"IR version {p.ir_version}; opsets: {opsets}; {len(p.graph.node)} nodes"),
-        ("Inputs", "\n".join(_value_info(v) for v in p.graph.input if v.name not in inits)),
+        ("Inputs", "\n".join(_value_info(v) for v in model_inputs(p))),
         ("Outputs", "\n".join(_value_info(v) for v in p.graph.output)),
     ]
     if m.score is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import onnx
 
 from .errors import InputError, ModelError
+from .graph import inputs
 
 PREPROCESS_KEY = "onnxcam.preprocess"
 LABELS_KEY = "onnxcam.labels"
@@ -64,15 +65,8 @@ def metadata(proto: onnx.ModelProto) -> dict[str, str]:
 
 def model_input(proto: onnx.ModelProto) -> tuple[str, tuple | None]:
     """The first real input's name and declared shape (None for dynamic dims; shape None if undeclared)."""
-    inits = {t.name for t in proto.graph.initializer}
-    for inp in proto.graph.input:
-        if inp.name in inits:
-            continue
-        tt = inp.type.tensor_type
-        if not tt.HasField("shape"):
-            return inp.name, None
-        return inp.name, tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-    raise ModelError("the model has no inputs")
+    inp = inputs.model_input(proto)
+    return inp.name, inputs.declared_shape(inp)
 
 
 def detect_layout(shape: tuple | None) -> str | None:
@@ -121,7 +115,7 @@ def resolve(proto: onnx.ModelProto, *, size: tuple[int, int] | None = None, mean
         declared_hw = (shape[2], shape[3]) if layout == "nchw" else (shape[1], shape[2])
     if declared_c is not None and declared_c not in (1, 3):
         raise ModelError(f"input {name!r} has shape {_fmt(shape)}: with layout {layout} that is {declared_c} "
-                         "channels; onnxcam feeds 1 (gray) or 3 (color) channels (try --layout)")
+                         "channels; onnxcam feeds 1 (gray) or 3 (color) channels (try the other layout)", option="layout")
 
     color = meta.get("color", "rgb")
     sources["color"] = "metadata" if "color" in meta else "default"
@@ -131,15 +125,15 @@ def resolve(proto: onnx.ModelProto, *, size: tuple[int, int] | None = None, mean
         raise ModelError(f"metadata says color 'gray' but input {name!r} has 3 channels")
     if bgr:
         if color == "gray":
-            raise InputError("--bgr makes no sense for a 1-channel (gray) model")
+            raise InputError("bgr makes no sense for a 1-channel (gray) model", option="bgr")
         color, sources["color"] = "bgr", "option"
 
     static_hw = tuple(declared_hw) if all(isinstance(d, int) and d > 0 for d in declared_hw) else None
     if size is not None:
         size = _check_size(size)
         if static_hw is not None and size != static_hw:
-            raise InputError(f"--size {size[0]}x{size[1]} does not match the model's input size "
-                             f"{static_hw[0]}x{static_hw[1]} (input {name!r}, shape {_fmt(shape)})")
+            raise InputError(f"size {size[0]}x{size[1]} does not match the model's input size "
+                             f"{static_hw[0]}x{static_hw[1]} (input {name!r}, shape {_fmt(shape)})", option="size")
         sources["size"] = "option"
     elif static_hw is not None:
         size, sources["size"] = static_hw, "model"
@@ -148,7 +142,8 @@ def resolve(proto: onnx.ModelProto, *, size: tuple[int, int] | None = None, mean
     elif assumed_size is not None:
         size, sources["size"] = _check_size(assumed_size), "assumed"
     else:
-        raise InputError(f"input {name!r} has a dynamic spatial size {_fmt(shape)}: give the size with --size HxW")
+        raise InputError(f"input {name!r} has a dynamic spatial size {_fmt(shape)}: give the size (H, W)",
+                         option="size")
 
     n = 1 if color == "gray" else 3
     mean, sources["mean"] = _channels("mean", mean, meta, n, IMAGENET_MEAN)

@@ -16,13 +16,15 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
+from .cache import CACHE
 from .errors import DeviceError, InternalError, ModelError, OnnxCamError
 from .graph import external
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
 # Extra onnxruntime session config entries for every session onnxcam creates (e.g. the benchmark turns off
-# intra-op spinning so that several sessions on one small machine do not steal each other's cores).
+# intra-op spinning so that several sessions on one small machine do not steal each other's cores). Part of the
+# key of the sessions onnxcam.cache holds: changing it makes new sessions, it does not reuse those built before.
 SESSION_CONFIG: dict[str, str] = {}
 
 
@@ -57,7 +59,8 @@ def cpu_session(model_bytes: bytes, initializers: dict | None = None, *, lean: b
 
 
 def session(model_bytes: bytes, device: str = "auto", initializers: dict | None = None, *,
-            lean: bool = False, profile: str | None = None, watch_placement: bool = False) -> ort.InferenceSession:
+            lean: bool = False, profile: str | None = None, watch_placement: bool = False,
+            data_file: str | os.PathLike | None = None) -> ort.InferenceSession:
     """A session on the requested device; 'cuda' fails loudly if onnxruntime would run it on the CPU.
 
     watch_placement: on CUDA, profile the first run so that first_run_placement() can tell which nodes onnxruntime
@@ -65,6 +68,8 @@ def session(model_bytes: bytes, device: str = "auto", initializers: dict | None 
 
     initializers: numpy values of the model's placeholder weights (graph/load.py split_weights). onnxruntime
     copies them into the session (tests/test_runtime.py checks it), so the caller may drop them afterwards.
+    data_file: the model file that the model's external tensors located at its name refer to (weights onnxruntime
+    reads from the original file itself, graph/load.py LoadedModel.file_backed); no other file is read.
     """
     if device not in DEVICES:
         raise DeviceError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
@@ -73,8 +78,11 @@ def session(model_bytes: bytes, device: str = "auto", initializers: dict | None 
         raise DeviceError("device='cuda' was requested but no CUDA GPU is usable by onnxruntime "
                           f"(providers: {', '.join(ort.get_available_providers())})")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
-    _refuse_external_data(model_bytes, initializers or {})
+    _refuse_external_data(model_bytes, initializers or {}, None if data_file is None else os.path.basename(data_file))
     opts = _options()
+    if data_file is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      os.path.dirname(os.path.abspath(data_file)))
     if lean:
         opts.enable_cpu_mem_arena = False
         opts.enable_mem_pattern = False
@@ -100,15 +108,16 @@ def session(model_bytes: bytes, device: str = "auto", initializers: dict | None 
             raise DeviceError("onnxruntime fell back to the CPU although device='cuda' was requested")
         log.warning("CUDA is present but onnxruntime fell back to the CPU")
     if folder:
-        _WATCHED.add(id(sess))
+        CACHE.watch(id(sess))
         weakref.finalize(sess, _forget, id(sess), folder)
     return sess
 
 
-def _refuse_external_data(model_bytes: bytes, initializers: dict) -> None:
+def _refuse_external_data(model_bytes: bytes, initializers: dict, data_file: str | None = None) -> None:
     """Given a model as bytes, onnxruntime reads external data relative to the working directory. onnxcam reads
     external data itself when it loads a model (graph/load.py), so the only external tensors a session may meet
-    are the placeholders of the weights passed in `initializers`."""
+    are the placeholders of the weights passed in `initializers`, and those located at data_file (a name in the
+    folder set for the session)."""
     if b"location" not in model_bytes:  # the key of every external-data entry: without it, nothing to look at
         return
     try:
@@ -116,28 +125,26 @@ def _refuse_external_data(model_bytes: bytes, initializers: dict) -> None:
     except DecodeError:
         return  # onnxruntime reports the malformed model
     for t, place in external.tensors(proto):
-        if external.is_external(t) and not (external.is_placeholder(t) and t.name in initializers):
-            location = next((e.value for e in t.external_data if e.key == "location"), "")
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        if external.is_external(t) and not (external.is_placeholder(t) and t.name in initializers) and not (
+                data_file is not None and location == data_file):
             raise ModelError(f"{external.describe(place)} refers to external data {location!r} that was not read when the model was "
                              "loaded; onnxruntime would look for it in the working directory")
 
 
 # ---- node placement ------------------------------------------------------------------------------------------------
-_WATCHED: set[int] = set()  # ids of the sessions whose first run is profiled and not read yet
 _FLOATS = {"float", "float16", "bfloat16", "double"}
 
 
 def _forget(key: int, folder: str) -> None:
-    _WATCHED.discard(key)
+    CACHE.take_watched(key)  # the session is gone before its first run: nothing to read
     shutil.rmtree(folder, ignore_errors=True)
 
 
 def first_run_placement(sess: ort.InferenceSession) -> dict | None:
     """After the first run of a session made with watch_placement: {node name: (op type, provider, output types)},
     read from the run's profile (which then stops). None for sessions that are not watched, or already read."""
-    try:
-        _WATCHED.remove(id(sess))  # atomic: of two threads finishing a first run, one reads the profile
-    except KeyError:
+    if not CACHE.take_watched(id(sess)):  # of two threads finishing a first run, one reads the profile
         return None
     path = sess.end_profiling()
     try:

@@ -93,5 +93,5 @@ def test_fp16_heads_widen_only_the_selected_rows():
 
 
 def _compiled_models():
-    from onnxcam.explainer import _CACHE
-    return list(_CACHE.values())
+    from onnxcam.cache import CACHE
+    return CACHE.entries("sessions")

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
 
+from ..cache import CACHE
 from ..errors import InputError, NumericalError
 from ..explainer import Explainer, Result
-from ..graph.load import load_model
+from ..graph import inputs as graph_inputs
+from ..graph.load import LoadedModel
+from ..runtime import SESSION_CONFIG
+from ..tasks.layout import tokens_to_maps
 from .postprocess import aggregate_layers, layer_map
 from .targets import ClassifierOutputTarget, as_target, seeds
 
@@ -45,7 +48,8 @@ class BaseCAM:
     target_layers: layer names (tensor names, node names, module paths, Keras layer names), or None for the last
         4-D activation with a spatial size > 1 before the score.
     reshape_transform: a numpy function applied to activations and gradients, e.g. tokens -> (N, C, h, w).
-    device: "auto", "cpu" or "cuda". score / output / input_shape / base_dir: as for Explainer.
+    device: "auto", "cpu" or "cuda". score / output / input_shape / base_dir / input_name / extra_inputs: as for
+        Explainer (the last two: the image input among side inputs, and the side inputs' values).
     channels_last: whether the input is (N, H, W, C); None guesses it from its shape. Each activation's layout is
         guessed from how its dims scale with the input's.
     """
@@ -53,13 +57,15 @@ class BaseCAM:
     method: Callable = None
     guided = False
     gradient_free = False  # EigenCAM, KPCA-CAM: a zero map never comes from a zero gradient
+    builds_gradients = True  # False: the method never runs the gradient graph (Score-CAM, Ablation-CAM)
     # the score's shape per input shape, learnt from the runs (for targets whose seed needs it)
     _score_shapes: dict
 
     def __init__(self, model, target_layers: Sequence[str] | str | None = None,
                  reshape_transform: Callable | None = None, *, device: str = "auto", score: str | None = None,
                  output: str | None = None, input_shape: tuple[int, ...] | None = None,
-                 channels_last: bool | None = None, base_dir=None):
+                 channels_last: bool | None = None, base_dir=None, input_name: str | None = None,
+                 extra_inputs: dict | None = None):
         if isinstance(model, Explainer):
             # Reuse it when it already computes what this method needs; else build one on its model. Its layers
             # are None until chosen when they are chosen at the first run's size (dynamic-size models).
@@ -67,11 +73,12 @@ class BaseCAM:
             layers = self._explainer_layers(self.model, model._layers if target_layers is None else target_layers)
             self.explainer = _derived(model, None if layers is None else list(layers), self.guided, input_shape)
         else:
-            self.model = load_model(model, base_dir)
+            loaded = LoadedModel.of(model, base_dir)  # read once; the Explainer keeps it and drops the weights
+            self.model = loaded.skeleton
             layers = self._explainer_layers(self.model, target_layers)
-            self.explainer = Explainer(self.model, layers, score, device, output=output, input_shape=input_shape,
-                                       guided=self.guided)
-            self.model = self.explainer.proto  # the weight-less skeleton: the weights now live in the Explainer
+            self.explainer = Explainer(loaded, layers, score, device, output=output, input_shape=input_shape,
+                                       guided=self.guided, build=self.builds_gradients, input_name=input_name,
+                                       extra_inputs=extra_inputs)
         self.reshape_transform = reshape_transform
         self.channels_last = channels_last
         self._call = _PerCall()  # what the last call made, per thread: one object may serve several threads
@@ -215,6 +222,8 @@ class BaseCAM:
             a, g = self.reshape_transform(a), self.reshape_transform(g)
         elif a.ndim == 4 and self._channels_last(a.shape, x):
             a, g = a.transpose(0, 3, 1, 2), g.transpose(0, 3, 1, 2)
+        elif a.ndim == 3:  # ViT tokens (N, 1+hw, C) or sequence-first (T, N, C): onnxcam/tasks/layout.py
+            a, g = tokens_to_maps(a, g, self.target_size(x)[::-1], x.shape[0])
         if a.ndim != 4:
             raise InputError(f"layer {layer!r} has shape {a.shape}; CAM methods need a 4-D (N, C, h, w) activation "
                              "(give a reshape_transform for token or 3-D layouts)")
@@ -306,24 +315,18 @@ def degenerate_maps(maps: np.ndarray, r: Result, layers: list[str], gradient_fre
     return reasons
 
 
-# Explainers built on a given Explainer's model, for methods that need other layers (CAM, input gradients) or
-# guided gradients: kept while that Explainer lives, so that explain(explainer, ...) in a loop analyses once.
-_DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_DERIVED_LOCK = threading.Lock()
-
-
 def _derived(ex: Explainer, layers: list | None, guided: bool, input_shape) -> Explainer:
-    """layers None: the explainer's own automatic choice (not made yet)."""
+    """An Explainer on ex's model for other layers or guided gradients (CAM, input gradients, guided methods), kept
+    in onnxcam.cache (table "derived"), so that explain(explainer, ...) in a loop analyses once.
+    layers None: the explainer's own automatic choice (not made yet)."""
     if guided == ex.guided and (layers is None or layers == ex._layers):
         return ex
-    key = (None if layers is None else tuple(layers), guided, None if input_shape is None else tuple(input_shape))
-    with _DERIVED_LOCK:
-        found = _DERIVED.setdefault(ex, {}).get(key)
-    if found is None:
-        found = Explainer(ex, layers, ex.score_name, ex.device, input_shape=input_shape, guided=guided)
-        with _DERIVED_LOCK:
-            _DERIVED[ex][key] = found
-    return found
+    if ex.extra_inputs:  # side inputs are values, not a cache key: a fresh Explainer (its sessions are cached)
+        return Explainer(ex, layers, ex.score_name, ex.device, input_shape=input_shape, guided=guided)
+    key = (ex.digest, ex.input_name, ex.score_name, ex.device, None if layers is None else tuple(layers), guided,
+           None if input_shape is None else tuple(input_shape), tuple(sorted(SESSION_CONFIG.items())))
+    return CACHE.get_or_build("derived", key, lambda: Explainer(ex, layers, ex.score_name, ex.device,
+                                                                input_shape=input_shape, guided=guided))
 
 
 def as_numpy_input(value) -> np.ndarray:
@@ -344,11 +347,7 @@ def as_numpy_input(value) -> np.ndarray:
 
 
 def input_name(proto: onnx.ModelProto) -> str:
-    init = {t.name for t in proto.graph.initializer}
-    for inp in proto.graph.input:
-        if inp.name not in init:
-            return inp.name
-    raise InputError("the model has no inputs")
+    return graph_inputs.input_name(proto, InputError)
 
 
 def _target_list(targets, n: int) -> list:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import threading
 from pathlib import Path
 
 import onnx
@@ -14,6 +16,7 @@ from ..errors import InputError, ModelError
 from . import external
 from .external import PLACEHOLDER_LOCATION, is_placeholder  # noqa: F401 (graph/model.py imports is_placeholder here)
 
+log = logging.getLogger(__name__)
 ModelLike = "str | os.PathLike | bytes | onnx.ModelProto"
 
 
@@ -121,18 +124,19 @@ def _digest(skeleton: onnx.ModelProto, named_bytes) -> str:
     return h.hexdigest()[:32]
 
 
-def load_detached(model, base_dir: str | os.PathLike | None = None,
-                  files: list | None = None) -> tuple[onnx.ModelProto, dict, str]:
+def load_detached(model, base_dir: str | os.PathLike | None = None, files: list | None = None,
+                  offsets: dict | None = None) -> tuple[onnx.ModelProto, dict, str]:
     """(skeleton, {name: numpy array} of the large weights, model digest) of a path, bytes or ModelProto.
 
     Serialized models (a path without external initializers, bytes) are split at the wire level (wire.py): the
     weights are read-only views into the file's or caller's bytes, never parsed or copied. Everything else is parsed
     (load_model) and split with detach_weights; both ways give the same skeleton, weights and digest.
     base_dir: as for load_model. files: if given, the external data files read are appended to it (a cache of
-    the digest must notice when one of them changes).
+    the digest must notice when one of them changes). offsets: if given, {name: (offset, length)} of the large
+    weights whose raw bytes lie as they are in the serialized model is filled in (wire.py).
     """
     data, given, folder, what = _source(model, base_dir)
-    split = None if data is None else _split_serialized(data)
+    split = None if data is None else _split_serialized(data, offsets)
     if split is None:
         proto = _parsed(data, given, folder, what, files)
         owned = proto is not given  # read here, copied to read external data, or copied by inlining functions
@@ -144,11 +148,158 @@ def load_detached(model, base_dir: str | os.PathLike | None = None,
     return skeleton, weights, _digest(skeleton, hashed)
 
 
-def _split_serialized(data: bytes):
+class LoadedModel:
+    """A model read once: its skeleton (the graph, with placeholders for the large weights), the large weights as
+    numpy, and its content digest. Every Explainer, CAM object and the CLI go through one of these.
+
+    The weights are dropped by release_weights() once onnxruntime holds its own copy (an Explainer does so after
+    each build). Reading `weights` after that reads the model again from its source (the file, or the caller's
+    bytes or ModelProto): a ModelError if the file changed meanwhile. A model file seen before with the same path,
+    size and mtime (and external data files) is not read at all until its skeleton or weights are needed, since its
+    digest is known (onnxcam.cache, table "digests").
+    """
+
+    def __init__(self, source, base_dir: str | os.PathLike | None = None):
+        """source: a path (its external data is read from its folder), bytes or an onnx.ModelProto (left
+        untouched); base_dir: the folder of the external data of a model given as bytes or a ModelProto."""
+        from ..cache import CACHE
+
+        self.source, self.base_dir = source, base_dir
+        self._skeleton: onnx.ModelProto | None = None
+        self._weights: dict | None = None
+        self._offsets: dict = {}  # name -> (offset, length) of weights held as they are in the model file
+        self._stat: tuple | None = None  # the file's stat key when it was read
+        self._lock = threading.Lock()
+        self.digest: str = ""
+        if isinstance(source, (str, os.PathLike)):
+            known = CACHE.get("digests", _stat_key(source))
+            if known is not None and all(_stat_key(f) == stat for f, stat in known[1]):
+                self.digest = known[0]
+                return
+            files: list = []
+            self.digest = self._read(files)
+            key = _stat_key(source)
+            if key is not None:
+                CACHE.put("digests", key, (self.digest, tuple((f, _stat_key(f)) for f in files)))
+        else:
+            self.digest = self._read()
+
+    @classmethod
+    def of(cls, source, base_dir: str | os.PathLike | None = None) -> LoadedModel:
+        """The LoadedModel of `source`: for a model file, the one already made for it while the file is unchanged
+        (onnxcam.cache, table "models"), so that the CLI, the CAM classes and every Explainer on one file share one
+        read; a LoadedModel is returned as it is; bytes and ModelProtos are read anew."""
+        if isinstance(source, LoadedModel):
+            return source
+        if not isinstance(source, (str, os.PathLike)) or base_dir is not None:
+            return cls(source, base_dir)
+        from ..cache import CACHE
+
+        key = _stat_key(source)
+        if key is None:
+            return cls(source)  # reports the missing file
+        found = CACHE.get("models", key)
+        if found is not None and found._unchanged():
+            return found
+        loaded = cls(source)
+        CACHE.put("models", key, loaded)
+        return loaded
+
+    def _unchanged(self) -> bool:
+        """Whether the external data files read with this model are as they were (the file's own stat is the key)."""
+        from ..cache import CACHE
+
+        known = CACHE.get("digests", _stat_key(self.source))
+        return known is not None and known[0] == self.digest and all(_stat_key(f) == stat for f, stat in known[1])
+
+    @property
+    def skeleton(self) -> onnx.ModelProto:
+        """The model without its large weights (read on first use)."""
+        if self._skeleton is None:
+            self._reread()
+        return self._skeleton
+
+    @property
+    def weights(self) -> dict:
+        """{name: numpy array} of the large initializers (read-only views where the wire loader could), read again
+        from the source when they were released (see the class docstring)."""
+        weights = self._weights
+        if weights is None:
+            weights = self._reread()
+        return weights
+
+    @property
+    def holds_weights(self) -> bool:
+        """Whether the weights are in memory now (False after release_weights, until read again)."""
+        return self._weights is not None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The model's metadata_props as a dict (preprocessing, labels, ...)."""
+        return {p.key: p.value for p in self.skeleton.metadata_props}
+
+    def release_weights(self) -> None:
+        """Drop the weights (onnxruntime copied them into its session); a later `weights` reads them again."""
+        self._weights = None
+
+    def file_backed(self, weights: dict) -> dict[str, tuple[int, int]]:
+        """{name: (offset, length)} of those of `weights` that are held as they are, and unchanged, in the model
+        file this was read from: onnxruntime can read them from the file itself (graph/wire.py offsets), so that
+        they need not be in memory twice while a session is made. {} for models not read from a file that way."""
+        held = self._weights
+        if not self._offsets or held is None or _stat_key(self.source) != self._stat:
+            return {}
+        return {name: self._offsets[name] for name, a in weights.items()
+                if name in self._offsets and held.get(name) is a}
+
+    def _read(self, files: list | None = None) -> str:
+        skeleton, weights, digest = self._load(files)
+        self._skeleton, self._weights = skeleton, weights
+        return digest
+
+    def _load(self, files: list | None = None) -> tuple:
+        offsets: dict = {}
+        is_file = isinstance(self.source, (str, os.PathLike))
+        stat = _stat_key(self.source) if is_file else None
+        skeleton, weights, digest = load_detached(self.source, self.base_dir, files, offsets if is_file else None)
+        self._offsets, self._stat = (offsets, stat) if is_file and stat == _stat_key(self.source) else ({}, None)
+        return skeleton, weights, digest
+
+    def _reread(self) -> dict:
+        with self._lock:
+            if self._weights is not None and self._skeleton is not None:
+                return self._weights
+            if self._skeleton is not None:  # else: the first read of a file whose digest was known
+                log.info("reading %s again: its weights were released after the build", _name(self.source))
+            skeleton, weights, digest = self._load()
+            if digest != self.digest:
+                raise ModelError(f"{_name(self.source)} changed since it was loaded (model hash {self.digest}, now "
+                                 f"{digest}): make a new Explainer")
+            if self._skeleton is None:
+                self._skeleton = skeleton
+            self._weights = weights
+            return weights
+
+
+def _stat_key(path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns
+
+
+def _name(source) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else f"the model given as {type(source).__name__}"
+
+
+def _split_serialized(data: bytes, offsets: dict | None = None):
     from .wire import split_serialized
     try:
-        return split_serialized(data, _is_big, _placeholder, _RAW_DTYPES)
+        return split_serialized(data, _is_big, _placeholder, _RAW_DTYPES, offsets)
     except (ValueError, IndexError, DecodeError, RuntimeError):
+        if offsets is not None:
+            offsets.clear()
         return None  # not a well-formed model: load_model parses it and says what is wrong
 
 

@@ -69,12 +69,14 @@ def _field(number: int, payload: bytes) -> bytes:
     return _encode_varint(number << 3 | _LENGTH_DELIMITED) + _encode_varint(len(payload)) + payload
 
 
-def split_serialized(data: bytes, is_big, placeholder, raw_dtypes: dict):
+def split_serialized(data: bytes, is_big, placeholder, raw_dtypes: dict, offsets: dict | None = None):
     """(skeleton ModelProto, {name: numpy view of data} for the large weights, [(name, bytes)] of the weights as
     load.model_digest hashes them), or None when the model needs the parsed path (external initializers, or no
     graph). `is_big(tensor)`, `placeholder(tensor)` and `raw_dtypes` are load.py's rules, applied here to each
     initializer parsed without its raw bytes. The skeleton is not checked yet: load.py checks it (and reads the
     external data of tensors other than initializers) as it checks a parsed model.
+    offsets: if given, {name: (offset, length)} of each large weight's raw bytes in `data` is filled in (for the
+    weights that are views of `data`): where a model file holds them, for onnxruntime to read them itself.
     """
     buf = memoryview(data)
     graph = [f for f in _fields(buf, 0, len(buf)) if f[0] == _MODEL_GRAPH and f[1] == _LENGTH_DELIMITED]
@@ -99,6 +101,8 @@ def split_serialized(data: bytes, is_big, placeholder, raw_dtypes: dict):
             pieces.append(buf[field_start:end])
             continue
         weights[tensor.name], digested = _array(data, buf, tensor, raw, start, end, raw_dtypes)
+        if offsets is not None and raw is not None and tensor.data_type in raw_dtypes:
+            offsets[tensor.name] = (raw[0], raw[1] - raw[0])
         hashed.append((tensor.name, digested))
         pieces.append(_field(_GRAPH_INITIALIZER, placeholder(tensor).SerializeToString()))
     skeleton = b"".join([buf[:graph_field_start], _field(_MODEL_GRAPH, b"".join(pieces)), buf[graph_end:]])
