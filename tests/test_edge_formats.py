@@ -5,7 +5,7 @@ compared with the fp32 model's by Pearson correlation, and the explained forward
 Quantized builds: quantize_static over the four bundled photos (MinMax calibration), per-channel int8 weights,
 uint8 activations (U8S8, onnxruntime's classic CPU format); the QDQ build with int8 activations (quantize_static's
 default) is checked for the forward only. A quantized layer is explained as real values: activations
-(q - zero point) * scale and gradients d/dq / scale (qlinear.quantization_of), since its Grad-CAM weights must not
+(q - zero point) * scale and gradients d/dq / scale (graph/quant.quantization_of), since its Grad-CAM weights must not
 see the zero point.
 """
 
@@ -21,12 +21,12 @@ import pytest
 
 import onnxcam
 from onnxcam import image, preprocess
-from onnxcam.autodiff.rules.qlinear import is_quantized, quantization_of
 from onnxcam.cam import methods
 from onnxcam.cam.api import explain
 from onnxcam.cam.postprocess import aggregate_layers, layer_map
 from onnxcam.cli import DEMO_MODEL, DEMO_SAMPLES
 from onnxcam.graph.model import ModelGraph
+from onnxcam.graph.quant import is_quantized, quantization_of
 
 PHOTOS = ("chelsea.png", "coffee.png")
 TARGETS = [285, 967]  # Egyptian cat, espresso: what the fp32 model predicts for them

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxcam
-from onnxcam.graph import load
+from onnxcam.graph import load, shapes
 from onnxcam.graph import model as graph_model
 
 RNG = np.random.default_rng(3)
@@ -111,8 +111,8 @@ def runtime_shaped_model(dtype=np.float32) -> onnx.ModelProto:
 def test_profiled_shapes_match_shapes_measured_as_outputs(dtype):
     proto = runtime_shaped_model(dtype)
     names = ["r", "c", "y"]
-    profiled, types = graph_model._profiled_shapes(proto, {}, "x", ("N", 3, 6, 6), set(names))
-    measured, measured_types = graph_model._probe_chunk(proto, {}, "x", ("N", 3, 6, 6), names)
+    profiled, types = shapes._profiled_shapes(proto, {}, "x", ("N", 3, 6, 6), set(names))
+    measured, measured_types = shapes._probe_chunk(proto, {}, "x", ("N", 3, 6, 6), names)
     assert profiled == measured == {"r": ((1, 3, 6, 6), (2, 3, 6, 6)), "c": ((1, 4, 6, 6), (2, 4, 6, 6)),
                                      "y": ((1, 4, 6, 6), (2, 4, 6, 6))}
     if dtype == np.float16:  # onnxruntime runs fp16 Conv/Relu in float32 on the CPU: the profile's type would lie
@@ -166,13 +166,13 @@ def test_constant_pads_and_a_flatten_are_resolved_without_running_the_model(monk
     nodes: no onnxruntime probe runs (each one costs more memory than the model's inference adds)."""
     proto = padded_flatten_model()
     names = ["padded", "c", "a", "g", "f", "logits"]
-    measured, _ = graph_model._probe_chunk(proto, {}, "x", ("N", 3, 9, 9), names)  # onnxruntime, the whole model
+    measured, _ = shapes._probe_chunk(proto, {}, "x", ("N", 3, 9, 9), names)  # onnxruntime, the whole model
     assert measured["padded"] == ((1, 3, 10, 12), (2, 3, 10, 12))  # the pads are not symmetric: a wrong fold shows
 
     def no_runtime(*args, **kwargs):
         raise AssertionError("an onnxruntime probe ran")
-    monkeypatch.setattr(graph_model, "_profiled_shapes", no_runtime)
-    monkeypatch.setattr(graph_model, "_probe_chunk", no_runtime)
+    monkeypatch.setattr(shapes, "_profiled_shapes", no_runtime)
+    monkeypatch.setattr(shapes, "_probe_chunk", no_runtime)
     mg = graph_model.ModelGraph(proto, ("N", 3, 9, 9))
     for name in names:
         one, two = measured[name]
@@ -181,9 +181,9 @@ def test_constant_pads_and_a_flatten_are_resolved_without_running_the_model(monk
 
 
 def test_the_flatten_probe_starts_from_the_known_activation():
-    proto = graph_model._infer(padded_flatten_model(), {}, "x", ("N", 3, 9, 9))
+    proto = shapes.infer(padded_flatten_model(), {}, "x", ("N", 3, 9, 9))
     known = {vi.name: vi for vi in proto.graph.value_info}
-    part = graph_model._part_computing(proto, ["f"], known)
+    part = shapes._part_computing(proto, ["f"], known)
     assert {i.name for i in part.graph.input} == {"g"}
     assert sorted(n.op_type for n in part.graph.node) == ["Concat", "Constant", "Gather", "Reshape", "Shape",
                                                           "Unsqueeze"]

@@ -35,10 +35,20 @@ def _onnx_dtype(dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
-PASSES = ("fold_silu", "take_class_rows", "fold_crops")
+PASSES = ("fold_silu", "pool_indices", "take_class_rows", "fold_crops")
 
 
 class Builder:
+    """What a gradient rule writes with: `b.op("Mul", gy, mask)` appends one node to the gradient graph and returns
+    its output tensor, named after the forward node being differentiated.
+
+    model: the forward graph (ModelGraph) the gradient nodes are added to; dtype: the float type of the gradients;
+    guided: guided backpropagation (Relu-like rules also zero negative incoming gradients). Python numbers and numpy
+    arrays given to op() become constants of the gradient's dtype; shape(), static_dims() and value() read the
+    forward graph's static facts; the helpers (reduce, slice, pad, unsqueeze, ...) emit the form the model's opset
+    takes. A rule never touches protobuf or invents names.
+    """
+
     def __init__(self, model: ModelGraph, dtype=np.float32, *, guided: bool = False):
         self.model = model
         self.graph = model.graph

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedOpError
 from .builder import Builder
-from .passes import fold_silu, silu_gradient
+from .passes import fold_silu, pool_indices, pool_indices_gradient, silu_gradient
 from .rules import find_rule, load_all
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Te
     check_supported(b, nodes)
     b.targets = {t.name for t in targets}
     silu = fold_silu(b, nodes)
+    pools = pool_indices(b, nodes)
     on_path = on_path - {s.name for s in silu.values()}  # a folded Sigmoid's output gets no gradient of its own
     grads: dict[str, list[gs.Tensor]] = {score.name: [seed]}
     for node in reversed(nodes):
@@ -44,6 +45,9 @@ def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Te
         if id(node) in silu:
             b.rule = "passes.fold_silu"
             makers = silu_gradient(b, node, silu[id(node)], gy)
+        elif id(node) in pools:
+            b.rule = "passes.pool_indices"
+            makers = pool_indices_gradient(b, node, gy)
         else:
             b.rule = rule_name(r)
             makers = r.fn(b, node, gy)

@@ -3,6 +3,9 @@
 A rule sees one forward node while the walk is under way and writes its formula only. The passes here see more:
 - fold_silu looks at the forward graph before the walk and finds products x * Sigmoid(x) whose gradient the walk
   writes as one formula in place of the Mul and Sigmoid rules;
+- pool_indices, also before the walk, picks the MaxPools whose gradient scatters to the argmax positions the
+  forward node reports in its Indices output, in place of the MaxPool rule's recomputed argmax. It is the one
+  place that may alter the forward graph: it asks a MaxPool for that output (same values, one more output);
 - take_class_rows and fold_crops run once every gradient node exists, so they see every reader of a tensor and
   can change a node that other branches might read (Add, Sum, Identity and Expand hand one gradient tensor to
   several rules).
@@ -19,7 +22,7 @@ import onnx_graphsurgeon as gs
 
 from .builder import Builder
 
-__all__ = ["fold_crops", "fold_silu", "silu_gradient", "take_class_rows"]
+__all__ = ["fold_crops", "fold_silu", "pool_indices", "pool_indices_gradient", "silu_gradient", "take_class_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,62 @@ def silu_gradient(b: Builder, n: gs.Node, s: gs.Tensor, gy: list) -> list:
     def x_grad():
         return b.op("Mul", gy[0], b.op("Add", s, b.op("Mul", out, b.op("Sub", 1.0, s))))
     return [None if t is s else x_grad for t in n.inputs]
+
+
+def pool_indices(b: Builder, nodes: list[gs.Node]) -> set[int]:
+    """The MaxPools among `nodes` (the walk's) whose gradient reads their Indices output: {id(node)}.
+
+    The MaxPool rule recomputes each window's first maximum from the input (a Gather of every window tap and an
+    ArgMax); the forward node can report the same positions in its Indices output (flat over N*C*H*W, the first
+    maximum on ties, padding excluded), and from opset 16 on the gradient is then one ScatterElements
+    (pool_indices_gradient); before, the positions become the rule's tap masks. Precondition: storage_order 0
+    (row-major indices), and the node's Indices output either unused (it is then added: the node computes the
+    same values, plus their positions) or already computed for the model, whose readers see the same values.
+    On by default: onnxruntime's MaxPool runs a slower kernel when asked for Indices, but the rule's gather of
+    every window tap costs more (resnet18's stem MaxPool, 64x112x112 3x3/2, forward and gradient at batch 8 on one
+    thread: 216 ms with the pass, 557 ms without; 378 vs 638 ms before opset 16).
+    """
+    if "pool_indices" not in b.passes:
+        return set()
+    chosen = {id(n) for n in nodes if n.op == "MaxPool" and (n.domain or "") in ("", "ai.onnx")
+              and int(n.attrs.get("storage_order", 0)) == 0}
+    if chosen:
+        log.debug("%d MaxPool gradients read the forward Indices output", len(chosen))
+    return chosen
+
+
+def pool_indices_gradient(b: Builder, n: gs.Node, gy: list) -> list:
+    """The maker for MaxPool node `n` chosen by pool_indices: gy scatter-added to the Indices positions (opset
+    16+), or sent back through the taps that hold them (conv_pool.taps_gradient)."""
+    from .rules.conv_pool import pool_windows, taps_gradient
+
+    x = n.inputs[0]
+
+    def scatter():
+        flat = b.ints([-1])
+        zeros = b.op("Reshape", b.zeros_like(x), flat)
+        g = b.op("ScatterElements", zeros, b.op("Reshape", _indices_output(n), flat), b.op("Reshape", gy[0], flat),
+                 axis=0, reduction="add")
+        return b.reshape_like(g, x)
+
+    def taps():
+        w = pool_windows(b, n)
+        idx = _indices_output(n)
+        where = b.op("Sub", idx, b.op("Mul", b.op("Div", idx, b.ints(w.plane)), b.ints(w.plane)))  # idx mod plane
+        hit = b.mask(b.op("Equal", b.unsqueeze(where, [2]), b.const(w.taps)))  # [N, C, K, *out]
+        return taps_gradient(b, n, w, hit, gy[0])
+    return [scatter if b.opset >= 16 else taps]
+
+
+def _indices_output(n: gs.Node) -> gs.Tensor:
+    """MaxPool node n's Indices output, added to the forward node when the model does not compute it."""
+    if len(n.outputs) < 2 or not n.outputs[1].name:
+        idx = gs.Variable(f"{n.outputs[0].name}__onnxcam_argmax", dtype=np.int64)
+        if len(n.outputs) < 2:
+            n.outputs.append(idx)
+        else:
+            n.outputs[1] = idx
+    return n.outputs[1]
 
 
 def take_class_rows(b: Builder) -> int:

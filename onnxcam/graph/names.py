@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from ..errors import LayerError
+from .inputs import model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,10 @@ def module_paths(proto: onnx.ModelProto) -> list[str]:
     return list(_View(proto).scopes.nodes)
 
 
-def node_module(node: onnx.NodeProto) -> str | None:
-    """The innermost module (or Keras layer scope) a node was exported from, where the exporter recorded it."""
-    scope = _known_scope(node)
+def node_module(node: onnx.NodeProto | None) -> str | None:
+    """The innermost module (or Keras layer scope) a node was exported from, where the exporter recorded it (torch
+    scopes, dynamo name_scopes, TF names); None without one, or without a node (a graph input)."""
+    scope = _known_scope(node) if node is not None else None
     return scope[-1] if scope else None
 
 
@@ -178,7 +180,7 @@ class _View:
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
         self.initializers = {t.name for t in proto.graph.initializer}
-        self.active = {i.name for i in proto.graph.input if i.name not in self.initializers}
+        self.active = {i.name for i in model_inputs(proto)}
         for i, node in enumerate(self.nodes):
             for t in node.input:
                 self.consumers.setdefault(t, []).append(i)

@@ -146,3 +146,120 @@ def test_take_class_rows_keeps_a_transposed_seed_product():
     nodes = [helper.make_node("ReduceMean", ["x"], ["f"], axes=[2, 3], keepdims=0), head_node]
     b_on, _ = with_and_without(nodes, ["f", "w"], "take_class_rows", {"w": w}, u=np.array([3, 1], np.int64))
     assert emitted_ops(b_on, "Gemm").count("Gemm") == 1  # dw's product; df's became a Gather
+
+
+POOLS = {  # MaxPool geometries on X_SHAPE: overlapping windows, padding, ceil_mode, dilation, auto_pad
+    "resnet-stem": {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+    "overlapping": {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]},
+    "ceil-dilated": {"kernel_shape": [2, 3], "strides": [2, 1], "pads": [1, 0, 0, 1], "dilations": [1, 2],
+                     "ceil_mode": 1},
+    "same-lower": {"kernel_shape": [2, 2], "strides": [2, 2], "auto_pad": "SAME_LOWER"},
+}
+
+
+def pool_model(opset: int, dtype, attrs: dict, indices: bool = False) -> onnx.ModelProto:
+    """y = mean over space of MaxPool(x) * m (m random, so each window's gradient differs); with `indices` the
+    model itself computes the MaxPool's Indices output (a graph output)."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    pool = helper.make_node("MaxPool", ["x"], ["p", "i"] if indices else ["p"], **attrs)
+    nodes = [pool, helper.make_node("Mul", ["p", "m"], ["pm"]),
+             helper.make_node("ReduceMean", ["pm"], ["y"], axes=[2, 3], keepdims=0)]
+    out_sz = _pool_out(attrs)
+    outputs = [helper.make_tensor_value_info("y", elem, None)]
+    if indices:
+        outputs.append(helper.make_tensor_value_info("i", TensorProto.INT64, None))
+    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", elem, X_SHAPE)], outputs,
+                              [numpy_helper.from_array(rng.standard_normal((1, 3) + out_sz).astype(dtype), "m")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def _pool_out(attrs: dict) -> tuple:
+    """The output size of a MaxPool on X_SHAPE, as onnxruntime computes it."""
+    from onnxcam.graph.evaluate import run_node
+    return tuple(run_node("MaxPool", [np.zeros(X_SHAPE, np.float32)], attrs, 17)[0].shape[2:])
+
+
+def pool_gradient(proto: onnx.ModelProto, dtype, passes, x, u) -> tuple[np.ndarray, Builder, ModelGraph]:
+    """d<u, y>/dx from the gradient graph built in `dtype` with only `passes` enabled."""
+    mg = ModelGraph(proto)
+    b = Builder(mg, dtype)
+    b.passes = set(passes)
+    seed = gs.Variable("seed", dtype=dtype, shape=list(u.shape))
+    mg.graph.inputs.append(seed)
+    g = backward(b, [mg.tensor("x")], mg.tensor("y"), seed)["x"]
+    g.dtype = dtype
+    mg.graph.outputs.append(g)
+    mg.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    sess = cpu_session(gs.export_onnx(mg.graph, do_type_check=False).SerializeToString())
+    return sess.run([g.name], {"x": x, "seed": u})[0], b, mg
+
+
+def first_max_gradient(x, gp, attrs) -> np.ndarray:
+    """numpy: gp (the gradient of the pool output) sent to each window's first maximum in scan order, padding
+    excluded (onnxruntime's and torch's convention)."""
+    out_sz = gp.shape[2:]
+    kernel, strides = attrs["kernel_shape"], attrs["strides"]
+    dilations = attrs.get("dilations", [1, 1])
+    if attrs.get("auto_pad") == "SAME_LOWER":
+        total = [max((out_sz[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - X_SHAPE[2 + i], 0)
+                 for i in range(2)]
+        begin = [t - t // 2 for t in total]
+    else:
+        begin = attrs["pads"][:2]
+    g = np.zeros_like(x, dtype=np.float64)
+    for n, c, oh, ow in np.ndindex(*gp.shape):
+        taps = [(oh * strides[0] - begin[0] + kh * dilations[0], ow * strides[1] - begin[1] + kw * dilations[1])
+                for kh in range(kernel[0]) for kw in range(kernel[1])]
+        taps = [(h, w) for h, w in taps if 0 <= h < X_SHAPE[2] and 0 <= w < X_SHAPE[3]]
+        h, w = max(taps, key=lambda t: (x[n, c, t[0], t[1]], -taps.index(t)))  # the first of equal maxima
+        g[n, c, h, w] += gp[n, c, oh, ow]
+    return g
+
+
+def tied_input(dtype) -> np.ndarray:
+    """Values in {-2, -1, 0}: ties in most windows, and windows of negatives only at the border, where a
+    zero-padded maximum would wrongly win."""
+    return rng.integers(-2, 1, X_SHAPE).astype(dtype)
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+@pytest.mark.parametrize("geometry", POOLS)
+def test_pool_indices(geometry, opset):
+    """The gradient scattered to the forward MaxPool's Indices equals the rule's, which recomputes each window's
+    first maximum from the input, on ties and next to padding; both match a numpy first-maximum reference. Only
+    the pass alters the forward graph (the MaxPool gets its Indices output). Opset 17 runs in float64; opset 13
+    in float32 (its rule's ConvTranspose has no float64 kernel in onnxruntime), where both forms share every node
+    after the tap masks, so the gradients are equal bit for bit."""
+    attrs = POOLS[geometry]
+    dtype = np.float64 if opset >= 16 else np.float32
+    proto = pool_model(opset, dtype, attrs)
+    x, u = tied_input(dtype), rng.standard_normal((2, 3)).astype(dtype)
+    on, b_on, mg_on = pool_gradient(proto, dtype, PASSES, x, u)
+    off, b_off, mg_off = pool_gradient(proto, dtype, set(PASSES) - {"pool_indices"}, x, u)
+    np.testing.assert_allclose(on, off, rtol=1e-12, atol=0)
+    m = numpy_helper.to_array(proto.graph.initializer[0]).astype(np.float64)
+    gp = np.broadcast_to(u.astype(np.float64)[:, :, None, None] * m / np.prod(m.shape[2:]), (2, 3) + m.shape[2:])
+    np.testing.assert_allclose(on, first_max_gradient(x, gp, attrs), rtol=1e-5 if dtype == np.float32 else 1e-12)
+    assert rules_for(b_on, "MaxPool") == {"passes.pool_indices"}
+    assert rules_for(b_off, "MaxPool") == {"conv_pool._max_pool_scatter" if opset >= 16 else "conv_pool._max_pool_taps"}
+    pool_on, pool_off = (next(n for n in mg.graph.nodes if n.op == "MaxPool") for mg in (mg_on, mg_off))
+    assert len(pool_on.outputs) == 2 and [o.name for o in pool_off.outputs] == ["p"]
+
+
+@pytest.mark.parametrize("variant", ["storage-order-1", "indices-computed-by-the-model"])
+def test_pool_indices_precondition(variant):
+    """Column-major Indices (storage_order=1) are not read: the rule's gradient, untouched forward node. Indices
+    that the model computes itself are read as they are: no output added, the same gradient."""
+    attrs = dict(POOLS["resnet-stem"], **({"storage_order": 1} if variant == "storage-order-1" else {}))
+    proto = pool_model(17, np.float64, attrs, indices=variant != "storage-order-1")
+    x, u = tied_input(np.float64), rng.standard_normal((2, 3))
+    on, b_on, mg_on = pool_gradient(proto, np.float64, PASSES, x, u)
+    off, _, _ = pool_gradient(proto, np.float64, set(PASSES) - {"pool_indices"}, x, u)
+    np.testing.assert_allclose(on, off, rtol=1e-12, atol=0)
+    pool = next(n for n in mg_on.graph.nodes if n.op == "MaxPool")
+    if variant == "storage-order-1":
+        assert rules_for(b_on, "MaxPool") == {"conv_pool._max_pool_scatter"} and [o.name for o in pool.outputs] == ["p"]
+    else:
+        assert rules_for(b_on, "MaxPool") == {"passes.pool_indices"} and [o.name for o in pool.outputs] == ["p", "i"]

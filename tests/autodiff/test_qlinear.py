@@ -112,7 +112,7 @@ def onnxcam_gradients(case: QCase, seed: np.ndarray) -> dict:
     missing = [w for w in case.wrt if score not in mg.forward_reach([mg.tensor(w)])]
     if missing:
         pytest.xfail(f"graph/model.py does not pass gradients through {case.op}'s integer output yet "
-                     "(its _QUANTIZED_PRODUCERS lacks it: change request of issue 5)")
+                     "(graph/quant.py's QUANTIZED_PRODUCERS lacks it: change request of issue 5)")
     rw = rewrite.build(mg, list(case.wrt), score)
     sess = cpu_session(rw.model.SerializeToString(), rw.initializer_arrays())
     feeds = {k: np.asarray(case.inputs[k]) for k in case.wrt}

@@ -17,10 +17,11 @@ The contract, written once:
 - A rule never changes nodes it did not just emit: its incoming gradient may be another branch's too (Add, Sum,
   Identity and Expand hand one tensor to several rules). Folds that need every reader known are passes
   (autodiff/passes.py), run once the gradient graph is complete; so are folds of several forward nodes into one
-  formula (x * Sigmoid(x)), which the walk applies in place of the rules.
-- Rules write formulas only; every optimization is a named pass with its precondition checked (passes.py:
-  fold_silu, take_class_rows, fold_crops). One exception is left: MaxPool's rule asks the forward node for its
-  Indices output (conv_pool._argmax), which alters the forward node.
+  formula (x * Sigmoid(x)) and a MaxPool's gradient read from its Indices output, which the walk applies in place
+  of the rules.
+- Rules write formulas only, and never alter the forward graph; every optimization is a named pass with its
+  precondition checked (passes.py: fold_silu, pool_indices, take_class_rows, fold_crops). The one pass that
+  touches a forward node, pool_indices, asks a MaxPool for its Indices output: same values, one more output.
 """
 
 from __future__ import annotations
@@ -68,4 +69,18 @@ def find_rule(op: str, opset: int, domain: str = "") -> Rule | None:
 
 def load_all() -> None:
     """Import every rule module (registration happens at import)."""
-    from . import activations, conv_pool, elementwise, fused, linalg, normalize, qlinear, quantize, reduce, shape  # noqa: F401
+    from . import (  # noqa: F401
+        activations,
+        conv_pool,
+        elementwise,
+        fused,
+        integer,
+        linalg,
+        normalize,
+        qlinear,
+        quantize,
+        recurrent,
+        reduce,
+        select,
+        shape,
+    )

@@ -1,7 +1,8 @@
 """Convolutions and pooling. The input gradient of a convolution is a ConvTranspose with the same weights (and the
 other way round); pooling gradients reuse that transposition: AveragePool with a ones kernel, MaxPool either by
-scattering to the argmax that the forward node reports in its Indices output (opset 16+) or, before ScatterElements
-could add, by one-hot kernels that put each window tap's share back in place. All need static spatial sizes.
+scattering to each window's first maximum, recomputed from the input (opset 16+), or, before ScatterElements
+could add, by one-hot kernels that put each window tap's share back in place. (passes.pool_indices reads the
+maxima's positions from the forward node's Indices output instead.) All need static spatial sizes.
 
 Pool output sizes are measured by running the op itself at build time: onnx's shape inference and the runtimes
 disagree on ceil_mode windows that would start in the end padding, and the gradient must follow the runtime.
@@ -10,10 +11,11 @@ disagree on ceil_mode windows that would start in the end padding, and the gradi
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
+from ...graph.evaluate import node_attrs, run_node
 from . import rule
 
 
@@ -172,66 +174,124 @@ def _global_max_pool(b, n, gy):
 
 def _pool_out_size(b, n, in_sz) -> tuple:
     """The pool's output spatial size as the runtime computes it (see the module docstring)."""
-    return run_single_node(n, [np.zeros((1, 1) + tuple(in_sz), np.float32)], b.opset).shape[2:]
+    return tuple(run_node(n.op, [np.zeros((1, 1) + tuple(in_sz), np.float32)], node_attrs(n), b.opset)[0].shape[2:])
 
 
-def _argmax(b, n) -> gs.Tensor:
-    """The forward MaxPool's Indices output (flat over N*C*H*W, padding ignored, first maximum on ties).
+@dataclass(frozen=True)
+class Windows:
+    """A MaxPool's windows over its unpadded input plane, in the order the runtime scans them."""
 
-    If the model does not use it, the node is asked for it: the values it computes stay the same.
+    in_sz: tuple
+    out_sz: tuple
+    kernel: list
+    strides: list
+    dilations: list
+    begin: list
+    taps: np.ndarray  # [K, *out]: flat plane index of tap k of each window, -1 in the padding (_tap_positions)
+
+    @property
+    def plane(self) -> int:
+        return int(np.prod(self.in_sz))
+
+
+def pool_windows(b, n) -> Windows:
+    """The windows of MaxPool node `n` (static spatial sizes; output size measured as the runtime has it)."""
+    x = n.inputs[0]
+    kernel = [int(k) for k in n.attrs["kernel_shape"]]
+    in_sz = _spatial(b, x, len(kernel))
+    out_sz = _pool_out_size(b, n, in_sz)
+    strides, dilations, begin = _geometry(b, n, in_sz, out_sz, kernel)
+    return Windows(in_sz, out_sz, kernel, strides, dilations, begin,
+                   _tap_positions(in_sz, out_sz, kernel, strides, dilations, begin))
+
+
+def _first_max_tap(b, n, w: Windows):
+    """[N, C, *out] int64: the tap (0..K-1, in scan order) that holds each window's first maximum.
+
+    The window's values are gathered tap by tap, padding taps set to -inf, and ArgMax takes the first of equal
+    maxima: the element onnxruntime's MaxPool reports in its Indices output and torch sends the gradient to.
     """
-    if int(n.attrs.get("storage_order", 0)) != 0:
-        raise b.error("uses storage_order=1; not supported")
-    if len(n.outputs) < 2 or not n.outputs[1].name:
-        idx = gs.Variable(f"{n.outputs[0].name}__onnxcam_argmax", dtype=np.int64)
-        if len(n.outputs) < 2:
-            n.outputs.append(idx)
-        else:
-            n.outputs[1] = idx
-    return n.outputs[1]
+    x = n.inputs[0]
+    flat = b.op("Reshape", x, b.ints([0, 0, -1]))  # narrower floats are widened first: exactly
+    taken = b.op("Gather", flat, b.ints(np.maximum(w.taps, 0)), axis=2)  # [N, C, K, *out]
+    dtype = _float_type(x, b.dtype)
+    if dtype is None:  # integer (quantized) MaxPools: compared as the real numbers they are
+        taken, dtype = b.cast(taken, b.dtype), b.dtype
+    outside = b.const(np.where(w.taps < 0, -np.inf, 0.0), dtype)
+    return b.op("ArgMax", b.op("Add", taken, outside), axis=2, keepdims=0)
+
+
+def _float_type(x, gradient_dtype: np.dtype) -> np.dtype | None:
+    """The float type that x's values have in the gradient graph (narrower floats are widened to the gradient's
+    type, float64 stays), or None for integer tensors."""
+    try:
+        dtype = np.dtype(x.dtype if x.dtype is not None else gradient_dtype)
+    except TypeError:  # onnx-only types (bfloat16) arrive as TensorProto enums: widened
+        return gradient_dtype
+    if dtype.kind != "f":
+        return None
+    return dtype if dtype.itemsize > gradient_dtype.itemsize else gradient_dtype
+
+
+def _first_max_plane_index(b, n, w: Windows):
+    """[N, C, *out] int64: where each window's first maximum sits in its (unpadded, flattened) input plane.
+
+    Tap t = (t_1..t_d) of the window at output position o is at o*stride - begin + t*dilation on each axis, so the
+    flat index is a per-window base plus a per-tap offset; the maximum is never a padding tap.
+    """
+    nd = len(w.kernel)
+    row = [int(np.prod(w.in_sz[i + 1:])) for i in range(nd)]  # flat stride of each spatial axis
+    grid = np.meshgrid(*[np.arange(o) for o in w.out_sz], indexing="ij")
+    base = sum((grid[i] * w.strides[i] - w.begin[i]) * row[i] for i in range(nd))
+    offsets = [sum(t[i] * w.dilations[i] * row[i] for i in range(nd))
+               for t in itertools.product(*[range(k) for k in w.kernel])]
+    return b.op("Add", b.ints(np.asarray(base, np.int64)), b.op("Gather", b.ints(offsets), _first_max_tap(b, n, w)))
+
+
+def _scatter_to_planes(b, x, where, gy):
+    """Add gy [N, C, *out] into a zero tensor shaped like x at plane indices `where` [N, C, *out]."""
+    planes = b.ints([0, 0, -1])
+    zeros = b.op("Reshape", b.zeros_like(x), planes)
+    g = b.op("ScatterElements", zeros, b.op("Reshape", where, planes), b.op("Reshape", gy, planes), axis=2,
+             reduction="add")
+    return b.reshape_like(g, x)
+
+
+def taps_gradient(b, n, w: Windows, hit, gy):
+    """gy sent back through the taps marked by `hit` [N, C, K, *out] (1 at the tap holding the window's maximum).
+
+    Before opset 16 ScatterElements cannot add, and overlapping windows need adding. Instead the K masked copies
+    of gy, stacked as channels, go back in place through one grouped ConvTranspose whose K kernels per channel are
+    one-hot at their tap: the Conv gradient's transposition.
+    """
+    channels = b.static_dims(n.inputs[0], [1])[0]
+    nd, k = len(w.kernel), len(w.taps)
+    g = b.op("Mul", hit, b.unsqueeze(gy, [2]))
+    g = b.op("Reshape", g, b.ints([0, channels * k] + list(w.out_sz)))
+    one_hot = np.eye(k, dtype=b.dtype).reshape([k, 1] + w.kernel)
+    weight = b.const(np.tile(one_hot, [channels, 1] + [1] * nd))  # [C*K, 1, *kernel], tap k of channel c
+    return transposed_conv(b, g, weight, group=channels, strides=w.strides, dilations=w.dilations, begin=w.begin,
+                           in_sz=w.in_sz, out_sz=w.out_sz, kernel=w.kernel)
 
 
 @rule("MaxPool", opsets=(16, 10_000))
 def _max_pool_scatter(b, n, gy):
-    """Scatter-add gy to the argmax positions that the forward MaxPool reports in its Indices output."""
-    x = n.inputs[0]
-
+    """Scatter-add gy to each window's first maximum, recomputed from the input (passes.pool_indices reads the
+    forward node's Indices output instead where that is faster)."""
     def grad():
-        flat = b.ints([-1])
-        zeros = b.op("Reshape", b.zeros_like(x), flat)
-        g = b.op("ScatterElements", zeros, b.op("Reshape", _argmax(b, n), flat), b.op("Reshape", gy[0], flat),
-                 axis=0, reduction="add")
-        return b.reshape_like(g, x)
+        w = pool_windows(b, n)
+        return _scatter_to_planes(b, n.inputs[0], _first_max_plane_index(b, n, w), gy[0])
     return (grad,)
 
 
 @rule("MaxPool", opsets=(8, 15))
 def _max_pool_taps(b, n, gy):
-    """Before opset 16 ScatterElements cannot add, and overlapping windows need adding. Instead, for each of the
-    K kernel taps, mask gy where that tap holds the window's argmax (per the Indices output, so ties go where the
-    runtime and torch send them); the K masked copies, stacked as channels, go back in place through one grouped
-    ConvTranspose whose K kernels per channel are one-hot at their tap: the Conv gradient's transposition.
-    """
-    x = n.inputs[0]
-    kernel = [int(k) for k in n.attrs["kernel_shape"]]
-    nd = len(kernel)
-    in_sz = _spatial(b, x, nd)
-    channels = b.static_dims(x, [1])[0]
-
+    """Mask gy where each kernel tap holds its window's first maximum, and send the masks back (taps_gradient)."""
     def grad():
-        out_sz = _pool_out_size(b, n, in_sz)
-        strides, dilations, begin = _geometry(b, n, in_sz, out_sz, kernel)
-        taps = _tap_positions(in_sz, out_sz, kernel, strides, dilations, begin)  # [K, *out]
-        plane = int(np.prod(in_sz))
-        idx = _argmax(b, n)
-        where = b.op("Sub", idx, b.op("Mul", b.op("Div", idx, b.ints(plane)), b.ints(plane)))  # idx mod plane
-        hit = b.mask(b.op("Equal", b.unsqueeze(where, [2]), b.const(taps)))  # [N, C, K, *out]
-        g = b.op("Mul", hit, b.unsqueeze(gy[0], [2]))
-        g = b.op("Reshape", g, b.ints([0, channels * len(taps)] + list(out_sz)))
-        one_hot = np.eye(len(taps), dtype=b.dtype).reshape([len(taps), 1] + kernel)
-        weight = b.const(np.tile(one_hot, [channels, 1] + [1] * nd))  # [C*K, 1, *kernel], tap k of channel c
-        return transposed_conv(b, g, weight, group=channels, strides=strides, dilations=dilations, begin=begin,
-                               in_sz=in_sz, out_sz=out_sz, kernel=kernel)
+        w = pool_windows(b, n)
+        tap = b.unsqueeze(_first_max_tap(b, n, w), [2])  # [N, C, 1, *out]
+        hit = b.mask(b.op("Equal", tap, b.ints(np.arange(len(w.taps)).reshape([-1] + [1] * len(w.kernel)))))
+        return taps_gradient(b, n, w, hit, gy[0])
     return (grad,)
 
 
@@ -260,7 +320,7 @@ def _average_pool(b, n, gy):
     channels = b.static_dims(x, [1])[0]
 
     def grad():
-        averaged = run_single_node(n, [np.ones((1, 1) + tuple(in_sz), np.float32)], b.opset)
+        averaged = run_node(n.op, [np.ones((1, 1) + tuple(in_sz), np.float32)], node_attrs(n), b.opset)[0]
         out_sz = averaged.shape[2:]
         strides, dilations, begin = _geometry(b, n, in_sz, out_sz, kernel)
         count = np.ones((1, 1) + tuple(out_sz), np.float64)
@@ -276,30 +336,3 @@ def _average_pool(b, n, gy):
                                strides=strides, dilations=dilations, begin=begin, in_sz=in_sz, out_sz=out_sz,
                                kernel=kernel)
     return (grad,)
-
-
-def run_single_node(node: gs.Node, inputs: list, opset: int) -> np.ndarray:
-    """Run a copy of a forward node on CPU with onnxruntime; its first output (see run_op)."""
-    attrs = {k: (np.asarray(v.values) if isinstance(v, gs.Constant) else v) for k, v in node.attrs.items()}
-    return run_op(node.op, inputs, attrs, opset)
-
-
-def run_op(op: str, inputs: list, attrs: dict, opset: int) -> np.ndarray:
-    """Run one op on CPU with onnxruntime and return its first output: how rules measure an op's exact runtime
-    semantics (output sizes, interpolation weights) at build time. None in `inputs` omits an optional input.
-    """
-    import onnx
-
-    from ...runtime import cpu_session
-
-    helper = onnx.helper
-    names = [f"in{i}" if x is not None else "" for i, x in enumerate(inputs)]
-    attrs = {k: (onnx.numpy_helper.from_array(v) if isinstance(v, np.ndarray) else v) for k, v in attrs.items()}
-    feeds = {nm: np.asarray(v) for nm, v in zip(names, inputs) if nm}
-    graph = helper.make_graph(
-        [helper.make_node(op, names, ["out"], **attrs)], "measure",
-        [helper.make_tensor_value_info(nm, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for nm, v in feeds.items()],
-        [helper.make_tensor_value_info("out", helper.np_dtype_to_tensor_dtype(feeds["in0"].dtype), None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    return cpu_session(model.SerializeToString()).run(["out"], feeds)[0]
