@@ -143,6 +143,8 @@ class ModelGraph:
         if not outputs:
             raise ModelError("the model has no floating-point output to explain")
         chosen = t = score_output(self, outputs, task)
+        if chosen.name not in {o.name for o in self.graph.outputs}:
+            return chosen.name  # a detector's pre-selection class scores: the numbers its detections report
         while (node := self.producer(t)) is not None:
             if node.op in _SOFTMAX:
                 return node.inputs[0].name

@@ -58,6 +58,8 @@ def task_of(mg, score: str, strict: bool = False, decode: str | None = None, cla
     hw = input_hw(mg)
     if shape is not None and len(shape) == 2:
         return "classify"
+    if (selection := selection_of(mg)) is not None and selection.score == score:
+        return "detect"
     if ocr.is_recognizer(mg, score):
         return "ocr"
     if shape is not None and len(shape) == 4 and hw and _scales(shape[2:], hw):
@@ -92,6 +94,10 @@ def score_output(mg, outputs: list, task: str = "auto") -> gs.Tensor:
     """The output to explain among the model's float outputs: the one the task reads (a recognised detection
     head, segmentation maps, class scores), then one behind a Softmax/Sigmoid, never a box regression (4 numbers
     per position) while another output is left, else the first."""
+    if task in ("auto", "detect") and (selection := selection_of(mg)) is not None:
+        log.info("explaining %r, the class scores the detections %r were selected from", selection.score,
+                 selection.scores)
+        return mg.tensor(selection.score)
     if len(outputs) == 1:
         return outputs[0]
     hw = input_hw(mg)
@@ -143,6 +149,60 @@ def _box_like(shape) -> bool:
     if shape is None or len(shape) < 2:
         return False
     return shape[1] == 4 if len(shape) in (2, 4) else shape[-1] == 4
+
+
+# ---- detectors exported whole (torchvision): boxes, scores, labels after NMS ---------------------------------------
+# Ops that only pick, reorder or reshape values: a post-NMS score behind them is a copy of a pre-selection one.
+_SELECTS = {"Gather", "GatherND", "GatherElements", "TopK", "Concat", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
+            "Slice", "Identity", "Transpose", "Split", "Expand", "If"}
+
+
+def selection_of(mg) -> detect.Selection | None:
+    """A detector exported with its post-processing: float boxes (D, 4), float scores (D,) and integer labels (D,)
+    outputs (torchvision's detection models), the scores copied by selection ops (Gather, GatherND, TopK, Concat,
+    ...) from the output of a Softmax/Sigmoid over (N, A, C) class scores. None for any other model."""
+    outs = {"boxes": [], "scores": [], "labels": []}
+    for o in mg.graph.outputs:
+        shape, floating = mg.shape(o), o.dtype is not None and np.issubdtype(o.dtype, np.floating)
+        rank = None if shape is None else len(shape)
+        if rank == 2 and floating and shape[1] == 4:
+            outs["boxes"].append(o)
+        elif rank == 1:
+            outs["scores" if floating else "labels"].append(o)
+    if not all(len(v) == 1 for v in outs.values()):
+        return None
+    found = _pre_selection(mg, outs["scores"][0])
+    if found is None:
+        return None
+    node, probs = found
+    shape = mg.shape(probs)
+    if shape is None or len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
+        # Faster R-CNN's (R, C) region scores: no batch axis, R set by the proposals (and RoiAlign on the path)
+        log.info("detector outputs found, but the class scores %r they come from are %s, not (N, A, C)",
+                 probs.name, _fmt(shape))
+        return None
+    return detect.Selection(probs.name, outs["boxes"][0].name, outs["scores"][0].name, outs["labels"][0].name,
+                            shape[1], shape[2], node.op)
+
+
+def _pre_selection(mg, scores: gs.Tensor) -> tuple[gs.Node, gs.Tensor] | None:
+    """The Softmax/Sigmoid whose output the post-NMS scores are picked from, walking back along float inputs
+    through selection ops only (anything else would make the scores no copy of it)."""
+    todo, seen = deque([scores]), set()
+    while todo:
+        t = todo.popleft()
+        node = mg.producer(t)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op in ("Softmax", "Sigmoid"):
+            return node, t
+        if node.op not in _SELECTS:
+            continue
+        data = node.inputs[:1] if node.op in ("Gather", "GatherND", "GatherElements", "TopK", "Slice", "Reshape",
+                                               "Expand") else node.inputs
+        todo.extend(i for i in data if i.dtype is not None and np.issubdtype(i.dtype, np.floating))
+    return None
 
 
 # ---- the layer -----------------------------------------------------------------------------------------------

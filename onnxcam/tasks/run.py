@@ -23,7 +23,7 @@ from ..files import atomic_write, write_json
 from ..graph.load import LoadedModel
 from ..graph.model import ModelGraph
 from . import detect, segment
-from .choose import TASK_CHOICES, input_hw, task_of
+from .choose import TASK_CHOICES, input_hw, selection_of, task_of
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,18 @@ class TaskRunner:
         self.input_hw = input_hw(mg) or tuple(self.pre.size)
         if self.task == "classify":
             return
+        if self.task == "ocr":  # pictures of per-character maps are not drawn yet: the library explains them
+            raise InputError(f"output {self.score!r} is a text recognizer's per-time-step scores: explain it in Python "
+                             "with onnxcam.tasks.ocr (run_sequence and its character targets)")
         self.layout = None
+        # a detector exported with its NMS: detections read from its outputs, each explained at the class score
+        # it was selected from
+        self.selection = selection_of(mg) if self.task == "detect" else None
+        if self.selection is not None and self.selection.score != self.score:
+            self.selection = None  # another score was asked for (output=): read it as a raw head
         if self.task == "detect":
-            self.layout = detect.recognise(self.score_shape, self.input_hw, classes, decode, self.score)
+            if self.selection is None:
+                self.layout = detect.recognise(self.score_shape, self.input_hw, classes, decode, self.score)
         else:
             segment.check_output(self.score_shape[1:], self.score)
         if layers:
@@ -74,6 +83,8 @@ class TaskRunner:
 
     # ---- one image -----------------------------------------------------------------------------------------
     def decoding(self) -> dict:
+        if self.selection is not None:
+            return {**self.selection.describe(), "conf": self.conf, "top": self.top}
         if self.layout is not None:
             return {**self.layout.describe(), "conf": self.conf, "top": self.top, "nms_iou": 0.45}
         k = self.score_shape[1]
@@ -89,8 +100,8 @@ class TaskRunner:
         start = time.perf_counter()
         rgb = f.rgb if f.rgb is not None else image.read_image(f.path, self.max_pixels)
         x = image.to_input(rgb, self.pre)[None]
-        outputs = self.explainer.run(x, seed=np.zeros((1, *self.score_shape[1:]), np.float32)).logits
-        items, seeds = self._targets(outputs[0], rgb)
+        first = self.explainer.run(x, seed=np.zeros((1, *self.score_shape[1:]), np.float32))
+        items, seeds = self._targets(first.logits[0], rgb, first.outputs)
         maps, zero = np.zeros((0, *rgb.shape[:2]), np.float32), []
         if seeds:
             maps = self.cam(np.repeat(x, len(seeds), axis=0), targets=seeds)
@@ -112,9 +123,13 @@ class TaskRunner:
         write_json(f"{base}.json", record)
         return record
 
-    def _targets(self, sample: np.ndarray, rgb: np.ndarray) -> tuple[list[dict], list[np.ndarray]]:
-        """The items to explain in one sample's output (JSON-ready dicts) and their seeds."""
+    def _targets(self, sample: np.ndarray, rgb: np.ndarray, outputs: dict | None = None
+                 ) -> tuple[list[dict], list[np.ndarray]]:
+        """The items to explain in one sample's output (JSON-ready dicts) and their seeds (outputs: the model's
+        own outputs, where a detector's detections are read after its NMS)."""
         h, w = rgb.shape[:2]
+        if self.selection is not None:
+            return self._selected(sample, outputs, w / self.input_hw[1], h / self.input_hw[0])
         if self.task == "detect":
             found = detect.decode(sample[None], self.layout, self.conf, self.top)[0]
             sx, sy = w / self.input_hw[1], h / self.input_hw[0]
@@ -127,6 +142,26 @@ class TaskRunner:
         items = [{"class": c, "name": self.label(c), "pixels": int(t.mask_for(sample).sum()),
                   "_mask": t.mask_for(sample)} for c, t in zip(present, targets)]
         return items, [t.seed(sample) for t in targets]
+
+    def _selected(self, sample: np.ndarray, outputs: dict, sx: float, sy: float) -> tuple[list[dict], list]:
+        """Detections after the model's own NMS above conf (the top N), each seeded at its pre-selection score;
+        an InputError naming the best score found when none is above conf."""
+        found = detect.selected(self.selection, sample, outputs)
+        kept = [d for d in found if d.score > self.conf][:self.top]
+        if not kept:
+            best = max(found, key=lambda d: d.score, default=None)
+            what = (f"the best of {len(found)} is {best.score:.3f} ({self.label(best.label)})" if best
+                    else "the model returned none")
+            raise InputError(f"no detection scores above conf {self.conf}: {what}; lower conf", option="conf")
+        items = [{**d.to_json(), "name": self.label(d.label),
+                  "box_image": [round(v, 1) for v in (d.box[0] * sx, d.box[1] * sy, d.box[2] * sx, d.box[3] * sy)]}
+                 for d in kept]
+        seeds = []
+        for d in kept:
+            seed = np.zeros(sample.shape, np.float32)
+            seed[d.anchor, d.label] = 1.0
+            seeds.append(seed)
+        return items, seeds
 
     def _all(self, rgb: np.ndarray, items: list[dict]) -> np.ndarray:
         if self.task == "detect":
@@ -187,6 +222,7 @@ def run_cli(model, inputs, *, out, echo, **options) -> int | None:
             echo(runner.summary(runner.explain_file(f)))
         except OnnxCamError as exc:
             failed += 1
-            echo(f"  {f.path}: {exc}")
+            flag = {"conf": " (option --conf)"}.get(getattr(exc, "option", None), "")
+            echo(f"  {f.path}: {exc}{flag}")
     echo(f"Explained {len(files) - failed} of {len(files)} images; wrote to {out}")
     return 1 if failed else 0
