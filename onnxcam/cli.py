@@ -40,9 +40,14 @@ class _Group(click.Group):
             raise click.ClickException(_message(exc)) from None
 
 
+# The library names the parameter that fixes an error (OnnxCamError.option); the command line names its flag.
+_FLAGS = {"size": "--size HxW", "layout": "--layout", "bgr": "--bgr", "out": "--out DIR"}
+
+
 def _message(exc: Exception) -> str:
     if isinstance(exc, OnnxCamError):
-        return str(exc)
+        flag = _FLAGS.get(exc.option)
+        return f"{exc} (option {flag})" if flag else str(exc)
     if isinstance(exc, OSError):
         where = f" {exc.filename}" if exc.filename else ""
         return f"{exc.strerror or exc}{':' + where if where else ''}"
@@ -257,13 +262,33 @@ def demo(out: Path, methods: list[str], device: str):
 @click.option("--save-raw", is_flag=True,
               help="Also write an .npz per map: the map at input size, the low-resolution map, activations, "
                    "gradients and logits.")
+@click.option("--resume", is_flag=True,
+              help="Skip images whose JSON in the output folder records the same model (hash), methods, layers, "
+                   "target and preprocessing, with all its pictures: a stopped run picks up where it stopped.")
+@click.option("--bare", is_flag=True,
+              help="Overlays without their caption (the class and its score, the method and layer above the image).")
+@click.option("--report", is_flag=True, help="Also write DIR/report.html, a contact sheet of every overlay.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Explain on a Ray cluster (host:port or ray://host:port) [default: RAY_ADDRESS, else Ray on this "
+                   "machine]; --out must be a folder every node shares. Also writes onnxcam-results.parquet there.")
+@click.option("--task", type=click.Choice(["auto", "classify", "detect", "segment"]), default="auto",
+              show_default=True, help="What the output is; auto reads it from the output's shape (onnxcam/tasks).")
+@click.option("--conf", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+              help="Detections: the score above which a detection is drawn and explained.")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, metavar="N",
+              help="Detections / segmentation classes: explain the N best (one map each).")
+@click.option("--decode", type=click.Choice(["yolov8", "yolov8t", "yolov5"]),
+              help="Detection head layout: yolov8 (N, 4+C, A), yolov8t (N, A, 4+C), yolov5 (N, A, 5+C) [default: "
+                   "read from the output's shape].")
 @debug_option
 def explain(model, inputs, methods, layers, target, output, out, size, mean, std, layout, bgr, labels, device,
-            batch_size, max_pixels, save_raw):
+            batch_size, max_pixels, save_raw, resume, bare, report, ray_address, task="auto", conf=0.25, top=5, decode=None):
     """Explain MODEL's predictions on INPUTS (image files, or folders searched recursively).
 
-    Writes, per image and method: an overlay PNG (the heatmap on the image, at its original resolution), the
-    heatmap alone, and one JSON per image with the top classes, target, layer, method, model hash and timings.
+    Writes, per image and method: an overlay PNG (the heatmap on the image, at its original resolution, with a
+    caption above it unless --bare), the heatmap alone, and one JSON per image with the top classes, target,
+    layer, method, model hash and timings. Reading, the model and writing overlap; results are printed in input
+    order, with a progress bar on a terminal (else a progress line per batch) when there are several batches.
     Preprocessing comes from the model's metadata (onnxcam.preprocess) where present; options override it.
     With --layer, the file names carry the layer; class-agnostic methods (eigencam, kpca_cam) write one map.
     Images that cannot be read or explained (too large, not finite numbers) are reported and skipped; the others
@@ -273,38 +298,57 @@ def explain(model, inputs, methods, layers, target, output, out, size, mean, std
     Examples:
         onnxcam explain resnet50.onnx cat.jpg --labels imagenet
         onnxcam explain model.onnx photos/ --method gradcam,hirescam --target top3 --out maps/
+        onnxcam explain model.onnx photos/ --out maps/ --resume --report
         onnxcam explain tf_model.onnx dog.png --size 224x224 --mean 0.5 --std 0.5 --target 207
     """
     from .pipeline import Runner, find_images
 
     _refuse_input_in_out(inputs, out)
+    if task != "classify" and ray_address is None:  # detectors and segmenters: onnxcam/tasks/run.py
+        from .tasks.run import run_cli
+        status = run_cli(model, inputs, out=out, echo=click.echo, task=task, method=methods[0], conf=conf, top=top,
+                         decode=decode, layers=list(layers) or None, size=size, mean=mean, std=std, layout=layout,
+                         bgr=bgr, labels=labels, device=device, output=output, max_pixels=max_pixels)
+        if status is not None:
+            sys.exit(status)
     files = find_images(inputs, exclude=[out])
+    if ray_address is not None:  # the same files from actors on a Ray cluster, plus a table (onnxcam.ray)
+        from .ray import TABLE_NAME, explain_files
+
+        if report:
+            raise click.UsageError("--report is not available with --ray (the table is onnxcam-results.parquet)")
+        s = explain_files(files, model, out, address=ray_address or None, methods=methods, target=target,
+                          layers=list(layers) or None, save_raw=save_raw, batch_size=batch_size, size=size, mean=mean,
+                          std=std, layout=layout, bgr=bgr, labels=labels, device=device, output=output,
+                          max_pixels=max_pixels, caption=not bare)
+        for error in s.failed.values():
+            click.echo(f"Error: {error}", err=True)
+        click.echo(f"Explained {s.images - len(s.failed)} of {s.images} images with {', '.join(methods)} on Ray in "
+                   f"{s.seconds:.1f} s; wrote {s.written} files and {TABLE_NAME} to {_show(out)}")
+        sys.exit(1 if s.failed else 0)
     runner = Runner(model, methods=methods, layers=list(layers) or None, target=target, size=size, mean=mean,
                     std=std, layout=layout, bgr=bgr, labels=labels, device=device, out=out, save_raw=save_raw,
-                    output=output, max_pixels=max_pixels)
+                    output=output, max_pixels=max_pixels, resume=resume, caption=not bare)
     if runner.quantized:
         click.echo(f"Note: {runner.differentiated_as}")
-    start, failed, written = time.perf_counter(), 0, 0
-    bar = len(files) > batch_size and sys.stderr.isatty()
-    batches = runner.run(files, batch_size)
-    if bar:
-        with click.progressbar(length=len(files), label="Explaining", file=sys.stderr) as progress:
-            for batch in batches:
-                for rep in batch:
-                    if not rep.ok or any(m.zero for m in rep.maps):
-                        progress.render_finish()
-                        _echo_report(rep)
-                    failed += not rep.ok
-                    written += _count_files(rep)
-                progress.update(len(batch))
-    else:
-        for batch in batches:
-            for rep in batch:
-                failed += _echo_report(rep)
-                written += _count_files(rep)
-    done = len(files) - failed
+    start, failed, written, entries = time.perf_counter(), 0, 0, []
+    shown = _Feedback(len(files), several=len(files) > batch_size)
+    for batch in runner.run(files, batch_size):
+        for rep in batch:
+            failed += shown.report(rep)
+            written += 0 if rep.skipped else _count_files(rep)
+            entries += runner.sheet_entries(rep) if report else []
+        shown.batch(batch)
+    shown.close()
+    if report:
+        from .audit.sheet import write_contact_sheet
+
+        write_contact_sheet(out, entries)
+        written += 1
+    skipped = shown.progress.skipped
+    done = len(files) - failed - skipped
     took = time.perf_counter() - start
-    status = f"; {failed} failed" if failed else ""
+    status = (f"; {failed} failed" if failed else "") + (f"; {skipped} skipped (explained before)" if skipped else "")
     click.echo(f"Explained {done} of {len(files)} images with {', '.join(methods)} in {took:.1f} s "
                f"({took / max(done, 1):.2f} s/image){status}; wrote {written} files to {_show(out)}")
     if failed:
@@ -343,7 +387,9 @@ def layers(model, size, mean, std, layout, bgr, show_all):
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(headers)]
     for row in [headers] + table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-    click.echo(f"{len(rows)} candidate layers; * = the automatic choice ({m.default_layer})")
+    rule = getattr(m.graph, "layer_rule", None)  # which rule of onnxcam/tasks/choose.py picked it
+    click.echo(f"{f'Rule: {rule}. ' if rule else ''}{len(rows)} candidate layers; * = the automatic choice "
+               f"({m.default_layer})")
 
 
 @main.command()
@@ -443,6 +489,12 @@ def _model_number(value: str, n: int, option: str) -> int:
     return int(value) - 1
 
 
+def _evaluation_file(value: str, n: int) -> tuple[int | None, Path]:
+    """'K=FILE' -> (K - 1, FILE); a bare FILE -> (None, FILE): the model the file names."""
+    k, sep, rest = value.partition("=")
+    return (_model_number(k, n, "'--evaluate'"), Path(rest)) if sep and k.isdigit() else (None, Path(value))
+
+
 def _model_floats(name: str):
     def parse(value):
         return _parse_floats(None, type("P", (), {"name": name})(), value)
@@ -477,9 +529,14 @@ def _model_floats(name: str):
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per run.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True, metavar="N",
               help="Images with more pixels are skipped.")
+@click.option("--evaluate", "evaluations", multiple=True, metavar="[K=]FILE",
+              help="onnxcam evaluate's JSON of model K (bare: of the model the file names), shown in the report as "
+                   "a method x metric table; repeat for several models.")
+@click.option("--bare", is_flag=True, help="Write the side-by-side pictures without their labels (for composing "
+                                           "your own figures).")
 @debug_option
 def compare(paths, out, methods, target, fail_under, layers, sizes, means, stds, layouts, bgrs, labels, device,
-            batch_size, max_pixels):
+            batch_size, max_pixels, evaluations, bare):
     """Explain the same images with every model and compare each model with the first.
 
     Paths ending in .onnx are the models (at least two, the first is the reference); the others are images or
@@ -499,7 +556,7 @@ def compare(paths, out, methods, target, fail_under, layers, sizes, means, stds,
     """
     from .audit import ModelSpec, write_reports
     from .audit import compare as run_compare
-    from .audit.report import page_text
+    from .audit.report import page_text, read_evaluations
 
     models = [p for p in paths if p.suffix.lower() == ".onnx"]
     inputs = [p for p in paths if p.suffix.lower() != ".onnx"]
@@ -521,10 +578,11 @@ def compare(paths, out, methods, target, fail_under, layers, sizes, means, stds,
            "labels": _per_model(labels, n, "'--labels'")}
     specs = [ModelSpec(m, layers=layer_lists[k] or None, bgr=k in bgr_set, **{key: v[k] for key, v in per.items()})
              for k, m in enumerate(models)]
+    evaluated = read_evaluations(models, [_evaluation_file(v, n) for v in evaluations])
     start = time.perf_counter()
     result = run_compare(specs, inputs, out, methods=methods, target=target, device=device, batch_size=batch_size,
-                         max_pixels=max_pixels)
-    paths_written = write_reports(result, out, fail_under)
+                         max_pixels=max_pixels, labelled=not bare)
+    paths_written = write_reports(result, out, fail_under, {result.models[k]["name"]: r for k, r in evaluated.items()})
     click.echo(f"Compared {len(result.images)} images with {n} models ({', '.join(methods)}) in "
                f"{time.perf_counter() - start:.1f} s; against {result.models[0]['name']}:")
     click.echo(page_text(result))
@@ -609,6 +667,54 @@ def evaluate(model, inputs, methods, metrics, boxes, layers, steps, stages, seed
     click.echo(f"{len(files)} images, layer {', '.join(result.layers)}")
     click.echo(result.table())
     click.echo(f"wrote {json_path}")
+
+
+def _stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+class _Feedback:
+    """explain's console while it runs. Over several batches: on a terminal a bar on stderr, redrawn in place,
+    with only the images that failed or have a zero map printed; otherwise every image's line and a progress line
+    per batch, on stdout (stderr carries only errors). Drawn once at the start: feedback as soon as the model is
+    loaded. Images skipped by --resume are counted, not listed."""
+
+    def __init__(self, total: int, several: bool):
+        from .pipeline import Progress
+
+        self.progress, self.several = Progress(total), several
+        self.bar = several and _stderr_is_terminal()
+        self._drawn = 0
+        self._show()
+
+    def report(self, rep) -> int:
+        """Print one image's result as fits; return 1 if it failed."""
+        if rep.skipped:
+            return 0
+        if self.bar and rep.ok and not any(m.zero for m in rep.maps):
+            return 0
+        self._wipe()
+        return _echo_report(rep)
+
+    def batch(self, reports) -> None:
+        self.progress.add(reports)
+        self._show()
+
+    def close(self) -> None:
+        self._wipe()
+
+    def _show(self) -> None:
+        if self.bar:
+            text = self.progress.bar()
+            click.echo("\r" + text.ljust(self._drawn), err=True, nl=False)
+            self._drawn = len(text)
+        elif self.several:
+            click.echo(self.progress.line())
+
+    def _wipe(self) -> None:
+        if self._drawn:
+            click.echo("\r" + " " * self._drawn + "\r", err=True, nl=False)
+            self._drawn = 0
 
 
 def _echo_report(rep) -> int:

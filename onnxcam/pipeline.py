@@ -12,28 +12,44 @@ these files; class-agnostic methods (EigenCAM, KPCA-CAM) have no .<class>: their
 
 A map that is zero everywhere (e.g. the target's gradient at the layer is zero) gets no pictures: its JSON entry
 says why in "zero_map". The JSON is written last, so its presence means the image's pictures are complete; it is
-strict JSON (an image whose logits, activations or gradients are not finite fails instead).
+strict JSON (an image whose logits, activations or gradients are not finite fails instead). With resume, an image
+whose JSON already records the same model hash, methods, layers, target, preprocessing and pictures is skipped.
+
+`Runner.run` overlaps three stages joined by bounded queues (one batch each), so a folder is explained at about
+the speed of classifying it and memory does not grow with the number of images:
+
+    loader thread   resume check, decoding and preprocessing (a few threads: OpenCV releases the GIL)
+    model thread    the onnxruntime run and the maps at the model's input size
+    writer thread   pictures at each image's resolution, PNG encoding, the JSON (a few threads)
+
+Results come back in input order, one list per batch. `Runner.write_report` is the one place results become files:
+a subclass overrides it to keep results in memory or write them elsewhere.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import queue
 import re
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__, image, preprocess
-from .autodiff.rules.qlinear import is_quantized
 from .cam.api import CLASS_AGNOSTIC, REGISTRY, Explanation, canonical, explanation, method_object
 from .errors import InputError, NumericalError
 from .explainer import Explainer
 from .files import atomic_write, write_json, write_npz
-from .graph.load import load_model
+from .graph.load import LoadedModel
 from .graph.model import ModelGraph
 from .modelinfo import check_input_size
 
@@ -160,37 +176,68 @@ class ImageReport:
     top: list = field(default_factory=list)       # [(class, label, probability)], best first
     maps: list[Map] = field(default_factory=list)
     json_path: Path | None = None
+    skipped: bool = False                         # resume: already explained alike, nothing done now
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
 
+@dataclass
+class _Batch:
+    """Images on their way through the stages: decoded images and inputs by report index, then maps, then files."""
+
+    reports: list[ImageReport]
+    target: Target
+    images: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # (image, model input)
+    timings: dict[int, dict] = field(default_factory=dict)
+
+
+class _Failed:
+    """An exception raised in a stage, passed down the queues so that the caller's thread raises it."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_END = object()  # no more batches
+_SKIPPED_PER_BATCH = 1000
+
+
 class Runner:
-    """One model opened for explaining files; `run` explains a list of ImageFile in batches and writes results."""
+    """One model opened for explaining files; `run` explains a list of ImageFile in batches and writes results.
+
+    resume: skip images whose JSON already records this model (hash), methods, layers, target and preprocessing.
+    caption: label each overlay picture with its class, score, method and layer (a band of text above it).
+    workers: threads for decoding and for writing pictures [default: up to 4, at most the CPU count]."""
 
     def __init__(self, model, *, methods=("gradcam",), layers=None, target: str | Target = "top1", size=None,
                  mean=None, std=None, layout: str = "auto", bgr: bool = False, labels=None, device: str = "auto",
                  out: str | Path = "onnxcam-out", save_raw: bool = False, output: str | None = None,
-                 max_pixels: int | None = image.MAX_PIXELS):
+                 max_pixels: int | None = image.MAX_PIXELS, resume: bool = False, caption: bool = False,
+                 workers: int | None = None):
         start = time.perf_counter()
         unknown = [m for m in methods if m not in REGISTRY]
         if unknown or not methods:
             raise InputError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(REGISTRY)}")
         self.model_name = str(model)
-        proto = load_model(model)
+        loaded = LoadedModel.of(model)  # read once: the Explainer below keeps it, and drops the weights after its build
+        proto = loaded.skeleton
         self.pre = preprocess.resolve(proto, size=size, mean=mean, std=std, layout=layout, bgr=bgr)
         if self.pre.sources["size"] != "model":  # a size the model does not declare may be too small for it
-            check_input_size(ModelGraph(proto, self.pre.input_shape(1)), self.pre)
+            check_input_size(ModelGraph(proto, self.pre.input_shape(1), loaded.weights), self.pre)
         self.labels, self.labels_source = _labels(proto, labels)
         self.target = target if isinstance(target, Target) else parse_target(target, self.labels)
-        self.explainer = Explainer(proto, layers=layers, device=device, input_shape=self.pre.input_shape(1),
+        self.explainer = Explainer(loaded, layers=layers, device=device, input_shape=self.pre.input_shape(1),
                                    output=output)
-        self.quantized = is_quantized(proto)
+        self.quantized = self.explainer.quantized
         self.methods = list(dict.fromkeys(methods))
         self.out = Path(out)
         self.save_raw = save_raw
         self.max_pixels = max_pixels
+        self.resume = resume
+        self.caption = caption
+        self.workers = max(1, workers or min(4, os.cpu_count() or 1))
         # Layers chosen by name go into the file names: a run on other layers never replaces these files.
         self.tag = layer_tag(self.explainer.layers) if layers else ""
         self._classes_checked = False
@@ -213,32 +260,150 @@ class Runner:
     def label(self, c: int) -> str:
         return self.labels[c] if self.labels and 0 <= c < len(self.labels) else f"class {c}"
 
-    def run(self, files: list[ImageFile], batch_size: int = 8, target: Target | None = None):
-        """Yield one list of ImageReport per batch (images that cannot be read carry their error, and are skipped)."""
-        self._inputs |= {_real(f.path) for f in files if f.rgb is None}
-        for i in range(0, len(files), max(1, batch_size)):
-            yield self.explain_batch(files[i:i + batch_size], target)
+    def run(self, files: list[ImageFile], batch_size: int = 8, target: Target | None = None
+            ) -> Iterator[list[ImageReport]]:
+        """Yield one list of ImageReport per batch, in input order (images that cannot be read carry their error,
+        and are skipped; with resume, images explained alike before come back with `skipped` set).
 
-    def explain_batch(self, files: list[ImageFile], target: Target | None = None) -> list[ImageReport]:
+        Decoding, the model and writing overlap in threads joined by queues of one batch each: at most a few
+        batches are in memory, however many files there are. An exception in any stage (e.g. an output that
+        would replace an input) stops the others and is raised here; closing the generator early stops them too.
+        """
         target = target or self.target
         self._inputs |= {_real(f.path) for f in files if f.rgb is None}
-        reports = [ImageReport(f) for f in files]
-        timings: dict[int, dict] = {}
-        images: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # report index -> (image, model input)
-        for i, f in enumerate(files):
-            t = time.perf_counter()
+        stop = threading.Event()
+        loaded, explained, written = (queue.Queue(maxsize=1) for _ in range(3))
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="onnxcam-io") as pool:
+            stages = [_start("load", self._batches(files, max(1, batch_size), target, pool, stop), None, loaded, stop),
+                      _start("model", _drain(loaded, stop), self._explain_loaded, explained, stop),
+                      _start("write", _drain(explained, stop), partial(self._write_batch, pool=pool), written, stop)]
             try:
-                rgb = f.rgb if f.rgb is not None else image.read_image(f.path, self.max_pixels)
-            except InputError as exc:
-                _fail(reports[i], str(exc), exc)
-                continue
-            images[i] = rgb, image.to_input(rgb, self.pre)
-            timings[i] = {"read_s": time.perf_counter() - t, "explain_s": {}}
-        self._explain_images(reports, images, timings, target)
-        for i, (rgb, _) in images.items():
-            if reports[i].ok:
-                self._write(reports[i], rgb, timings[i], target)
-        return reports
+                for item in _drain(written, stop):
+                    if isinstance(item, _Failed):
+                        raise item.exc
+                    yield item.reports
+            finally:
+                stop.set()  # the stages end at their next queue operation; a run or a file in progress completes
+                for t in stages:
+                    t.join()
+
+    def explain_batch(self, files: list[ImageFile], target: Target | None = None) -> list[ImageReport]:
+        """Explain and write one batch in the caller's thread (no resume check); return its reports."""
+        target = target or self.target
+        self._inputs |= {_real(f.path) for f in files if f.rgb is None}
+        batch = self._load(files, target)
+        self._explain_loaded(batch)
+        return self._write_batch(batch).reports
+
+    def caption_lines(self, m: Map) -> list[str]:
+        """The caption of an overlay: the class and its score, then the method and layers."""
+        what = "any class" if m.agnostic else f"{m.label} {m.score:.2f}"
+        return [what, f"{m.method} @ {', '.join(self.layers)}"]
+
+    def sheet_entries(self, rep: ImageReport) -> list[dict]:
+        """One image's entries for onnxcam.audit.sheet.write_contact_sheet: one per overlay picture (read back
+        from the JSON for an image skipped by resume), or the error of an image that failed."""
+        if not rep.ok:
+            return [{"image": str(rep.image.path), "error": rep.error}]
+        if rep.skipped:
+            try:
+                record = json.loads(rep.json_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                return [{"image": str(rep.image.path), "error": f"cannot read {rep.json_path}: {exc}"}]
+            found = [(e["method"], e["class"], e["label"], e["score"], rep.json_path.with_name(e["overlay"]))
+                     for e in record["explanations"] if e.get("overlay")]
+        else:
+            found = [(m.method, m.target, m.label, m.score, m.files["overlay"]) for m in rep.maps
+                     if "overlay" in m.files]
+        return [{"image": str(rep.image.path), "picture": Path(picture).relative_to(self.out).as_posix(),
+                 "method": method, "layer": ", ".join(self.layers), "class_name": label, "class_index": c,
+                 "score": score} for method, c, label, score, picture in found]
+
+    # ---- the stages ------------------------------------------------------------------------------------------
+    def _batches(self, files: list[ImageFile], size: int, target: Target, pool, stop) -> Iterator[_Batch]:
+        """Batches of `size` images to explain, decoded and preprocessed in the pool; images found done (resume)
+        ride along in the batch of the images after them, so that results stay in input order (a batch holds at
+        most _SKIPPED_PER_BATCH of them: a resumed run of many images done reports them as it goes)."""
+        chunk: list[ImageFile] = []
+        done: set[int] = set()
+        for f in files:
+            if stop.is_set():
+                return
+            if self.resume and self._done_before(f, target):
+                done.add(len(chunk))
+            chunk.append(f)
+            if len(chunk) - len(done) == size or len(done) == _SKIPPED_PER_BATCH:
+                yield self._load(chunk, target, pool, done)
+                chunk, done = [], set()
+        if chunk:
+            yield self._load(chunk, target, pool, done)
+
+    def _load(self, files: list[ImageFile], target: Target, pool=None, done=frozenset()) -> _Batch:
+        """Read and preprocess the files (in the pool's threads when given), but those at the indices `done`."""
+        batch = _Batch([ImageReport(f, skipped=i in done, json_path=self._json_path(f) if i in done else None)
+                        for i, f in enumerate(files)], target)
+        todo = [i for i in range(len(files)) if i not in done]
+        for i, loaded in zip(todo, (pool.map if pool else map)(self._load_one, [files[i] for i in todo])):
+            if isinstance(loaded, InputError):
+                _fail(batch.reports[i], str(loaded), loaded)
+            else:
+                rgb, x, took = loaded
+                batch.images[i] = rgb, x
+                batch.timings[i] = {"read_s": took, "explain_s": {}}
+        return batch
+
+    def _load_one(self, f: ImageFile) -> tuple[np.ndarray, np.ndarray, float] | InputError:
+        t = time.perf_counter()
+        try:
+            rgb = f.rgb if f.rgb is not None else image.read_image(f.path, self.max_pixels)
+        except InputError as exc:
+            return exc
+        return rgb, image.to_input(rgb, self.pre), time.perf_counter() - t
+
+    def _explain_loaded(self, batch: _Batch) -> _Batch:
+        self._explain_images(batch.reports, batch.images, batch.timings, batch.target)
+        return batch
+
+    def _write_batch(self, batch: _Batch, pool=None) -> _Batch:
+        """Write the batch's explained images (in the pool's threads when given); then drop its images."""
+        ok = [i for i in batch.images if batch.reports[i].ok]
+
+        def write(i: int) -> None:
+            self.write_report(batch.reports[i], batch.images[i][0], batch.timings[i], batch.target)
+
+        for _ in (pool.map if pool else map)(write, ok):  # consumed: an exception in a write is raised here
+            pass
+        batch.images.clear()
+        return batch
+
+    # ---- resume ----------------------------------------------------------------------------------------------
+    def _done_before(self, f: ImageFile, target: Target) -> bool:
+        """Whether f's JSON records an explanation like this run's, with every file it names present. Anything
+        unreadable or different (another model, method, layer, target, preprocessing, caption) means no."""
+        if f.rgb is not None:
+            return False
+        path = self._json_path(f)
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            entries = record["explanations"]
+            same = (record["model_hash"] == self.explainer.digest and record["layers"] == self.layers
+                    and record["target"] == str(target) and record["preprocess"] == _as_json(self.pre.describe())
+                    and record.get("captioned", False) == self.caption
+                    and sorted({e["method"] for e in entries}) == sorted(self.methods))
+            files = [e[k] for e in entries for k in ("overlay", "heatmap", "raw") if e.get(k)]
+            raw = all("raw" in e for e in entries) or not self.save_raw
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return same and raw and all((path.parent / name).is_file() for name in files)
+
+    def _json_path(self, f: ImageFile) -> Path:
+        base = self._base(f)
+        return base.with_name(f"{base.name}.json")
+
+    def _base(self, f: ImageFile) -> Path:
+        """The output path of f without suffix: in the output folder, with the layer tag when layers were named."""
+        base = self.out / f.base
+        return base.with_name(f"{base.name}.{self.tag}") if self.tag else base
 
     def _explain_images(self, reports: list[ImageReport], images: dict, timings: dict, target: Target) -> None:
         """Fill in the reports' maps and top classes from one run on the images (one per image after a
@@ -343,14 +508,17 @@ class Runner:
             raise InputError(f"{len(self.labels)} class names ({self.labels_source}) for a model with {k} classes")
         self._classes_checked = True
 
-    def _write(self, rep: ImageReport, rgb: np.ndarray, timings: dict, target: Target) -> None:
+    def write_report(self, rep: ImageReport, rgb: np.ndarray, timings: dict, target: Target) -> None:
+        """Turn one explained image into files: the pictures, the .npz with save_raw, then the JSON (last: its
+        presence means the image is complete). The seam for subclasses (audit/compare.py keeps results in memory
+        instead). Called from the writer's threads, several images at once: an override must be thread-safe.
+        rep.maps hold the masks; each map's `source` (the batch's activations and gradients) should be set to
+        None once no longer needed."""
         t = time.perf_counter()
         h, w = rgb.shape[:2]
-        base = self.out / rep.image.base
-        if self.tag:
-            base = base.with_name(f"{base.name}.{self.tag}")
+        base = self._base(rep.image)
         inputs = self._inputs
-        rep.json_path = base.with_name(f"{base.name}.json")
+        rep.json_path = self._json_path(rep.image)
         _refuse_inputs([rep.json_path], inputs)
         entries = []
         for m in rep.maps:
@@ -363,7 +531,10 @@ class Runner:
                 files["raw"] = base.with_name(f"{stem}.npz")
             _refuse_inputs(files.values(), inputs)
             if m.zero is None:
-                atomic_write(files["overlay"], image.encode_png(image.overlay(rgb, m.mask)))
+                picture = image.overlay(rgb, m.mask)
+                if self.caption:
+                    picture = image.caption(picture, self.caption_lines(m))
+                atomic_write(files["overlay"], image.encode_png(picture))
                 atomic_write(files["heatmap"], image.encode_png(image.heatmap(m.mask, (w, h))))
             if self.save_raw:
                 write_npz(files["raw"], **_raw_arrays(m))
@@ -379,10 +550,62 @@ class Runner:
             "top": [{"class": c, "label": lab, "score": round(p, 6)} for c, lab, p in rep.top],
             "target": str(target), "layers": self.layers, "explanations": entries,
             "preprocess": self.pre.describe(), "labels": self.labels_source,
-            "quantized": self.quantized, "differentiated_as": self.differentiated_as,
+            "quantized": self.quantized, "differentiated_as": self.differentiated_as, "captioned": self.caption,
             "timings": _rounded(timings), "onnxcam": __version__,
         }
         write_json(rep.json_path, record)
+
+
+class Progress:
+    """Where a run stands, as text for the command line (this module prints nothing): counts, rate and ETA.
+
+    The rate counts only images worked on (explained or failed), from the start of the run; images skipped by
+    resume come back at once and would make it a lie."""
+
+    def __init__(self, total: int, clock=time.monotonic):
+        self.total, self.clock, self.start = total, clock, clock()
+        self.explained = self.failed = self.skipped = 0
+
+    def add(self, reports: list[ImageReport]) -> None:
+        for rep in reports:
+            if rep.skipped:
+                self.skipped += 1
+            elif rep.ok:
+                self.explained += 1
+            else:
+                self.failed += 1
+
+    @property
+    def done(self) -> int:
+        return self.explained + self.failed + self.skipped
+
+    @property
+    def rate(self) -> float | None:
+        """Images worked on per second, None before the first."""
+        worked, took = self.explained + self.failed, self.clock() - self.start
+        return worked / took if worked and took > 0 else None
+
+    def eta(self) -> str:
+        rate = self.rate
+        if self.done >= self.total:
+            return "0:00"
+        if rate is None:
+            return "-:--"
+        s = round((self.total - self.done) / rate)
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+    def line(self) -> str:
+        """One line for a log: 'Progress: 16/64 images (15 explained, 1 failed, 0 skipped), 3.2 images/s, ETA 0:15'."""
+        rate = self.rate
+        return (f"Progress: {self.done}/{self.total} images ({self.explained} explained, {self.failed} failed, "
+                f"{self.skipped} skipped), {'-' if rate is None else f'{rate:.1f}'} images/s, ETA {self.eta()}")
+
+    def bar(self, width: int = 30) -> str:
+        """A bar for a terminal, redrawn in place: 'Explaining [#######-------]  16/64  3.2 images/s  ETA 0:15'."""
+        filled = width * self.done // max(self.total, 1)
+        rate = self.rate
+        return (f"Explaining [{'#' * filled}{'-' * (width - filled)}] {self.done:>{len(str(self.total))}}/{self.total}"
+                f"  {'-' if rate is None else f'{rate:.1f}'} images/s  ETA {self.eta()}")
 
 
 def layer_tag(layers: list[str]) -> str:
@@ -394,6 +617,60 @@ def layer_tag(layers: list[str]) -> str:
     if tag != text:
         tag = f"{tag}-{hashlib.sha1(text.encode()).hexdigest()[:6]}".lstrip("-")
     return tag
+
+
+def _start(name: str, items, work, sink: queue.Queue, stop: threading.Event) -> threading.Thread:
+    """A started thread running _stage (a daemon: a stage stuck in a long run never holds up the exit)."""
+    t = threading.Thread(target=_stage, name=f"onnxcam-{name}", args=(items, work, sink, stop), daemon=True)
+    t.start()
+    return t
+
+
+def _stage(items, work, sink: queue.Queue, stop: threading.Event) -> None:
+    """One stage's thread: put work(item) (the item itself when work is None) into sink for each item, then _END.
+    An exception, raised here or coming down as _Failed, is passed on and ends the stage."""
+    try:
+        for item in items:
+            if isinstance(item, _Failed):
+                _put(sink, item, stop)
+                return
+            if not _put(sink, item if work is None else work(item), stop):
+                return
+        _put(sink, _END, stop)
+    except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+        _put(sink, _Failed(exc), stop)
+
+
+def _drain(q: queue.Queue, stop: threading.Event) -> Iterator:
+    """The items of q until _END (or until stop is set)."""
+    while (item := _get(q, stop)) is not _END:
+        yield item
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put item into q, waiting while it is full; False (not put) once stop is set."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    """The next item of q, waiting while it is empty; _END once stop is set."""
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return _END
+
+
+def _as_json(value):
+    """value as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 def _fail(rep: ImageReport, message: str, exc: Exception | None = None) -> None:
@@ -492,4 +769,4 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def _refuse_inputs(paths, inputs: set) -> None:
     for p in paths:
         if _real(p) in inputs:
-            raise InputError(f"refusing to write over the input file {p}: choose another --out folder")
+            raise InputError(f"refusing to write over the input file {p}: choose another output folder", option="out")

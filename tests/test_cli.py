@@ -113,7 +113,7 @@ def test_explain_writes_overlays_heatmaps_json_and_raw(photos, tmp_path):
                      "chelsea.hirescam.285.heatmap.png", "chelsea.hirescam.285.npz",
                      "chelsea.hirescam.285.overlay.png", "chelsea.json"]
     from onnxcam import image
-    assert image.read_image(out / "chelsea.gradcam.285.overlay.png").shape == (300, 451, 3)  # original size
+    assert image.read_image(out / "chelsea.gradcam.285.overlay.png").shape[1:] == (451, 3)  # + a caption band
     assert image.read_image(out / "chelsea.gradcam.285.heatmap.png").shape == (300, 451, 3)
     record = json.loads((out / "chelsea.json").read_text())
     assert record["top"][0] == {"class": 285, "label": "Egyptian cat", "score": pytest.approx(0.781, abs=0.01)}
@@ -197,7 +197,7 @@ def test_never_writes_over_an_input_and_skips_its_own_output_folder(photos, tmp_
     before = victim.read_bytes()
     result = run("explain", LITE0, folder / "chelsea.png", victim, "--out", folder)
     assert one_line_error(result) == (f"Error: refusing to write over the input file {victim}: "
-                                      "choose another --out folder")
+                                      "choose another output folder (option --out DIR)")
     assert victim.read_bytes() == before
 
 
@@ -242,10 +242,11 @@ def test_unsupported_op(photos, tmp_path):
 
 def test_wrong_size_and_dynamic_size(photos, tmp_path):
     assert one_line_error(run("explain", LITE0, photos, "--size", "300x300")) == (
-        "Error: --size 300x300 does not match the model's input size 224x224 (input 'input', shape (?, 3, 224, 224))")
+        "Error: size 300x300 does not match the model's input size 224x224 (input 'input', shape (?, 3, 224, 224)) "
+        "(option --size HxW)")
     dynamic = tiny_model(tmp_path / "dyn.onnx", shape=("N", 3, "H", "W"))
     assert one_line_error(run("explain", dynamic, photos / "chelsea.png")) == (
-        "Error: input 'x' has a dynamic spatial size (?, 3, ?, ?): give the size with --size HxW")
+        "Error: input 'x' has a dynamic spatial size (?, 3, ?, ?): give the size (H, W) (option --size HxW)")
     result = run("explain", dynamic, photos / "chelsea.png", "--size", "16x12", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
     record = json.loads((tmp_path / "out" / "chelsea.json").read_text())

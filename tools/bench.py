@@ -16,6 +16,8 @@ takes the best of 3 back-to-back calls per mode; the table reports the median ov
     python tools/bench.py --models resnet50 --batches 1 --reps 5
     python tools/bench.py --device cuda            # on a GPU: batch 1 and 64, onnxruntime CUDA vs torch on CUDA
     python tools/bench.py --models lite0 --modes ort,last-gradcam,export --idle 0.3   # the export row only
+    python tools/bench.py --gradient-free --reps 3   # AblationCAM, ScoreCAM, ROAD vs pytorch-grad-cam (resnet50)
+    python tools/bench.py folder --reps 5          # whole processes on a folder of photos: tools/bench_folder.py
 
 On CUDA every mode runs on the GPU (pytorch-grad-cam on the torch model moved there) and peak memory is not
 measured. Models or pytorch-grad-cam that cannot be imported are skipped with a message, not an error.
@@ -95,7 +97,6 @@ def run_bench(name, batch, reps, size=224, device="cpu", only=None, idle=0.0):
 
     import onnxcam
     from onnxcam.cam.api import explain
-    from onnxcam.explainer import _CACHE
 
     torch.set_num_threads(os.cpu_count())
     model = torch_model(name)
@@ -109,7 +110,7 @@ def run_bench(name, batch, reps, size=224, device="cpu", only=None, idle=0.0):
     if plain.get_providers()[0] != providers[0]:
         raise SystemExit(f"onnxruntime cannot run on {device}: providers {plain.get_providers()}")
 
-    _CACHE.clear()
+    onnxcam.cache.clear()
     t0 = time.perf_counter()
     ex_last = onnxcam.Explainer(model_bytes, device=device)
     build_cold = time.perf_counter() - t0
@@ -240,7 +241,87 @@ print(hwm() - base)
     return float(out.stdout.strip().splitlines()[-1])
 
 
+# ---- gradient-free methods and ROAD against pytorch-grad-cam (resnet50's last stage) --------------------------------
+GRADIENT_FREE_TARGETS = {"ablationcam": 10, "scorecam": 2, "road": 5}  # the speed-ups issue 16 asks for
+ROAD_PERCENTILES = [20, 40, 60, 80]
+
+
+def run_gradient_free(reps: int, idle: float = 0.3, batch: int = 1, size: int = 224) -> dict:
+    """onnxcam's AblationCAM, ScoreCAM and ROAD Combined (4 percentiles, on Grad-CAM's maps) against pytorch-grad-cam
+    1.5.7's on resnet50 at its last stage (layer4), the same input and target, each method's default batch size.
+
+    Interleaved repetitions in a new seeded order each time, one call per mode and repetition (a ScoreCAM call is
+    2048 forwards), `idle` seconds of sleep before each; medians and fastest repetitions."""
+    import torch
+    from pytorch_grad_cam import AblationCAM, ScoreCAM
+    from pytorch_grad_cam.metrics.road import ROADCombined as PgcROAD
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget as PgcTarget
+
+    import onnxcam
+    from onnxcam import runtime
+    from onnxcam.metrics import ROADCombined
+    from onnxcam.utils.model_targets import ClassifierOutputTarget
+
+    torch.set_num_threads(os.cpu_count())
+    runtime.SESSION_CONFIG.update(NO_SPIN)
+    model = torch_model("resnet50")
+    model_bytes = export(model, size)
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    ex = onnxcam.Explainer(model_bytes, device="cpu")  # the automatic layer: layer4's output
+    layer = [model.layer4[-1]]
+    ablation, score = onnxcam.AblationCAM(ex), onnxcam.ScoreCAM(ex)
+    pgc_ablation, pgc_score = AblationCAM(model, layer), ScoreCAM(model, layer)
+    top = [int(k) for k in ex.run(x).targets]  # each image's top class: its Grad-CAM map is not all zero
+    cams = onnxcam.explain(ex, x, "gradcam", targets=top).maps
+    road, pgc_road = ROADCombined(ROAD_PERCENTILES, rng=0), PgcROAD(ROAD_PERCENTILES)
+    targets, pgc_targets = [ClassifierOutputTarget(k) for k in top], [PgcTarget(k) for k in top]
+    modes = {
+        "ablationcam": lambda: ablation(x, targets),
+        "pgc-ablationcam": lambda: pgc_ablation(xt, pgc_targets),
+        "scorecam": lambda: score(x, targets),
+        "pgc-scorecam": lambda: pgc_score(xt, pgc_targets),
+        "road": lambda: road(x, cams, targets, model_bytes),
+        "pgc-road": lambda: pgc_road(xt, cams, pgc_targets, model),
+    }
+    # warm-up: sessions, the cut tail and torch's first calls; ScoreCAM's session without its 2048 forwards
+    for k in ("ablationcam", "road", "pgc-road"):
+        modes[k]()
+    score._whole([ex.score_name, *score.target_layers])
+    with torch.no_grad():
+        model(xt)
+    times = {k: [] for k in modes}
+    order = list(modes)
+    shuffle = np.random.default_rng(1).shuffle
+    for rep in range(reps):
+        shuffle(order)
+        for k in order:
+            times[k].append(_best_of(modes[k], 1, idle))
+            print(f"  rep {rep} {k:16s} {times[k][-1]:8.2f} s", file=sys.stderr, flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    fastest = {k: min(v) for k, v in times.items()}
+    return {"model": "resnet50", "layer": ex.layers[0], "batch": batch, "size": size, "reps": reps, "idle_s": idle,
+            "times_s": times, "median_s": med, "fastest_s": fastest, "scorecam_forwards": score.forwards,
+            "speedup_median": {k: med[f"pgc-{k}"] / med[k] for k in GRADIENT_FREE_TARGETS},
+            "speedup_fastest": {k: fastest[f"pgc-{k}"] / fastest[k] for k in GRADIENT_FREE_TARGETS}}
+
+
+def gradient_free_table(row: dict) -> str:
+    """pytorch-grad-cam's time over onnxcam's, per method: medians and fastest repetitions, and the target."""
+    names = {"ablationcam": "AblationCAM", "scorecam": "ScoreCAM", "road": "ROAD Combined (4 percentiles)"}
+    lines = ["| method | onnxcam, median | pytorch-grad-cam, median | speed-up, median | speed-up, fastest | target |",
+             "|---|---|---|---|---|---|"]
+    for k, target in GRADIENT_FREE_TARGETS.items():
+        med = row["median_s"]
+        lines.append(f"| {names[k]} | {med[k]:.2f} s | {med['pgc-' + k]:.2f} s | {row['speedup_median'][k]:.1f}x | "
+                     f"{row['speedup_fastest'][k]:.1f}x | >= {target}x |")
+    return "\n".join(lines)
+
+
 def main():
+    if sys.argv[1:2] == ["folder"]:  # the folder benchmark (whole processes) has its own script and options
+        import bench_folder
+        return bench_folder.main(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--batches", default=None, help="default: 1,8 on the CPU, 1,64 on CUDA")
@@ -250,7 +331,17 @@ def main():
     ap.add_argument("--modes", default=None, help="comma-separated modes to time (ort always): e.g. ort,export")
     ap.add_argument("--idle", type=float, default=0.0, help="seconds to sleep before each timed call")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-results.json"))
+    ap.add_argument("--gradient-free", action="store_true",
+                    help="only AblationCAM, ScoreCAM and ROAD against pytorch-grad-cam's (resnet50, last stage)")
     args = ap.parse_args()
+    if args.gradient_free:
+        row = run_gradient_free(args.reps, args.idle if args.idle else 0.3)
+        machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                   "python": platform.python_version(), "device": "cpu"}
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine, "rows": [row]}, f, indent=2)
+        print(gradient_free_table(row))
+        return
     batches = args.batches or ("1,64" if args.device == "cuda" else "1,8")
     rows = []
     for name in args.models.split(","):
