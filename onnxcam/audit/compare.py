@@ -26,7 +26,6 @@ import numpy as np
 
 from .. import image
 from ..errors import InputError, OnnxCamError
-from ..graph.load import load_model
 from ..pipeline import ImageFile, Runner, Target, find_images, parse_target
 
 log = logging.getLogger(__name__)
@@ -99,7 +98,7 @@ def open_models(specs: list[ModelSpec], methods: list[str], device: str = "auto"
             r = _Capture(spec.path, methods=methods, layers=spec.layers, size=spec.size, mean=spec.mean,
                          std=spec.std, layout=spec.layout, bgr=spec.bgr, labels=spec.labels, device=device)
             classes = _classes(r)
-            proto = load_model(spec.path)
+            proto = r.explainer.proto  # the skeleton the Runner read (opsets, producer): no second parse
         except OnnxCamError as exc:
             raise _named(exc, k, spec.path) from exc
         runners.append(r)
