@@ -94,7 +94,8 @@ def score_output(mg, outputs: list, task: str = "auto") -> gs.Tensor:
     """The output to explain among the model's float outputs: the one the task reads (a recognised detection
     head, segmentation maps, class scores), then one behind a Softmax/Sigmoid, never a box regression (4 numbers
     per position) while another output is left, else the first."""
-    if task in ("auto", "detect") and (selection := selection_of(mg)) is not None:
+    if task in ("auto", "detect") and (selection := selection_of(mg, strict=True)) is not None \
+            and any(o.name == selection.scores for o in outputs):  # unless another output was named
         log.info("explaining %r, the class scores the detections %r were selected from", selection.score,
                  selection.scores)
         return mg.tensor(selection.score)
@@ -157,10 +158,12 @@ _SELECTS = {"Gather", "GatherND", "GatherElements", "TopK", "Concat", "Reshape",
             "Slice", "Identity", "Transpose", "Split", "Expand", "If"}
 
 
-def selection_of(mg) -> detect.Selection | None:
+def selection_of(mg, strict: bool = False) -> detect.Selection | None:
     """A detector exported with its post-processing: float boxes (D, 4), float scores (D,) and integer labels (D,)
     outputs (torchvision's detection models), the scores copied by selection ops (Gather, GatherND, TopK, Concat,
-    ...) from the output of a Softmax/Sigmoid over (N, A, C) class scores. None for any other model."""
+    ...) from the output of a Softmax/Sigmoid over (N, A, C) class scores. None for any other model. strict: an
+    InputError when the outputs are such detections but their scores come from no (N, A, C) tensor (explaining the
+    boxes or the post-NMS scores instead would be a wrong answer)."""
     outs = {"boxes": [], "scores": [], "labels": []}
     for o in mg.graph.outputs:
         shape, floating = mg.shape(o), o.dtype is not None and np.issubdtype(o.dtype, np.floating)
@@ -172,15 +175,20 @@ def selection_of(mg) -> detect.Selection | None:
     if not all(len(v) == 1 for v in outs.values()):
         return None
     found = _pre_selection(mg, outs["scores"][0])
-    if found is None:
+    shape = None if found is None else mg.shape(found[1])
+    if shape is None or len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
+        # Faster R-CNN's (R, C) region scores (no batch axis, R set by the proposals, RoiAlign on the path) and
+        # RetinaNet's per-level flattened scores are not read yet
+        what = "no Softmax/Sigmoid" if found is None else f"{found[1].name!r} of shape {_fmt(shape)}"
+        if strict:
+            names = ", ".join(repr(v[0].name) for v in outs.values())
+            raise InputError(f"outputs {names} are detections after NMS, but the class scores they are selected "
+                             f"from ({what}) are not (N, anchors, classes) scores onnxcam reads (Faster R-CNN's "
+                             "per-region and RetinaNet's per-level scores are not supported yet): give score= a "
+                             "tensor to explain", option="score")
+        log.info("detector outputs found, but their class scores come from %s, not (N, A, C)", what)
         return None
     node, probs = found
-    shape = mg.shape(probs)
-    if shape is None or len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
-        # Faster R-CNN's (R, C) region scores: no batch axis, R set by the proposals (and RoiAlign on the path)
-        log.info("detector outputs found, but the class scores %r they come from are %s, not (N, A, C)",
-                 probs.name, _fmt(shape))
-        return None
     return detect.Selection(probs.name, outs["boxes"][0].name, outs["scores"][0].name, outs["labels"][0].name,
                             shape[1], shape[2], node.op)
 
@@ -215,7 +223,7 @@ def layer(mg, score: str, task: str = "auto") -> Choice:
     src, end = mg.tensor(mg.input_name), mg.tensor(score)
     nodes, on_path = mg.path_nodes([src], end)
     maps = [out for node in nodes for out in node.outputs if out.name in on_path and out is not end
-            and _spatial(mg.shape(out))]
+            and _spatial(mg.shape(out)) and not _attention_product(mg, out, on_path)]
     hw = input_hw(mg)
     scaled = [t for t in maps if _scaled(mg, t, hw)] if hw else []
     found = None
@@ -289,6 +297,9 @@ def _classify_layer(mg, nodes, on_path, maps, score) -> Choice:
         return vit
     if last is None:
         raise LayerError("found no 4-D activation with a spatial size > 1 on the path to the score; name a layer")
+    stage = _before_final_norm(mg, last, on_path, oriented)
+    if stage is not None:
+        return Choice(stage.name, "channels-last: the last stage's output before the final norm (Swin)")
     rule = "classify: the last spatial activation before the score"
     if skipped and maps[-1] is not last:
         rule += " (a later map with height and width swapped was skipped)"
@@ -333,6 +344,29 @@ def _segment_layer(mg, maps: list, score_t: gs.Tensor) -> Choice | None:
 
 
 # ---- vision transformers -------------------------------------------------------------------------------------
+def _attention_product(mg, t: gs.Tensor, on_path: set) -> bool:
+    """t is a product of two activations (attention scores or attention @ values) only reshaped or permuted: a
+    4-D (tokens, N, heads, dim) or (N, heads, tokens, dim) tensor of a transformer, no map (the dynamo exporter
+    with a fixed batch gives such tensors dims that happen to scale like the input)."""
+    while (node := mg.producer(t)) is not None and node.op in ("Transpose", "Reshape", "Identity", "Squeeze",
+                                                                "Unsqueeze"):
+        t = node.inputs[0]
+    return node is not None and node.op in ("MatMul", "Einsum") and sum(i.name in on_path for i in node.inputs) >= 2
+
+
+def _before_final_norm(mg, last: gs.Tensor, on_path: set, maps: list) -> gs.Tensor | None:
+    """Swin's tail: the last map is its (N, H, W, C) last stage normalised per position (LayerNorm, then a
+    Transpose to NCHW before pooling). The stage's output, the norm's input, is the layer practitioners take
+    (pytorch-grad-cam's swinT reshape_transform); None for any other tail."""
+    t = last
+    while (node := mg.producer(t)) is not None and node.op in ("Transpose", "Identity"):
+        t = node.inputs[0]
+    if node is None or node.op != "LayerNormalization":
+        return None
+    stage = node.inputs[0]
+    return stage if stage.name in on_path and any(m is stage for m in maps) else None
+
+
 def _vit_layer(mg, nodes, on_path, last_map) -> Choice | None:
     """Token mixing after the last spatial map (attention MatMuls between two activations): the input of the
     norm that feeds the last such product, i.e. the residual stream entering the last block. Its gradient reaches

@@ -326,3 +326,123 @@ class DetectionTarget:
 
 def _fmt(shape) -> str:
     return "(" + ", ".join("N" if d is None or isinstance(d, str) else str(d) for d in shape) + ")"
+
+
+# ---- detectors exported whole (torchvision SSD/SSDlite, RetinaNet): detections after NMS -------------------------
+@dataclass(frozen=True)
+class Selection:
+    """A detector exported with its post-processing: boxes (D, 4), scores (D,) and labels (D,) outputs after NMS,
+    each score a copy (Gather, GatherND, TopK) of one entry of the (N, A, C) class scores `score` (the output of a
+    Softmax or Sigmoid inside the graph). A detection is explained as that entry: the selection picks it, so its
+    gradient is the entry's (differentiating through the Gathers gives the same one-hot seed)."""
+
+    score: str        # the pre-selection class scores, (N, A, C)
+    boxes: str
+    scores: str
+    labels: str
+    anchors: int
+    classes: int
+    activation: str   # "Softmax" or "Sigmoid"
+
+    def describe(self) -> dict:
+        return {"decode": "selected", "layout": "boxes (D, 4), scores (D,), labels (D,) after NMS",
+                "score_tensor": self.score, "score_layout": f"(N, {self.anchors}, {self.classes}) after "
+                f"{self.activation}", "anchors": self.anchors, "classes": self.classes,
+                "box": "x1, y1, x2, y2 in input pixels", "recognised_from": "outputs"}
+
+
+@dataclass
+class SelectedDetection:
+    index: int        # position in the post-NMS outputs
+    anchor: int       # row of the pre-selection class scores
+    label: int
+    score: float
+    box: tuple[float, float, float, float]
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "anchor": self.anchor, "label": self.label, "score": round(self.score, 6),
+                "box": [round(v, 3) for v in self.box]}
+
+
+def selected(selection: Selection, probs: np.ndarray, outputs: dict) -> list[SelectedDetection]:
+    """The post-NMS detections of one image with the anchor each was picked from. probs: that image's (A, C)
+    pre-selection scores; outputs: the model's outputs by name. The selection copies values, so each detection's
+    score equals its entry exactly; equal entries of one class (flat image regions) are taken in anchor order, as
+    TopK and NMS order equal scores by index."""
+    probs = np.asarray(probs)
+    boxes = np.asarray(outputs[selection.boxes], np.float64).reshape(-1, 4)
+    scores = np.asarray(outputs[selection.scores]).reshape(-1)
+    labels = np.asarray(outputs[selection.labels]).reshape(-1).astype(np.int64)
+    found, used = [], {}
+    for i, (box, score, label) in enumerate(zip(boxes, scores, labels)):
+        _check_index(label, selection.classes, "class", f"the classes of {selection.score!r}")
+        hits = np.flatnonzero(probs[:, label] == np.float32(score))
+        k = used.get((int(label), float(score)), 0)
+        used[(int(label), float(score))] = k + 1
+        if not len(hits):
+            raise InputError(f"detection {i} (class {label}, score {float(score):.6g}) of output {selection.scores!r} "
+                             f"is no entry of {selection.score!r}: give score= the tensor it was selected from")
+        found.append(SelectedDetection(i, int(hits[min(k, len(hits) - 1)]), int(label), float(score),
+                                       tuple(float(v) for v in box)))
+    return found
+
+
+class SelectedDetectionTarget:
+    """One detection of a whole-detector export, as a target for the CAM classes: a one-hot seed on the
+    pre-selection class scores (explainer score = selection.score) at the entry the detection was picked from.
+
+    Bound to one image's run (`outputs`: the model's outputs by name, e.g. Result.outputs): index selects the
+    detection by its position in the post-NMS outputs; or label with box (x1, y1, x2, y2, input pixels): the
+    detection of that label whose box matches best, by IoU >= iou_threshold (pytorch-grad-cam's
+    FasterRCNNBoxScoreTarget; no match gives a zero seed, as its zero score does)."""
+
+    needs_output = True
+
+    def __init__(self, selection: Selection, outputs: dict, index: int | None = None, label: int | None = None,
+                 box=None, iou: bool = False, iou_threshold: float = 0.5):
+        if index is None and (box is None or label is None):
+            raise InputError("a SelectedDetectionTarget needs an index, or a label and a box to match")
+        if iou:
+            raise InputError("iou=True is not available for detections selected after NMS: their boxes are not "
+                             "differentiated; explain the score alone (iou=False)")
+        self.selection, self.outputs, self.index, self.label = selection, outputs, index, label
+        self.iou_threshold = iou_threshold
+        self.box = None if box is None else tuple(float(v) for v in box)
+        count = int(np.size(outputs[selection.scores]))
+        if index is not None and not 0 <= int(index) < count:
+            found = f"{count} detections (index 0 to {count - 1})" if count else "no detections"
+            raise InputError(f"detection index {int(index)} is out of range: the model returned {found} in output "
+                             f"{selection.scores!r}", option="index")
+
+    def match(self, sample: np.ndarray) -> SelectedDetection | None:
+        """The detection this target explains, given one sample's (A, C) pre-selection scores; None when no box
+        matches."""
+        found = selected(self.selection, sample, self.outputs)
+        if self.index is not None:
+            return found[int(self.index)]
+        _check_index(self.label, self.selection.classes, "class", "the detector's classes")
+        same = [d for d in found if d.label == self.label]
+        if not same:
+            return None
+        overlaps = box_iou(np.array([d.box for d in same]), self.box)[:, 0]
+        best = int(overlaps.argmax())
+        return same[best] if overlaps[best] >= self.iou_threshold else None
+
+    def seed(self, output: np.ndarray) -> np.ndarray:
+        found = self.match(output)
+        seed = np.zeros(np.shape(output), np.float32)
+        if found is None:
+            log.info("%r: no detection of class %s overlaps %s by IoU %.2f or more: zero target", self, self.label,
+                     self.box, self.iou_threshold)
+        else:
+            seed[found.anchor, found.label] = 1.0
+        return seed
+
+    def __call__(self, output: np.ndarray) -> float:
+        """The target's value on one sample's pre-selection scores (the detection's score)."""
+        found = self.match(output)
+        return 0.0 if found is None else float(np.asarray(output)[found.anchor, found.label])
+
+    def __repr__(self) -> str:
+        what = f"index={self.index}" if self.index is not None else f"label={self.label}, box={self.box}"
+        return f"SelectedDetectionTarget({what})"
