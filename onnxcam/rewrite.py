@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from .autodiff.builder import Builder
 from .autodiff.engine import backward
-from .autodiff.passes import fold_crops, take_class_rows
+from .autodiff.passes import fold_crops, split_conv_channels, take_class_rows
 from .errors import InternalError, LayerError
 from .graph import names
 from .graph.load import is_placeholder
@@ -156,6 +156,7 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     graph.outputs.extend(exposed + extra_outputs)
     take_class_rows(b)
     fold_crops(b)
+    split_conv_channels(b)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = mg.proto.ir_version

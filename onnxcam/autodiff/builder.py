@@ -35,7 +35,7 @@ def _onnx_dtype(dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
-PASSES = ("fold_silu", "pool_indices", "take_class_rows", "fold_crops")
+PASSES = ("fold_silu", "pool_indices", "take_class_rows", "fold_crops", "split_conv_channels")
 
 
 class Builder:

@@ -6,9 +6,9 @@ A rule sees one forward node while the walk is under way and writes its formula 
 - pool_indices, also before the walk, picks the MaxPools whose gradient scatters to the argmax positions the
   forward node reports in its Indices output, in place of the MaxPool rule's recomputed argmax. It is the one
   place that may alter the forward graph: it asks a MaxPool for that output (same values, one more output);
-- take_class_rows and fold_crops run once every gradient node exists, so they see every reader of a tensor and
-  can change a node that other branches might read (Add, Sum, Identity and Expand hand one gradient tensor to
-  several rules).
+- take_class_rows, fold_crops and split_conv_channels run once every gradient node exists, so they see every
+  reader of a tensor and can change a node that other branches might read (Add, Sum, Identity and Expand hand one
+  gradient tensor to several rules).
 Builder.passes names the passes that run (all by default); tests switch one off to compare the graphs.
 """
 
@@ -22,7 +22,8 @@ import onnx_graphsurgeon as gs
 
 from .builder import Builder
 
-__all__ = ["fold_crops", "fold_silu", "pool_indices", "pool_indices_gradient", "silu_gradient", "take_class_rows"]
+__all__ = ["fold_crops", "fold_silu", "pool_indices", "pool_indices_gradient", "silu_gradient", "split_conv_channels",
+           "take_class_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -243,3 +244,71 @@ def _cropped_pads(node: gs.Node, conv: gs.Node) -> list[int] | None:
         pads[axis - 2] -= int(start)
         pads[axis - 2 + spatial] -= 0 if end >= _TO_THE_END else int(-end)
     return pads if min(pads) >= 0 else None
+
+
+def split_conv_channels(b: Builder) -> int:
+    """Replace each gradient Conv whose output is only cut into channel slabs by one Conv per slab; return how many.
+
+    A Concat's gradient is a slab of gy per input (shape._concat: Slices along the channels, which onnxruntime
+    fuses into a Split, a copy), and that gy is mostly the adjoint of the convolution after the Concat (YOLO's
+    C2f and SPPF, CSP blocks, DenseNet). Output channels of a convolution are independent, so slab [a, e) of
+    Conv(g, w) is Conv(g, w[a:e]): the same multiply-adds, without the copy (YOLOv8n at 640 px, layer model.4:
+    2.4 ms of Split per run, tools/bench_tasks.py). Precondition: the Conv has no group and no bias, its output
+    is no graph output, and every reader of it is a gradient Slice of axis 1 alone with constant bounds and
+    step 1 (the weight is then sliced with the same bounds on its axis 0, the output channels).
+    """
+    if "split_conv_channels" not in b.passes:
+        return 0
+    readers: dict[str, list[gs.Node]] = {}
+    for n in b.graph.nodes:
+        for t in n.inputs:
+            readers.setdefault(t.name, []).append(n)
+    outputs = {t.name for t in b.graph.outputs}
+    done = 0
+    for conv in list(b.graph.nodes):
+        slabs = _channel_slabs(b, conv, readers, outputs)
+        if not slabs:
+            continue
+        before = b.node, b.rule
+        b.node, b.rule = gs.Node(b.origins[conv.name][1], name=b.origins[conv.name][0]), "passes.split_conv_channels"
+        try:
+            for sl in slabs:
+                w = b.op("Slice", conv.inputs[1], sl.inputs[1], sl.inputs[2], b.ints([0]))
+                part = b.op("Conv", conv.inputs[0], w, **conv.attrs).inputs[0]
+                out = sl.outputs[0]
+                sl.inputs.clear()
+                sl.outputs.clear()
+                part.outputs.clear()
+                part.outputs.append(out)  # the slab's Conv writes the Slice's tensor, which its readers keep
+        finally:
+            b.node, b.rule = before
+        conv.outputs.clear()
+        conv.inputs.clear()
+        done += 1
+    if done:
+        log.debug("split %d gradient convolutions into their channel slabs", done)
+    return done
+
+
+def _channel_slabs(b: Builder, conv: gs.Node, readers: dict, outputs: set) -> list[gs.Node] | None:
+    """The gradient Slices that read `conv`'s output, when they are all it has and each cuts axis 1 alone with
+    constant bounds and no step; else None."""
+    if conv.op != "Conv" or conv.name not in b.origins or len(conv.inputs) != 2 or len(conv.outputs) != 1:
+        return None
+    if int(conv.attrs.get("group", 1)) != 1:
+        return None
+    g = conv.outputs[0]
+    slabs = readers.get(g.name, [])
+    if not slabs or g.name in outputs:
+        return None
+    for sl in slabs:
+        if sl.op != "Slice" or sl.name not in b.origins or len(sl.inputs) not in (4, 5) or sl.inputs[0] is not g:
+            return None
+        if not all(isinstance(t, gs.Constant) for t in sl.inputs[1:]):
+            return None
+        axes = np.asarray(sl.inputs[3].values).reshape(-1)
+        if len(sl.inputs) == 5 and np.any(np.asarray(sl.inputs[4].values) != 1):
+            return None
+        if axes.tolist() != [1] or np.asarray(sl.inputs[1].values).size != 1:
+            return None
+    return slabs

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam.autodiff.builder import PASSES, Builder
 from onnxcam.autodiff.engine import backward
-from onnxcam.autodiff.passes import fold_crops, take_class_rows
+from onnxcam.autodiff.passes import fold_crops, split_conv_channels, take_class_rows
 from onnxcam.graph.model import ModelGraph
 from onnxcam.runtime import cpu_session
 
@@ -47,6 +47,7 @@ def gradients64(proto: onnx.ModelProto, targets: list[str], passes, x, u) -> tup
         mg.graph.outputs.append(g)
     take_class_rows(b)  # as rewrite.build runs them
     fold_crops(b)
+    split_conv_channels(b)
     mg.graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(mg.graph, do_type_check=False)
     sess = cpu_session(out.SerializeToString(), mg.weights)
@@ -263,3 +264,63 @@ def test_pool_indices_precondition(variant):
         assert rules_for(b_on, "MaxPool") == {"conv_pool._max_pool_scatter"} and [o.name for o in pool.outputs] == ["p"]
     else:
         assert rules_for(b_on, "MaxPool") == {"passes.pool_indices"} and [o.name for o in pool.outputs] == ["p", "i"]
+
+
+def concat_conv(variant: str):
+    """y = mean(Conv_c(Concat(Conv_a(x), x))): the gradient of the Concat is cut into the two slabs of Conv_c's
+    adjoint. Variants break one precondition each: Conv_c grouped, or the Concat's output also a target."""
+    group = 7 if variant == "grouped" else 1
+    wa = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    wc = rng.standard_normal((7 if group == 7 else 5, 7 // group, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["a", "x"], ["cat"], axis=1),
+             helper.make_node("Conv", ["cat", "wc"], ["c"], group=group), *head("c")]
+    graph = helper.make_graph(nodes, "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT, X_SHAPE)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(wa, "wa"), numpy_helper.from_array(wc, "wc")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto, wa, wc, group
+
+
+def gradients32(proto, targets, passes, x, u) -> tuple[dict, Builder]:
+    """As gradients64, in float32: onnxruntime has no float64 Conv kernel."""
+    mg = ModelGraph(proto)
+    b = Builder(mg, np.float32)
+    b.passes = set(passes)
+    seed = gs.Variable("seed", dtype=np.float32, shape=list(u.shape))
+    mg.graph.inputs.append(seed)
+    grads = backward(b, [mg.tensor(t) for t in targets], mg.tensor("y"), seed)
+    for g in grads.values():
+        g.dtype = np.float32
+        mg.graph.outputs.append(g)
+    fold_crops(b)
+    split_conv_channels(b)
+    mg.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    sess = cpu_session(gs.export_onnx(mg.graph, do_type_check=False).SerializeToString(), mg.weights)
+    return dict(zip(targets, sess.run([grads[t].name for t in targets], {"x": x, "seed": u}))), b
+
+
+@pytest.mark.parametrize("variant", ["slabs", "grouped", "concat-is-a-target"])
+def test_split_conv_channels(variant):
+    """The adjoint of a Conv after a Concat, cut into the Concat's slabs, becomes one Conv per slab: the same
+    gradient as without the pass, and as float64 torch autograd. A grouped Conv, or a Concat output that is a
+    target (its gradient is a graph output), keeps the one Conv."""
+    torch = pytest.importorskip("torch")
+    proto, wa, wc, group = concat_conv(variant)
+    targets = ["x", "cat"] if variant == "concat-is-a-target" else ["x"]
+    x = rng.standard_normal(X_SHAPE).astype(np.float32)
+    u = rng.standard_normal((2, wc.shape[0])).astype(np.float32)
+    on, b_on = gradients32(proto, targets, PASSES, x, u)
+    off, _ = gradients32(proto, targets, set(PASSES) - {"split_conv_channels"}, x, u)
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    a = torch.nn.functional.conv2d(xt, torch.tensor(wa, dtype=torch.float64), padding=1)
+    c = torch.nn.functional.conv2d(torch.cat([a, xt], 1), torch.tensor(wc, dtype=torch.float64), groups=group)
+    (want,) = torch.autograd.grad((c.mean(dim=(2, 3)) * torch.tensor(u, dtype=torch.float64)).sum(), xt)
+    np.testing.assert_allclose(on["x"], off["x"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(on["x"], want.numpy(), rtol=1e-5, atol=1e-5)
+    split = "passes.split_conv_channels" in rules_for(b_on, "Conv")
+    assert split == (variant == "slabs")
+    slices = [n for n in b_on.graph.nodes if n.op == "Slice" and n.name in b_on.origins and n.outputs
+              and b_on.origins[n.name][1] == "Concat"]
+    assert (len(slices) == 0) == split  # the Concat rule's slabs are gone exactly where the Conv was split

@@ -233,3 +233,40 @@ def test_run_time_indices_before_opset_16_are_a_clear_error():
 
     with pytest.raises(UnsupportedOpError, match=r"Gather node 'pick'.*run time.*opset 16"):
         _runtime_gather(13, 1, (2, 5), np.array([1, 2, 3]))
+
+
+REPEATS = {  # id -> (Resize case, the block the gradient sums, or None where the matrix products stay)
+    "yolo-2x-asymmetric-floor": (resize(13, [1, 1, 2, 2], mode="nearest", coordinate_transformation_mode="asymmetric",
+                                        nearest_mode="floor"), [2, 2]),
+    "half-pixel-2x": (resize(13, [1, 1, 2, 2], mode="nearest"), [2, 2]),
+    "upsample-2x3": (case("Upsample", {"s": floats(1, 1, 2, 3)}, 9, mode="nearest"), [2, 3]),
+    "height-only-sizes": (resize(13, sizes=[2, 3, 12, 5], mode="nearest"), [3, 1]),
+    "non-integer": (resize(13, [1, 1, 1.5, 2], mode="nearest"), None),
+    "linear-2x": (resize(13, [1, 1, 2, 2], mode="linear"), None),
+}
+
+
+@pytest.mark.parametrize("name", REPEATS)
+def test_nearest_repeat_gradient_is_a_block_sum(name):
+    """A nearest Resize that repeats each element k times per axis sends back the sum of each block of the seed,
+    as one depthwise Conv (no MatMul); any other resize keeps the measured matrices. Values: the float64 block
+    sum of the seed."""
+    from onnxcam import rewrite
+    from onnxcam.graph.model import ModelGraph
+    from onnxcam.runtime import cpu_session
+
+    from .gradcheck import _model
+
+    c, block = REPEATS[name]
+    mg = ModelGraph(_model(c, np.float32))
+    rw = rewrite.build(mg, ["x"], "y0")
+    ops = [n.op_type for n in rw.model.graph.node if n.name.startswith("onnxcam_grad")]
+    assert ("Conv" in ops and "MatMul" not in ops) == (block is not None), ops
+    if block is None:
+        return
+    out_shape = (2, 3) + tuple(d * k for d, k in zip(X.shape[2:], block))
+    u = rng.standard_normal(out_shape)
+    sess = cpu_session(rw.model.SerializeToString(), rw.initializer_arrays())
+    got = sess.run([rewrite.grad_name("x")], {"x": X.astype(np.float32), rewrite.SEED: u.astype(np.float32)[:, None]})
+    want = u.reshape(2, 3, X.shape[2], block[0], X.shape[3], block[1]).sum(axis=(3, 5))
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)

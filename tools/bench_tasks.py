@@ -1,0 +1,277 @@
+"""Benchmark: what explaining a detector costs at a given layer, against one plain inference of the same model.
+
+Builds ultralytics' YOLOv8n from its yaml with seeded weights (no download; ultralytics is not a dependency of
+onnxcam: put it on PYTHONPATH), exports it with torch's TorchScript exporter (opset 17, cached under /tmp), makes
+the explainable model at each asked layer (onnxcam.rewrite.build, one dense seed on one class score) and times, on
+one onnxruntime session per model with the same options (onnxruntime's graph optimizations, `--threads` intra-op
+threads, no spinning), interleaved in a new seeded order each repetition, one call after `--idle` seconds of
+sleep. It reports the median and fastest call per mode and their ratios to the plain inference. On a shared,
+loaded machine these wall times swing by 2x; `--profile` gives the steadier measure: each model under
+onnxruntime's profiler for `--profile-runs` runs, each node's fastest kernel time, summed (forward part and
+gradient nodes apart), by op type, by the forward op and rule that emitted them, and the costliest gradient nodes.
+Identical graphs still differ by about 5% between two such profiles. `--class-score` also seeds the head's class
+scores alone (the box branch then carries no gradient) and `--without` leaves passes out.
+
+    PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --size 320 --layers auto,model.4 --reps 30
+    PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --size 320 --layers model.4 --profile --reps 0
+    PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --layers auto --class-score /model.22/Sigmoid_output_0 --profile
+    # A/B against another onnxcam tree (e.g. `git archive HEAD | tar -x -C /tmp/head`): save there, time here
+    PYTHONPATH=/tmp/head:/tmp/ulib python tools/bench_tasks.py --layers model.4 --save /tmp/head-m4.onnx --reps 0
+    PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --layers model.4 --compare head=/tmp/head-m4.onnx --reps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(ROOT)  # last: a tree given in PYTHONPATH (A/B) wins over this one
+
+
+def export_yolov8n(size: int) -> bytes:
+    """YOLOv8n (80 classes) as ultralytics builds it from yolov8n.yaml, seeded, exported at batch 1."""
+    path = os.path.join(tempfile.gettempdir(), f"onnxcam-bench-yolov8n-{size}.onnx")
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            return f.read()
+    import io
+
+    import torch
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="onnxcam-yolo-"))
+    try:
+        from ultralytics.nn.tasks import DetectionModel
+    except ImportError:
+        sys.exit("ultralytics is not importable: put it on PYTHONPATH (it is not an onnxcam dependency)")
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", nc=80, verbose=False).eval()
+    for module in model.modules():
+        if hasattr(module, "export"):
+            module.export, module.format = True, "onnx"
+    f = io.BytesIO()
+    torch.onnx.export(model, (torch.zeros(1, 3, size, size),), f, dynamo=False, opset_version=17,
+                      input_names=["images"], output_names=["output0"])
+    with open(path, "wb") as out:
+        out.write(f.getvalue())
+    return f.getvalue()
+
+
+def explainable(model: bytes, size: int, layer: str, without: tuple = (), score: str | None = None):
+    """(onnx bytes with weights inside, the layer's tensor name, the dense seed) for one class score at `layer`;
+    `without`: passes of onnxcam/autodiff/passes.py left out; `score`: a tensor to seed in place of the model's
+    output (e.g. the class scores alone, before the head's Concat with the boxes)."""
+    import onnx
+
+    from onnxcam.autodiff import builder
+    from onnxcam.graph.model import ModelGraph
+    every = builder.PASSES
+    builder.PASSES = tuple(p for p in every if p not in without)
+    try:
+        return _explainable(ModelGraph(onnx.load_from_string(model), (1, 3, size, size)), layer, score)
+    finally:
+        builder.PASSES = every
+
+
+def _explainable(mg, layer: str, score: str | None):
+    import onnx
+
+    from onnxcam.rewrite import build, resolve_layers
+    score = score or mg.default_score()
+    layers = resolve_layers(mg, None if layer == "auto" else [layer], score)
+    rw = build(mg, layers, score)
+    proto = rw.model
+    for init in proto.graph.initializer:  # the placeholders take their values: one self-contained model file
+        if init.name in rw.weights:
+            init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(rw.weights[init.name]), init.name))
+    seed = np.zeros((1, 1, *rw.score_shape[1:]), np.float32)
+    row = 7 if rw.score_shape[1] == 80 else 4 + 7  # the class scores alone, or after the 4 box rows
+    seed[0, 0, row, seed.shape[-1] // 3] = 1.0  # one class score of one anchor
+    return proto.SerializeToString(), layers[0], seed
+
+
+def make_session(model: bytes, threads: int, profile: str | None = None):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    if profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def feeds_for(sess, image: np.ndarray, seed: np.ndarray | None) -> dict:
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.name == "images":
+            feeds[i.name] = image
+        elif i.type == "tensor(bool)":
+            feeds[i.name] = np.asarray(False)
+        else:
+            feeds[i.name] = seed
+    return feeds
+
+
+def time_modes(modes: dict, reps: int, idle: float) -> dict:
+    """{mode: [seconds per call]}: one call per mode per repetition, modes in a seeded new order each time."""
+    times = {m: [] for m in modes}
+    order = list(modes)
+    rng = random.Random(0)
+    for _ in range(reps):
+        rng.shuffle(order)
+        for m in order:
+            sess, feeds = modes[m]
+            time.sleep(idle)
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            times[m].append(time.perf_counter() - t0)
+    return times
+
+
+def node_times(model: bytes, feeds: dict, threads: int, runs: int) -> tuple[dict, dict]:
+    """({node: fastest kernel ms over `runs` profiled runs}, {node: op type}) after one warm-up run.
+
+    The sum of the per-node fastest times is the measure that the machine's other load disturbs least: a preempted
+    node is slow in one run, rarely in all of them."""
+    folder = tempfile.mkdtemp(prefix="onnxcam-prof-")
+    sess = make_session(model, threads, os.path.join(folder, "p"))
+    for _ in range(runs + 1):
+        time.sleep(0.05)
+        sess.run(None, feeds)
+    path = sess.end_profiling()
+    with open(path) as f:
+        events = json.load(f)
+    for p in glob.glob(os.path.join(folder, "*")):
+        os.remove(p)
+    os.rmdir(folder)
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    per_run = collections.defaultdict(list)
+    op_of = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= starts[1]:
+            name = e["name"][: -len("_kernel_time")]
+            per_run[name].append(e["dur"] / 1000.0)
+            op_of[name] = e["args"].get("op_name", "?")
+    return {n: min(v) for n, v in per_run.items()}, op_of
+
+
+def origins(model: bytes) -> dict:
+    """{gradient node name: 'forward op / rule'} from the doc_strings onnxcam writes (rewrite._sign)."""
+    import onnx
+    out = {}
+    for n in onnx.load_from_string(model).graph.node:
+        if n.doc_string.startswith("{"):
+            o = next(iter(json.loads(n.doc_string).values()))
+            out[n.name] = f"{o.get('op', '?')} / {o.get('rule', '?')}"
+    return out
+
+
+def report_profile(name: str, times: dict, op_of: dict, origin: dict, plain_ms: float, top: int) -> None:
+    """Kernel time of the forward part and of the gradient nodes (onnxcam_grad/...), by op type, by emitting
+    forward op and rule, and the costliest gradient nodes."""
+    grad = {n: v for n, v in times.items() if "onnxcam_grad" in n}
+    fwd = {n: v for n, v in times.items() if n not in grad}
+    total = sum(times.values())
+    print(f"{name}: kernel ms {total:.1f} = {total / plain_ms:.2f}x plain; forward part {sum(fwd.values()):.1f}, "
+          f"gradient {sum(grad.values()):.1f} ({len(grad)} nodes)")
+    for label, part in (("forward", fwd), ("gradient", grad)):
+        by_op = collections.Counter()
+        for n, v in part.items():
+            by_op[op_of[n]] += v
+        print(f"  {label} by op type: " + ", ".join(f"{k} {v:.1f}" for k, v in by_op.most_common(14)))
+    by_origin = collections.Counter()
+    for n, v in grad.items():
+        base = next((o for o in origin if n.startswith(o)), None)
+        by_origin[origin.get(base, "(fused by onnxruntime)")] += v
+    print("  gradient by forward op / rule: " + ", ".join(f"{k} {v:.1f}" for k, v in by_origin.most_common(12)))
+    for n, v in sorted(grad.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    {v:6.2f}  {op_of[n]:<16} {n}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=320)
+    ap.add_argument("--layers", default="auto,model.4", help="comma-separated: auto, or module paths / tensor names")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--idle", type=float, default=0.3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-runs", type=int, default=10)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--without", default="", help="comma-separated passes (autodiff/passes.py) to leave out; "
+                    "each layer is then also timed as LAYER-without")
+    ap.add_argument("--class-score", help="also time each layer seeding this tensor (the head's class scores, "
+                    "e.g. /model.22/Sigmoid_output_0) in place of the output, as LAYER-classes")
+    ap.add_argument("--save", help="write the (first) explainable model to this file and stop unless --reps")
+    ap.add_argument("--compare", action="append", default=[], help="NAME=FILE: an explainable model saved by --save "
+                    "(by another onnxcam tree) timed alongside")
+    args = ap.parse_args(argv)
+    import onnxcam
+    print(f"onnxcam from {os.path.dirname(onnxcam.__file__)}; size {args.size}; threads {args.threads}")
+    plain = export_yolov8n(args.size)
+    image = np.random.default_rng(1).random((1, 3, args.size, args.size), dtype=np.float32)
+    sess = make_session(plain, args.threads)
+    modes = {"plain": (sess, feeds_for(sess, image, None))}
+    models = {"plain": plain}
+    for layer in [s for s in args.layers.split(",") if s]:
+        t0 = time.perf_counter()
+        model, tensor, seed = explainable(plain, args.size, layer)
+        print(f"layer {layer} = {tensor!r}: built in {time.perf_counter() - t0:.1f} s")
+        if args.save:
+            with open(args.save, "wb") as f:
+                f.write(model)
+            np.save(args.save + ".seed.npy", seed)
+            args.save = None
+        s = make_session(model, args.threads)
+        modes[layer] = (s, feeds_for(s, image, seed))
+        models[layer] = model
+        if args.class_score:
+            model, _, cseed = explainable(plain, args.size, layer, score=args.class_score)
+            s = make_session(model, args.threads)
+            modes[f"{layer}-classes"] = (s, feeds_for(s, image, cseed))
+            models[f"{layer}-classes"] = model
+        if args.without:
+            model, _, _ = explainable(plain, args.size, layer, tuple(args.without.split(",")))
+            s = make_session(model, args.threads)
+            modes[f"{layer}-without"] = (s, feeds_for(s, image, seed))
+            models[f"{layer}-without"] = model
+    for spec in args.compare:
+        name, path = spec.split("=", 1)
+        with open(path, "rb") as f:
+            models[name] = f.read()
+        s = make_session(models[name], args.threads)
+        modes[name] = (s, feeds_for(s, image, np.load(path + ".seed.npy")))
+    if args.profile:
+        plain_ms = None
+        for name, model in models.items():
+            times, op_of = node_times(model, modes[name][1], args.threads, args.profile_runs)
+            plain_ms = plain_ms or sum(times.values())
+            report_profile(name, times, op_of, origins(model), plain_ms, args.top)
+    if args.reps <= 0:
+        return
+    for s, feeds in modes.values():
+        s.run(None, feeds)  # warm-up
+    times = time_modes(modes, args.reps, args.idle)
+    med0, min0 = statistics.median(times["plain"]), min(times["plain"])
+    print(f"{'mode':<14} {'median ms':>10} {'fastest ms':>11} {'x median':>9} {'x fastest':>10}")
+    for m, t in times.items():
+        med, lo = statistics.median(t), min(t)
+        print(f"{m:<14} {med * 1e3:10.1f} {lo * 1e3:11.1f} {med / med0:9.2f} {lo / min0:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
