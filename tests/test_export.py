@@ -26,7 +26,7 @@ from onnxcam.cam.api import explain
 from onnxcam.cam.cams import GradCAM, HiResCAM
 from onnxcam.cli import DEMO_MODEL, DEMO_SAMPLES, main
 from onnxcam.errors import InputError
-from onnxcam.export import EXPORTABLE, _Ops, _resized, export
+from onnxcam.export import EXPORTABLE, _inferred_shapes, _linear_weights, _Ops, _pooled_gradient, _resized, export
 
 NODE_DIR = Path(__file__).parent / "node"
 KERAS = Path(__file__).parent / "fixtures" / "keras" / "custom_cnn.onnx"
@@ -184,7 +184,7 @@ def test_a_dynamic_size_model_is_exported_at_the_size_given():
 @pytest.mark.parametrize("opset", [11, 13, 18])
 def test_the_resize_is_cv2s_inter_linear(source, size, opset):
     o = _Ops(opset)
-    out = _resized(o, "maps", *size)
+    out = _resized(o, "maps", source, size)
     graph = onnx.helper.make_graph(o.nodes, "resize", [onnx.helper.make_tensor_value_info("maps", 1, [2, 3, *source])],
                                    [onnx.helper.make_tensor_value_info(out, 1, None)], o.initializers)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=8)
@@ -192,6 +192,83 @@ def test_the_resize_is_cv2s_inter_linear(source, size, opset):
     got = session(model).run(None, {"maps": maps})[0]
     want = image.resize_maps(maps.reshape(6, *source), (size[1], size[0])).reshape(2, 3, *size)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("source,size", [((7, 7), (224, 224)), ((14, 10), (5, 3)), ((3, 17), (17, 3)), ((6, 4), (4, 6)),
+                                         ((1000, 5), (999, 1))])
+def test_the_resize_weights_are_cv2s(source, size):
+    """The weight matrices the export multiplies by are those cv2 itself gives (read off an identity), per axis."""
+    for s, d in zip(source, size):
+        np.testing.assert_allclose(_linear_weights(s, d), image._linear_weights(s, d), rtol=0, atol=1e-7)
+
+
+# ---- the cost of the appended graph -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_nothing_added_is_as_large_as_the_layer(top_k):
+    """Grad-CAM in the graph runs on every inference, so next to Lite0 it must cost little: the weighted channel sum
+    is one MatMul (no (N, S, C, h, w) product to reduce), the global average pool's gradient is read as its one value
+    per channel (not broadcast to (N, C, h, w) and averaged back), the resize is two small MatMuls (no Resize, no
+    run-time sizes), and no Squeeze copies a full-size map. So no node the export adds writes a tensor as large as
+    the layer's activation, besides the maps at the input's size (Reshape and Cast aside: onnxruntime runs them in
+    place or drops them). The static shapes leave the batch free: batch 1 and 3 give the Python path's maps."""
+    model = export(str(DEMO_MODEL), "gradcam", top_k=top_k)
+    layer = onnxcam.Explainer(str(DEMO_MODEL)).layers[0]
+    original = {n.name for n in onnx.load(str(DEMO_MODEL)).graph.node}
+    dims = _inferred_shapes(model)
+    assert dims[layer][0] == "N" and "Resize" not in {n.op_type for n in model.graph.node}
+    layer_size = np.prod(dims[layer][1:])
+    for node in model.graph.node:
+        if node.name in original or node.op_type in ("Reshape", "Cast"):
+            continue
+        for out in node.output:
+            shape = dims[out][1:]  # past the batch axis
+            assert all(isinstance(d, int) for d in shape), (node.name, out, dims[out])
+            if shape[-2:] != [224, 224]:
+                assert np.prod(shape) < layer_size, (node.op_type, node.name, dims[out])
+    x = photos()
+    for batch in (x[:1], np.concatenate([x, x[:1, :, :, ::-1]])):
+        got = run(model, np.ascontiguousarray(batch))
+        want = GradCAM(str(DEMO_MODEL), device="cpu").explainer.run(batch, top_k=top_k or 1)
+        assert got["cam"].shape[0] == len(batch)
+        np.testing.assert_array_equal(got["cam_class"], want.targets if top_k else want.targets[:, 0])
+        for k in range(top_k or 1):
+            maps = GradCAM(str(DEMO_MODEL), device="cpu").maps_for(batch, want.rank(k))
+            np.testing.assert_allclose(got["cam"][:, k] if top_k else got["cam"], maps, rtol=0, atol=TOL)
+
+
+def _gradient_model(p_shape, c: np.ndarray, g_shape, seeds: int = 1) -> onnx.ModelProto:
+    """g = p * c, or with several seeds the rewrite's Concat of each seed's p_i * c unsqueezed at axis 1."""
+    make = onnx.helper
+    nodes = [make.make_node("Mul", [f"p{i}", "c"], [f"g{i}"]) for i in range(seeds)]
+    if seeds > 1:
+        nodes += [make.make_node("Unsqueeze", [f"g{i}", "axis"], [f"u{i}"]) for i in range(seeds)]
+        nodes.append(make.make_node("Concat", [f"u{i}" for i in range(seeds)], ["g"], axis=1))
+        g_shape = [g_shape[0], seeds, *g_shape[1:]]
+    else:
+        nodes[0].output[0] = "g"
+    graph = make.make_graph(nodes, "pooled", [make.make_tensor_value_info(f"p{i}", 1, p_shape) for i in range(seeds)],
+                            [make.make_tensor_value_info("g", 1, g_shape)],
+                            [onnx.numpy_helper.from_array(c.astype(np.float32), "c"),
+                             onnx.numpy_helper.from_array(np.array([1]), "axis")])
+    return make.make_model(graph, opset_imports=[make.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+@pytest.mark.parametrize("p_shape,c,g_shape,channels_last,pooled", [
+    (["N", 4, 1, 1], np.full((1, 1, 3, 3), 1 / 9), ["N", 4, 3, 3], False, True),  # a global average pool's
+    (["N", 1, 1, 4], np.full((1, 3, 3, 1), 1 / 9), ["N", 3, 3, 4], True, True),  # the same, channels-last
+    (["N", 1, 1, 4], np.full((1, 3, 3, 1), 1 / 9), ["N", 3, 3, 4], False, False),  # read as NCHW: not 1 x 1
+    (["N", 4, 1, 1], np.arange(9.0).reshape(1, 1, 3, 3), ["N", 4, 3, 3], False, False),  # not equal everywhere
+    (["N", 4, 3, 3], np.full((1, 1, 1, 1), 0.5), ["N", 4, 3, 3], False, False),  # p varies in space
+    (["N", 1, 1, 1], np.full((1, 4, 3, 3), 1 / 9), ["N", 4, 3, 3], False, False),  # p broadcast over channels
+])
+def test_a_pooled_gradient_is_read_off_only_where_it_is_one(p_shape, c, g_shape, channels_last, pooled, seeds):
+    """Grad-CAM's weights are p * c only when each seed's gradient is p * c with p one value per sample and channel
+    and c the same at every position; otherwise the export takes the spatial mean of the gradients themselves."""
+    model = _gradient_model(p_shape, c, g_shape, seeds)
+    found = _pooled_gradient(model, "g", channels_last, seeds, _inferred_shapes(model))
+    assert found == (([f"p{i}" for i in range(seeds)], float(np.float32(c.flat[0]))) if pooled else None)
 
 
 # ---- what the model says about itself, refusals, the command ---------------------------------------------------
