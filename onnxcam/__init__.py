@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path as _Path
 
+from . import cache
 from .cam import (
     CAM,
     FEM,
+    ISCAM,
     KPCA_CAM,
+    SSCAM,
     AblationCAM,
     CounterfactualGradCAM,
+    DeepFeatureFactorization,
     EigenCAM,
     EigenGradCAM,
     Explanation,
@@ -27,6 +31,8 @@ from .cam import (
     RandomCAM,
     Saliency,
     ScoreCAM,
+    ShapleyCAM,
+    SmoothGradCAMpp,
     XGradCAM,
     explain,
 )
@@ -50,10 +56,13 @@ __all__ = [
     "BUNDLED_MODEL",
     "CAM",
     "FEM",
+    "ISCAM",
     "KPCA_CAM",
     "SAMPLE_IMAGES",
+    "SSCAM",
     "AblationCAM",
     "CounterfactualGradCAM",
+    "DeepFeatureFactorization",
     "DeviceError",
     "EigenCAM",
     "EigenGradCAM",
@@ -80,8 +89,11 @@ __all__ = [
     "Result",
     "Saliency",
     "ScoreCAM",
+    "ShapleyCAM",
+    "SmoothGradCAMpp",
     "UnsupportedOpError",
     "XGradCAM",
     "__version__",
+    "cache",
     "explain",
 ]

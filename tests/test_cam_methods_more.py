@@ -272,3 +272,58 @@ def test_ablationcam_on_a_tail_that_reads_shape_tensors():
         alone = onnxcam.explain(onnxcam.BUNDLED_MODEL, x[i:i + 1], method="ablationcam").maps
         np.testing.assert_allclose(both[i], alone[0], atol=1e-6)
     assert both.std() > 0
+
+
+# ---- AblationCAM's ratio_channels_to_ablate -------------------------------------------------------------------------
+def _selection_margins(a: np.ndarray, ratio: float) -> tuple[float, float]:
+    """How far one sample's choice of channels is from changing: the smallest gap between the finite scores on
+    either side of a cut (NaN scores, of constant channels, sort highest), and the projection's distance from 0.01."""
+    from onnxcam.cam.projection import get_2d_projection
+
+    proj = np.abs(get_2d_projection(a[None])[0])
+    proj = (proj - proj.min()) / proj.max()
+    flat = np.abs(a).reshape(len(a), -1)
+    flat = flat - flat.min(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        scores = ((proj.reshape(-1) > 0.01) * flat).sum(1) / flat.sum(1)
+    k, finite = int(len(a) * ratio), np.sort(scores[np.isfinite(scores)])
+    top = k - (len(a) - len(finite))  # finite scores among the k highest
+    gaps = [finite[k] - finite[k - 1]] + ([finite[-top] - finite[-top - 1]] if top > 0 else [])
+    return min(gaps), float(np.abs(proj - 0.01).min())
+
+
+@pytest.mark.parametrize("classes", [None, CLASSES])
+def test_ablationcam_ratio_matches_pytorch_grad_cam(classes):
+    model, onnx_bytes, x = small()
+    with pgc.AblationCAM(model, [model.block], batch_size=5, ratio_channels_to_ablate=0.25) as cam:
+        want = cam(x, _torch_targets(classes))
+    ours = onnxcam.AblationCAM(onnx_bytes, ["block"], device="cpu", batch_size=5, ratio_channels_to_ablate=0.25)
+    got = ours(x, classes)
+    assert _diff(got, want) < TOL
+    # By construction, not by luck: 3 of the 12 channels are the dead ones (NaN scores, the highest), 3 the lowest
+    # scores, and each cut and the 0.01 threshold are 1e-5 away at least, 10x the relative difference between
+    # onnxruntime's and torch's activations here (~1e-6).
+    for a in ours.result.activations[ours.target_layers[0]]:
+        gap, threshold = _selection_margins(np.float64(a), 0.25)
+        assert gap > 1e-5 and threshold > 1e-5
+    with pgc.AblationCAM(model, [model.block], batch_size=5) as cam:
+        assert np.abs(cam(x, _torch_targets(classes)) - got).max() > 1e-2  # the ratio changes the map
+
+
+def test_ablationcam_ratio_above_half_ablates_every_channel_once():
+    """From 0.5 up the highest and lowest int(C * ratio) cover every channel: the map is the full ablation's.
+    pytorch-grad-cam ablates the overlap twice, and its bookkeeping then gives every channel after the first repeated
+    one its original score (weight 0), so its map differs from its own full ablation (documented in AblationCAM)."""
+    model, onnx_bytes, x = small()
+    full = onnxcam.AblationCAM(onnx_bytes, ["block"], device="cpu")(x, CLASSES)
+    half = onnxcam.AblationCAM(onnx_bytes, ["block"], device="cpu", batch_size=4, ratio_channels_to_ablate=0.75)
+    np.testing.assert_array_equal(half(x, CLASSES), full)
+    with pgc.AblationCAM(model, [model.block], batch_size=4, ratio_channels_to_ablate=0.75) as cam:
+        assert np.abs(cam(x, _torch_targets(CLASSES)) - full).max() > 1e-2
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, -0.1, "half", True])
+def test_ablationcam_bad_ratio_is_one_clear_error(bad):
+    _, onnx_bytes, _ = small()
+    with pytest.raises(InputError, match="ratio_channels_to_ablate"):
+        onnxcam.AblationCAM(onnx_bytes, ["block"], device="cpu", ratio_channels_to_ablate=bad)

@@ -20,11 +20,13 @@ from .cams import (
     Saliency,
     XGradCAM,
 )
+from .feature_factorization import DeepFeatureFactorization
 from .fullgrad import FullGrad
 from .gradient_free import AblationCAM, ScoreCAM
 from .guided import GuidedBackprop, GuidedBackpropReLUModel, GuidedGradCAM
 from .methods import METHODS
 from .postprocess import deprocess_image, scale_cam_image
+from .shapley import ShapleyCAM
 from .targets import (
     BinaryClassifierOutputTarget,
     ClassifierOutputSoftmaxTarget,
@@ -32,21 +34,25 @@ from .targets import (
     RawScoresOutputTarget,
     SemanticSegmentationTarget,
 )
+from .torchcam_methods import ISCAM, SSCAM, SmoothGradCAMpp
 
 __all__ = [
     "CAM",
     "CLASSES",
     "CLASS_AGNOSTIC",
     "FEM",
+    "ISCAM",
     "KPCA_CAM",
     "METHODS",
     "REGISTRY",
+    "SSCAM",
     "AblationCAM",
     "BaseCAM",
     "BinaryClassifierOutputTarget",
     "ClassifierOutputSoftmaxTarget",
     "ClassifierOutputTarget",
     "CounterfactualGradCAM",
+    "DeepFeatureFactorization",
     "EigenCAM",
     "EigenGradCAM",
     "Explanation",
@@ -67,6 +73,8 @@ __all__ = [
     "Saliency",
     "ScoreCAM",
     "SemanticSegmentationTarget",
+    "ShapleyCAM",
+    "SmoothGradCAMpp",
     "XGradCAM",
     "deprocess_image",
     "explain",

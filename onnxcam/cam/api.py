@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..explainer import Explainer, Result
-from . import cams, fullgrad, gradient_free, guided
+from . import cams, fullgrad, gradient_free, guided, shapley, torchcam_methods
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,11 @@ REGISTRY: dict[str, MethodInfo] = {
     "scorecam": MethodInfo(gradient_free.ScoreCAM, "ScoreCAM", shared_run=False),
     "ablationcam": MethodInfo(gradient_free.AblationCAM, "AblationCAM", shared_run=False),
     "fullgrad": MethodInfo(fullgrad.FullGrad, "FullGrad", shared_run=False),
+    "smoothgradcam++": MethodInfo(torchcam_methods.SmoothGradCAMpp, "SmoothGradCAM++", shared_run=False,
+                                  aliases=("smoothgradcampp",)),
+    "sscam": MethodInfo(torchcam_methods.SSCAM, "SS-CAM", shared_run=False),
+    "iscam": MethodInfo(torchcam_methods.ISCAM, "IS-CAM", shared_run=False),
+    "shapleycam": MethodInfo(shapley.ShapleyCAM, "ShapleyCAM", shared_run=False),
 }
 # method name or alias -> class ("gradcam++" has "gradcampp" as an alias for command lines and file names)
 CLASSES = {name: info.cls for key, info in REGISTRY.items() for name in (key, *info.aliases)}
@@ -57,6 +62,8 @@ _INPUT_METHODS = frozenset(name for name, info in REGISTRY.items() if info.input
 
 @dataclass
 class Explanation:
+    """What explain() returns for one method: the maps and everything they were made from (fields below)."""
+
     maps: np.ndarray            # (N, H, W) float32 in [0, 1] at the input's size; (N, H, W, C) for the guided methods
     raw: dict                   # layer -> (N, h, w) raw map before ReLU and scaling (Grad-CAM's for guided_gradcam)
     logits: np.ndarray          # (N, K): the score

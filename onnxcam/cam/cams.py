@@ -199,7 +199,7 @@ def finer_targets(outputs: np.ndarray, alpha: float = 1, comparison_categories=N
                   target_idx: int | None = None) -> list:
     """Finer-CAM's default targets from the logits (N, K): main class = the top one (or target_idx); the classes
     sorted by |z_k - z_main| ascending; comparisons = those at the given ranks (default 1, 2, 3, within K)."""
-    from ..utils.model_targets import FinerWeightedTarget
+    from .targets import FinerWeightedTarget
 
     outputs = np.asarray(outputs)
     if outputs.ndim != 2:

@@ -10,13 +10,13 @@ import logging
 import numpy as np
 import onnx
 
-from ..cam.targets import ClassifierOutputTarget, _numpy
+from ..cam.targets import ClassifierOutputTarget, _numpy, as_target
 from ..errors import InputError, ModelError
 from ..explainer import Explainer
+from ..graph.evaluate import runtime_failure
+from ..graph.inputs import model_inputs
 from ..graph.load import load_detached
-from ..graph.model import runtime_failure
 from ..runtime import session
-from ..utils.model_targets import as_target
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ class ModelScorer:
         else:
             proto, weights, _ = load_detached(model, base_dir)
         graph = proto.graph
-        held = {t.name for t in graph.initializer}
-        inputs = [i for i in graph.input if i.name not in held]
+        inputs = model_inputs(proto)
         if len(inputs) != 1:
             raise ModelError(f"the metrics run models with one input; this one has {[i.name for i in inputs]}")
         self.input_name = inputs[0].name
