@@ -195,6 +195,69 @@ def test_nms_keeps_the_best_of_overlapping_boxes_per_class():
     assert kept.tolist() == [0, 2, 3]
 
 
+def _forward_nodes_of_gradient(mg: ModelGraph, layer: str, score: str) -> set:
+    """Names of the forward nodes whose gradient rules the explainable model runs (rewrite._sign's origins)."""
+    from onnxcam import rewrite
+    model = rewrite.build(mg, [layer], score).model
+    return {next(iter(json.loads(n.doc_string).values()))["node"] for n in model.graph.node
+            if n.doc_string.startswith("{")}
+
+
+def test_class_target_seeds_the_class_scores_alone_with_the_same_gradient():
+    """A class target has no box term: seeding the head's class scores (the class input of the final Concat)
+    gives the gradient at the automatic layer of seeding output0, without the DFL/box branch on the gradient path;
+    a seed with an IoU term weights the box rows and keeps output0."""
+    _, onnx_model, x = yolo()
+    mg = ModelGraph(onnx.load_from_string(onnx_model), (1, 3, SIZE, SIZE))
+    score = mg.default_score()
+    layer = mg.default_layer(score)
+    layout = detect.recognise(mg.shape(mg.tensor(score)), (SIZE, SIZE))
+    rows = detect.class_rows(mg, score, layout)
+    assert rows is not None and (rows.lo, rows.hi) == (4, 4 + CLASSES)
+    assert mg.producer(mg.tensor(rows.tensor)).op == "Sigmoid"
+    whole = onnxcam.Explainer(onnx_model, layers=[layer], score=score, device="cpu")
+    alone = onnxcam.Explainer(onnx_model, layers=[layer], score=rows.tensor, device="cpu")
+    outputs = whole.run(x.numpy(), seed=np.zeros((2, 4 + CLASSES, 84), np.float32)).logits
+    seeds = np.stack([detect.detection_seed(o, layout, anchor, label) for o, anchor, label
+                      in zip(outputs, (5, 70), (2, 0))])
+    want = whole.run(x.numpy(), seed=seeds).gradients[layer]
+    got = alone.run(x.numpy(), seed=rows.slice(seeds)).gradients[layer]
+    assert np.abs(want).max() > 1e-3 and np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    via_output, via_classes = (_forward_nodes_of_gradient(mg, layer, s) for s in (score, rows.tensor))
+    box = {n for n in via_output if n.startswith(("/dfl/", "/box."))}
+    assert "/dfl/Conv" in box and not via_classes & box
+    iou = detect.detection_seed(outputs[0], layout, 5, 2, ref_box=(0.0, 0.0, 40.0, 40.0))
+    assert not rows.covers(iou)
+    with pytest.raises(InputError, match="seed the detection output itself"):
+        rows.slice(iou)
+
+
+def test_class_rows_fall_back_to_the_output_unless_a_pure_copy():
+    """YOLOv5-style (N, A, 5+C): the objectness x class seed is exact on the Concat input holding objectness and
+    classes; a head whose class tensor also holds box rows, or whose output is no Concat, seeds the output."""
+    class V5(nn.Module):
+        def __init__(self, split: int):
+            super().__init__()
+            self.conv, self.split = nn.Conv2d(3, 5 + CLASSES, 8, 8), split
+
+        def forward(self, x):
+            p = self.conv(x).flatten(2).sigmoid()
+            return torch.cat([p[:, :self.split] * 8, p[:, self.split:]], 1).transpose(1, 2)
+
+    x = torch.rand(1, 3, SIZE, SIZE)
+    for split, want in ((4, (4, 5 + CLASSES)), (2, None)):
+        mg = ModelGraph(onnx.load_from_string(_export(V5(split).eval(), x)), (1, 3, SIZE, SIZE))
+        layout = detect.recognise((1, 64, 5 + CLASSES), (SIZE, SIZE), decode="yolov5")
+        rows = detect.class_rows(mg, mg.default_score(), layout)
+        if want is None:  # the objectness row comes with box rows: no tensor holds the score's rows alone
+            assert rows is None
+            continue
+        assert (rows.lo, rows.hi) == want
+        seed = detect.detection_seed(np.full((64, 5 + CLASSES), 0.5, np.float32), layout, 3, 1)
+        sliced = rows.slice(seed)  # (N, A, 5+C) was transposed from the Concat's (N, 5+C, A)
+        assert sliced.shape == (1 + CLASSES, 64) and sliced[0, 3] == sliced[2, 3] == 0.5 and sliced.sum() == 1
+
+
 # ---- a segmenter ---------------------------------------------------------------------------------------------
 class Out(nn.Module):
     def __init__(self, model: nn.Module):
@@ -388,6 +451,7 @@ def test_cli_draws_detections_and_writes_boxes(tmp_path, photo):
     stem = photo.stem
     record = json.loads((tmp_path / "o" / f"{stem}.json").read_text())
     assert record["task"] == "detect" and record["decoding"]["decode"] == "yolov8"
+    assert record["decoding"]["seeded"] == "/Sigmoid_output_0"  # the class scores alone: no box term in the seeds
     assert record["layer_rule"].startswith("detect:") and len(record["detections"]) == 2
     d = record["detections"][0]
     assert d["name"] in ("cat", "dog", "cup") and len(d["box_image"]) == 4 and d["overlay"]

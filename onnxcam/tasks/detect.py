@@ -328,6 +328,85 @@ def _fmt(shape) -> str:
     return "(" + ", ".join("N" if d is None or isinstance(d, str) else str(d) for d in shape) + ")"
 
 
+# ---- seeding the class scores alone ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClassRows:
+    """The head's class-score tensor and the output rows it fills: output = Concat([box rows, ..., tensor],
+    features axis) behind Transposes/Identities only, so the rows [lo, hi) of each sample's (features, anchors)
+    view are a pure copy of `tensor`. A seed that is zero outside those rows (a class score, or objectness x class
+    when the objectness row is among them) gives the same gradient seeded on `tensor`, and the box branch (YOLOv8's
+    DFL) is off the gradient path: a class target costs less (issue 14, cost at the automatic layer)."""
+
+    tensor: str
+    lo: int
+    hi: int
+    perm: tuple[int, int]   # sample axis k of the Concat's output = sample axis perm[k] of the output
+    features_axis: int      # the Concat's sample axis holding the features (0 or 1)
+
+    def covers(self, seed: np.ndarray) -> bool:
+        """True when one sample's output-shaped seed is zero outside the rows this tensor fills."""
+        rows = self._concat_view(np.asarray(seed))
+        outside = np.delete(rows, np.s_[self.lo:self.hi], axis=self.features_axis + rows.ndim - 2)
+        return not np.any(outside)
+
+    def slice(self, seed: np.ndarray) -> np.ndarray:
+        """One sample's (or a batch's: leading axes kept) output-shaped seed as a seed of `tensor`; InputError
+        when it is not zero outside the rows (an IoU term: seed the output instead)."""
+        seed = np.asarray(seed, np.float32)
+        if not self.covers(seed):
+            raise InputError(f"this seed weights the box rows, which {self.tensor!r} does not hold: seed the "
+                             "detection output itself (a target with an IoU term)")
+        rows = self._concat_view(seed)
+        index = [slice(None)] * rows.ndim
+        index[self.features_axis + rows.ndim - 2] = slice(self.lo, self.hi)
+        return np.ascontiguousarray(rows[tuple(index)])
+
+    def _concat_view(self, seed: np.ndarray) -> np.ndarray:
+        lead = seed.ndim - 2
+        return seed.transpose(*range(lead), lead + self.perm[0], lead + self.perm[1])
+
+
+def class_rows(mg, score: str, layout: DetectionLayout) -> ClassRows | None:
+    """The class-score tensor behind a YOLO head's output `score`, when a seed on it is exactly a seed on the
+    output restricted to its rows. Precondition, checked: the output is a Concat along the features axis (behind
+    Transposes and Identities only) whose input holding the class rows (and, for objectness x class, the
+    objectness row) holds no box row and has static sizes. Anything else (a Reshape, per-scale Concats along the
+    anchors, a Mul after the Concat) gives None, logged at DEBUG: the output itself is then seeded."""
+    t, perm = mg.tensor(score), [0, 1, 2]   # output axis i = axis perm[i] of the tensor reached walking back
+    while (node := mg.producer(t)) is not None and node.op in ("Identity", "Transpose"):
+        if node.op == "Transpose":
+            p = node.attrs.get("perm")
+            if p is None or len(p) != 3:
+                return _no_rows(score, "a Transpose without a 3-D perm")
+            perm = [int(p[k]) for k in perm]
+        t = node.inputs[0]
+    if node is None or node.op != "Concat":
+        return _no_rows(score, f"it is made by {node.op if node is not None else 'no node'}, not a Concat")
+    out_features = 1 if layout.anchors_last else 2
+    features = perm[out_features]
+    axis = int(node.attrs.get("axis", 0)) % 3
+    if perm[0] != 0 or axis != features:
+        return _no_rows(score, f"its Concat joins axis {axis}, not the features axis {features}")
+    need = (4 if layout.objectness else layout.first_class, layout.first_class + layout.classes)
+    lo = 0
+    for inp in node.inputs:
+        shape = mg.shape(inp)
+        size = shape[axis] if shape is not None and len(shape) == 3 else None
+        if not isinstance(size, int):
+            return _no_rows(score, f"Concat input {inp.name!r} has no static size along the features axis")
+        if lo <= need[0] and need[1] <= lo + size:
+            if lo < 4:
+                return _no_rows(score, f"Concat input {inp.name!r} holds box rows too")
+            sample_perm = (perm[1] - 1, perm[2] - 1)
+            return ClassRows(inp.name, lo, lo + size, sample_perm, features - 1)
+        lo += size
+    return _no_rows(score, f"no Concat input holds rows {need[0]} to {need[1] - 1} alone")
+
+
+def _no_rows(score: str, why: str) -> None:
+    log.debug("seeding output %r itself, not its class scores: %s", score, why)
+
+
 # ---- detectors exported whole (torchvision SSD/SSDlite, RetinaNet): detections after NMS -------------------------
 @dataclass(frozen=True)
 class Selection:

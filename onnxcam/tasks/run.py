@@ -76,7 +76,11 @@ class TaskRunner:
             self.layers, self.layer_rule = list(layers), "given"
         else:
             self.layers, self.layer_rule = [mg.default_layer(self.score, self.task)], mg.layer_rule
-        self.explainer = Explainer(loaded, layers=self.layers, score=self.score, device=device,
+        # a class target has no box term: seed the head's class scores alone, the box branch off the gradient path
+        self.rows = detect.class_rows(mg, self.score, self.layout) if self.layout is not None else None
+        seeded = self.rows.tensor if self.rows is not None else self.score
+        self.seed_shape = mg.shape(mg.tensor(seeded))[1:]
+        self.explainer = Explainer(loaded, layers=self.layers, score=seeded, device=device,
                                    input_shape=self.pre.input_shape(1))
         self.layers = self.explainer.layers
         self.cam = method_object(self.explainer, self.method)
@@ -86,7 +90,8 @@ class TaskRunner:
         if self.selection is not None:
             return {**self.selection.describe(), "conf": self.conf, "top": self.top}
         if self.layout is not None:
-            return {**self.layout.describe(), "conf": self.conf, "top": self.top, "nms_iou": 0.45}
+            seeded = {"seeded": self.rows.tensor} if self.rows is not None else {}
+            return {**self.layout.describe(), "conf": self.conf, "top": self.top, "nms_iou": 0.45, **seeded}
         k = self.score_shape[1]
         return {"maps": f"(N, {k}, H, W)", "classes": k,
                 "mask": "pixels above 0.3" if k == 1 else "the class's argmax pixels", "top": self.top}
@@ -100,8 +105,11 @@ class TaskRunner:
         start = time.perf_counter()
         rgb = f.rgb if f.rgb is not None else image.read_image(f.path, self.max_pixels)
         x = image.to_input(rgb, self.pre)[None]
-        first = self.explainer.run(x, seed=np.zeros((1, *self.score_shape[1:]), np.float32))
-        items, seeds = self._targets(first.logits[0], rgb, first.outputs)
+        first = self.explainer.run(x, seed=np.zeros((1, *self.seed_shape), np.float32))
+        sample = first.outputs[self.score][0] if self.rows is not None else first.logits[0]
+        items, seeds = self._targets(sample, rgb, first.outputs)
+        if self.rows is not None:
+            seeds = [self.rows.slice(s) for s in seeds]
         maps, zero = np.zeros((0, *rgb.shape[:2]), np.float32), []
         if seeds:
             maps = self.cam(np.repeat(x, len(seeds), axis=0), targets=seeds)
