@@ -301,9 +301,10 @@ def explain(model, inputs, methods, layers, target, output, out, size, mean, std
         onnxcam explain model.onnx photos/ --out maps/ --resume --report
         onnxcam explain tf_model.onnx dog.png --size 224x224 --mean 0.5 --std 0.5 --target 207
     """
-    from .pipeline import Runner, find_images
+    from .pipeline import Runner, configure_process, find_images
 
     _refuse_input_in_out(inputs, out)
+    click.get_current_context().call_on_close(configure_process())  # onnxruntime and malloc settings (RSS, CPU)
     if task != "classify" and ray_address is None:  # detectors and segmenters: onnxcam/tasks/run.py
         from .tasks.run import run_cli
         status = run_cli(model, inputs, out=out, echo=click.echo, task=task, method=methods[0], conf=conf, top=top,

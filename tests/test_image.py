@@ -253,6 +253,37 @@ def test_overlay_makes_no_full_size_float_copies_of_the_image(monkeypatch):
     np.testing.assert_array_equal(out, np.uint8(255 * (cam / np.max(cam))))
 
 
+@pytest.mark.parametrize("weight", [0.5, 0.3])
+def test_pictures_equal_the_float_blend_pixel_for_pixel(monkeypatch, weight):
+    """image.pictures looks the blend up per (heat value, image value) pair: equal on every pixel to
+    show_cam_on_image's float32 arithmetic, for random, uniform, black and white images and maps that are zero,
+    above 1 or below 0, done in several bands of rows."""
+    monkeypatch.setattr(image, "_BAND_PIXELS", 300)
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), np.full((20, 31, 3), 77, np.uint8),
+              np.zeros((9, 40, 3), np.uint8), np.full((25, 12, 3), 255, np.uint8)]
+    masks = [rng.random((7, 7)).astype(np.float32), np.zeros((7, 7), np.float32),
+             (rng.random((5, 9)) * 3 - 1).astype(np.float32), np.ones((2, 2), np.float32)]
+    for rgb in images:
+        for mask in masks:
+            h, w = rgb.shape[:2]
+            out, heat = image.pictures(rgb, mask, weight)
+            big = cv2.resize(mask, (w, h))
+            want_heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(big, 0, 1)), cv2.COLORMAP_JET),
+                                     cv2.COLOR_BGR2RGB)
+            cam = (1 - weight) * (np.float32(want_heat) / 255) + weight * (np.float32(rgb) / 255)
+            np.testing.assert_array_equal(heat, want_heat)
+            np.testing.assert_array_equal(out, np.uint8(255 * (cam / np.float32(np.max(cam)))))
+            np.testing.assert_array_equal(image.overlay(rgb, mask, weight), out)
+
+
+@pytest.mark.parametrize("level", [None, 0, 1, 9])
+def test_png_levels_decode_to_the_same_pixels(level):
+    rgb = np.random.default_rng(2).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    decoded = cv2.imdecode(np.frombuffer(image.encode_png(rgb, level), np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(decoded[..., ::-1], rgb)
+
+
 def test_png_round_trip(tmp_path):
     rgb = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     path = tmp_path / "x.png"

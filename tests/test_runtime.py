@@ -46,3 +46,19 @@ def test_auto_runs_on_the_cpu_without_a_gpu_and_bad_device_names_fail():
     assert sess.get_providers()[0] == ("CUDAExecutionProvider" if cuda_usable() else "CPUExecutionProvider")
     with pytest.raises(DeviceError, match="device must be one of auto, cpu, cuda, not 'gpu'"):
         session(_matmul_with_placeholder_weight(), "gpu")
+
+
+def test_onnxcams_own_session_options_are_applied_not_passed_on(monkeypatch):
+    """SESSION_CONFIG's "onnxcam.mem_pattern" switches onnxruntime's memory pattern (the command line turns it off:
+    pipeline.configure_process); an unknown "onnxcam." key is an internal error, not an onnxruntime entry."""
+    from onnxcam import runtime
+    from onnxcam.errors import InternalError
+
+    assert runtime._options().enable_mem_pattern
+    monkeypatch.setitem(runtime.SESSION_CONFIG, "onnxcam.mem_pattern", "0")
+    assert not runtime._options().enable_mem_pattern
+    with pytest.raises(RuntimeError, match="onnxcam.mem_pattern"):  # not handed to onnxruntime as an entry
+        runtime._options().get_session_config_entry("onnxcam.mem_pattern")
+    monkeypatch.setitem(runtime.SESSION_CONFIG, "onnxcam.nonsense", "1")
+    with pytest.raises(InternalError, match="onnxcam.nonsense"):
+        runtime._options()

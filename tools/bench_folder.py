@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.prepare:  # in a child process: see below
+        args.work.mkdir(parents=True, exist_ok=True)
         make_model(args.work)
         for n in (args.photos, args.more):
             if n:
