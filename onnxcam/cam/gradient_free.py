@@ -27,7 +27,7 @@ from ..runtime import session
 from . import methods
 from .base import BaseCAM
 from .projection import get_2d_projection
-from .targets import ClassifierOutputTarget
+from .targets import ClassifierOutputTarget, per_sample
 
 log = logging.getLogger(__name__)
 
@@ -325,20 +325,10 @@ def channels_to_ablate(activations: np.ndarray, ratio: float = 1.0) -> np.ndarra
 
 def _numpy_targets(targets, logits: np.ndarray) -> list:
     """One numpy target per sample (None: each sample's top class; an int: that class for all)."""
-    from .targets import as_target
-
     n = len(logits)
     if targets is None:
         return [ClassifierOutputTarget(int(np.argmax(row))) for row in logits.reshape(n, -1)]
-    if isinstance(targets, (int, np.integer)):
-        targets = [targets] * n
-    targets = list(targets)
-    if len(targets) != n:
-        raise InputError(f"got {len(targets)} targets for a batch of {n} samples; give one per sample")
-    try:
-        return [as_target(t) for t in targets]
-    except TypeError as exc:
-        raise InputError(str(exc)) from None
+    return per_sample(targets, n)
 
 
 def masked_inputs(x: np.ndarray, samples: np.ndarray, masks: np.ndarray, nhwc: bool, out: np.ndarray) -> np.ndarray:

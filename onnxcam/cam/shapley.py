@@ -24,7 +24,7 @@ from ..graph.evaluate import runtime_failure
 from ..runtime import SESSION_CONFIG, session
 from .base import BaseCAM
 from .methods import gradcam
-from .targets import ClassifierOutputReST, ClassifierOutputSoftmaxTarget, ClassifierOutputTarget, as_target
+from .targets import ClassifierOutputReST, ClassifierOutputSoftmaxTarget, ClassifierOutputTarget, per_sample
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class ShapleyCAM(BaseCAM):
         n = x.shape[0]
         shape = ex.analysis.build_shape or x.shape  # as Explainer.run: the size built for, else this input's
         layers = ex.choose_layers(shape)
-        groups = _kinds(None if targets is None else _target_objects(targets, n), n)
+        groups = _kinds(None if targets is None else per_sample(targets, n), n)
         parts = []
         for kind, (rows, wanted) in groups.items():
             hm, sess = self._compiled(kind, shape, layers)
@@ -94,19 +94,6 @@ class ShapleyCAM(BaseCAM):
             ex.loaded.release_weights()
             return hm, sess
         return CACHE.get_or_build("sessions", key, build)
-
-
-def _target_objects(targets, n: int) -> list:
-    """One onnxcam target per sample (an int: that class for every sample)."""
-    if isinstance(targets, (int, np.integer)):
-        targets = [targets] * n
-    targets = list(targets)
-    if len(targets) != n:
-        raise InputError(f"got {len(targets)} targets for a batch of {n} samples; give one per sample")
-    try:
-        return [as_target(t) for t in targets]
-    except TypeError as exc:  # an object that is no target: the API speaks in onnxcam errors
-        raise InputError(str(exc)) from None
 
 
 def _kinds(targets: list | None, n: int) -> dict[str, tuple[np.ndarray, list | None]]:

@@ -329,6 +329,19 @@ _FROM_TORCH = {
 }
 
 
+
+def per_sample(targets, n: int) -> list:
+    """One target object per sample of a batch of n (an int: that class for every sample), in onnxcam errors."""
+    if isinstance(targets, (int, np.integer)):
+        targets = [targets] * n
+    targets = list(targets)
+    if len(targets) != n:
+        raise InputError(f"got {len(targets)} targets for a batch of {n} samples; give one per sample")
+    try:
+        return [as_target(t) for t in targets]
+    except TypeError as exc:  # an object that is no target: the API speaks in onnxcam errors
+        raise InputError(str(exc)) from None
+
 def as_target(target):
     """An onnxcam target for `target`: onnxcam's own, a seed array, an int class, or pytorch-grad-cam's target of the
     same name (so that code which keeps its pytorch_grad_cam.utils.model_targets import still works)."""
