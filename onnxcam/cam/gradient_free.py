@@ -151,11 +151,7 @@ class ScoreCAM(_ForwardCAM):
         height, width = (x.shape[1], x.shape[2]) if nhwc else (x.shape[2], x.shape[3])
         n, c = activations.shape[:2]
         constant = np.ptp(activations.reshape(n, c, -1), axis=2) == 0
-        scores = np.empty((n, c), np.float32)
-        if constant.any():
-            zero = self._zero_input_output(x)
-            for i, ch in zip(*np.nonzero(constant)):
-                scores[i, ch] = self._scores(zero, [i])[0]
+        scores = self._constant_channel_scores(x, constant)
         pairs = np.argwhere(~constant)
         buffer = np.empty((min(self._batch(), len(pairs)), *x.shape[1:]), np.float32)  # reused by every batch
         for start in range(0, len(pairs), self._batch()):
@@ -166,6 +162,16 @@ class ScoreCAM(_ForwardCAM):
             scores[chunk[:, 0], chunk[:, 1]] = self._scores(out, chunk[:, 0])
             self._call.forwards += len(chunk)
         return methods.score_weights(scores)
+
+    def _constant_channel_scores(self, x: np.ndarray, constant: np.ndarray) -> np.ndarray:
+        """(N, C) scores with the channels marked `constant` filled: a constant upsampled map masks the input to the
+        same all-zero input, so one forward of it serves every such channel (the others are left to the caller)."""
+        scores = np.empty(constant.shape, np.float32)
+        if constant.any():
+            zero = self._zero_input_output(x)
+            for i, ch in zip(*np.nonzero(constant)):
+                scores[i, ch] = self._scores(zero, [i])[0]
+        return scores
 
     def _zero_input_output(self, x: np.ndarray) -> np.ndarray:
         """The score of an all-zero input (every constant channel's masked input), run once per call."""

@@ -213,11 +213,7 @@ class ISCAM(_TorchcamScoreCAM):
         n, c = scaled.shape[:2]
         coeff = sum((j + 1) / self.num_samples for j in range(s + 1))  # torchcam's running float sum
         constant = ~scaled.reshape(n, c, -1).any(axis=2)
-        scores = np.empty((n, c), np.float32)
-        if constant.any():
-            zero = self._zero_input_output(x)
-            for i, ch in zip(*np.nonzero(constant)):
-                scores[i, ch] = self._scores(zero, [i])[0]
+        scores = self._constant_channel_scores(x, constant)
         pairs = np.argwhere(~constant)
         got = self._masked_scores(x, pairs, lambda chunk: upsample_bilinear(
             scaled[chunk[:, 0], chunk[:, 1]][None], *size)[0], nhwc, scale=coeff)
