@@ -14,8 +14,10 @@ reverse walk (autodiff/engine.py) can run over it a second time:
 4. the walk runs again from s to A. One onnxruntime run then gives the logits, A, g and H A.
 
 Where g does not depend on A at all (ReLU masks and a linear head: masks are casts of comparisons, which carry no
-gradient), H A is identically zero and written as such. An op of the first walk's output that has no rule of its
-own is refused with UnsupportedOpError before anything runs.
+gradient), H A is identically zero and written as such. The ops the first walk emits need rules of their own: Abs's
+gradient reads Sign (a zero derivative), MaxPool's and TopK's are ScatterElements, GatherND's and run-time Gathers'
+and index writes' are ScatterND and GatherND. One without a rule (GatherElements, from ScatterElements' updates) is
+refused with UnsupportedOpError before anything runs.
 """
 
 from __future__ import annotations

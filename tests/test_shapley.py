@@ -43,7 +43,9 @@ TARGETS = {  # name: (onnxcam target, pytorch-grad-cam target)
 class Smooth(torch.nn.Module):
     """conv-SiLU (the target layer: `act`), then conv-GELU, conv-Sigmoid, global average pooling and a linear head;
     tail "pool" puts a 2x2 MaxPool before the Sigmoid (its gradient is a ScatterElements, differentiated again),
-    tail "abs" an absolute value (its gradient reads Sign, which has no rule: the second walk refuses it)."""
+    tail "abs_scatter" an absolute value with some channels overwritten (Abs's gradient reads Sign; the write is a
+    ScatterND whose gradients are a ScatterND and a GatherND: all differentiated again), tail "scatter" a
+    torch.scatter (ScatterElements: its updates' gradient is a GatherElements, which has no rule)."""
 
     def __init__(self, tail: str = ""):
         super().__init__()
@@ -52,7 +54,8 @@ class Smooth(torch.nn.Module):
         self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
         self.gelu = torch.nn.GELU()
         self.conv3 = torch.nn.Conv2d(8, 8, 3, padding=1)
-        self.tail = {"pool": torch.nn.MaxPool2d(2), "abs": _Abs()}.get(tail, torch.nn.Identity())
+        self.tail = {"pool": torch.nn.MaxPool2d(2), "abs_scatter": _AbsScatter(), "scatter": _Scatter()}.get(
+            tail, torch.nn.Identity())
         self.fc = torch.nn.Linear(8, 5)
 
     def forward(self, x):
@@ -60,9 +63,21 @@ class Smooth(torch.nn.Module):
         return self.fc(torch.sigmoid(self.tail(self.conv3(h))).mean((2, 3)))
 
 
-class _Abs(torch.nn.Module):
+class _AbsScatter(torch.nn.Module):
+    """|x| with channels 1, 3, 6 overwritten by tanh of channels 0, 2, 5 (index_put: a ScatterND with indices
+    computed at run time from the batch size)."""
+
     def forward(self, x):
-        return x.abs()
+        y = x.abs()
+        y[:, [1, 3, 6]] = torch.tanh(x[:, [0, 2, 5]])
+        return y
+
+
+class _Scatter(torch.nn.Module):
+    """x with channel 0 of each position replaced by tanh(x) of channel 1 (torch.scatter: a ScatterElements)."""
+
+    def forward(self, x):
+        return x.scatter(1, torch.zeros_like(x[:, :1], dtype=torch.long), torch.tanh(x[:, 1:2]))
 
 
 class ReluHead(torch.nn.Module):
@@ -93,18 +108,23 @@ def smooth(tail: str = "") -> tuple[torch.nn.Module, bytes, torch.Tensor]:
     with torch.no_grad():  # larger pre-activations: more curvature, H A / 2 at 20-40% of the gradient's weights
         for conv in (model.conv1, model.conv2, model.conv3):
             conv.weight *= 2
-    for seed in range(100):  # with the max pool: an input whose windows' two largest values are clear of a tie
+    for seed in range(100):  # an input clear of max-pool ties (pool) and of Abs's kink at 0 (abs_scatter)
         x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-        if tail != "pool" or _pool_gap(model, x) > 1e-4:  # float32's error here is ~1e-6
+        if _kink_gap(model, x, tail) > 1e-4:  # float32's error here is ~1e-6
             return model, _export(model, x), x
-    raise AssertionError("no input clear of max-pool ties")
+    raise AssertionError(f"no input clear of the kinks of tail {tail!r}")
 
 
-def _pool_gap(model, x) -> float:
-    """The smallest difference between the two largest values of a 2x2 max-pool window (float64)."""
+def _kink_gap(model, x, tail: str) -> float:
+    """In float64, how far the tail's input is from a kink: the smallest difference between the two largest values
+    of a 2x2 max-pool window, or the smallest |x| before Abs."""
+    if tail not in ("pool", "abs_scatter"):
+        return np.inf
     m = copy.deepcopy(model).double()
     with torch.no_grad():
         h = m.conv3(m.gelu(m.conv2(m.act(m.conv1(x.double())))))
+    if tail == "abs_scatter":
+        return float(h.abs().min())
     top2 = torch.nn.functional.unfold(h, 2, stride=2).reshape(h.shape[0], h.shape[1], 4, -1).topk(2, dim=2).values
     return float((top2[:, :, 0] - top2[:, :, 1]).min())
 
@@ -172,7 +192,7 @@ def test_matches_pytorch_grad_cam_and_the_hessian_term_counts(kind, tail):
     assert np.abs(0.5 * hvp.mean((2, 3))).max() > 0.1 * np.abs(g.mean((2, 3))).max()
 
 
-@pytest.mark.parametrize("tail", ["", "pool"])
+@pytest.mark.parametrize("tail", ["", "pool", "abs_scatter"])
 @pytest.mark.parametrize("kind", list(TARGETS))
 def test_hessian_vector_product_matches_float64_autograd(kind, tail):
     model, onnx_model, x = smooth(tail)
@@ -256,8 +276,9 @@ def test_targets_without_a_second_derivative_are_refused():
 
 
 def test_an_op_without_a_rule_in_the_gradient_graph_is_named():
-    """Abs's gradient multiplies by Sign(x); differentiating it again needs a rule for Sign, which has none."""
-    _, onnx_model, x = smooth("abs")
+    """ScatterElements' gradient reads its updates' share with GatherElements; differentiating it again needs a rule
+    for GatherElements, which has none."""
+    _, onnx_model, x = smooth("scatter")
     cam = onnxcam.ShapleyCAM(onnx_model, ["act"], device="cpu")
-    with pytest.raises(UnsupportedOpError, match="ShapleyCAM differentiates the gradient graph .*: .*Sign"):
+    with pytest.raises(UnsupportedOpError, match="ShapleyCAM differentiates the gradient graph .*: .*GatherElements"):
         cam(x, CLASSES)

@@ -143,3 +143,11 @@ def _log(b, n, gy):
 @rule("Abs")
 def _abs(b, n, gy):
     return (lambda: b.op("Mul", gy[0], b.op("Sign", n.inputs[0])),)
+
+
+@rule("Sign")
+def _sign(b, n, gy):
+    """Sign is piecewise constant: its derivative is zero wherever it exists, and taken as zero at 0 (as torch's).
+    The zeros are written out because the walk wants a gradient from every reader of a tensor on the path; a second
+    walk through Abs's or ReduceL1's gradient (ShapleyCAM) meets Sign there."""
+    return (lambda: b.zeros_like(n.inputs[0]),)

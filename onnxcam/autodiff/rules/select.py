@@ -61,6 +61,34 @@ def _scatter_elements(b, n, gy):
     return (data_grad, None, lambda: b.op("GatherElements", gy[0], indices, axis=axis))
 
 
+@rule("ScatterND", opsets=(11, 10_000))
+def _scatter_nd(b, n, gy):
+    """y = data with `updates` written (or added) at the index tuples of `indices`: ScatterElements' rule with
+    GatherND reading gy back. The data gets all of gy when the updates are added, gy with the written slices zeroed
+    otherwise; the updates get gy read at their indices. The gradients of GatherND and of run-time Gathers and Slices
+    are such scatters, so a second derivative (ShapleyCAM) passes through them. Mul/max/min reductions are refused.
+
+    An index written twice without a reduction leaves ONNX's result undefined: constant indices that repeat are
+    refused when the updates need a gradient; indices computed at run time are taken as distinct, and each update
+    gets gy at its index whichever write the runtime kept (torch's index_put does the same)."""
+    data, indices, updates = n.inputs[:3]
+    reduction = n.attrs.get("reduction", "none")
+    if reduction not in ("none", "add"):
+        raise b.error(f"has reduction {reduction!r}; only 'none' and 'add' are differentiated")
+
+    def data_grad():
+        if reduction == "add":
+            return gy[0]
+        return b.op("ScatterND", gy[0], indices, b.zeros_like(updates))
+
+    def updates_grad():
+        if reduction == "none" and not _distinct(b.model.value(indices), b.shape(data), unknown=True):
+            raise b.error(f"writes some index of its constant indices {indices.name!r} twice without a reduction "
+                          f"(undefined in ONNX), so the gradient of its updates {updates.name!r} is undefined")
+        return b.op("GatherND", gy[0], indices)
+    return (data_grad, None, updates_grad)
+
+
 # ---- GatherND ----------------------------------------------------------------------------------------------------
 
 @rule("GatherND")
@@ -70,7 +98,7 @@ def _gather_nd(b, n, gy):
     since ScatterND has no batch_dims. Negative indices count from the end."""
     data, idx = n.inputs[:2]
     batch_dims = int(n.attrs.get("batch_dims", 0))
-    if b.opset < 16 and not (batch_dims == 0 and _distinct(b.model.value(idx))):
+    if b.opset < 16 and not (batch_dims == 0 and _distinct(b.model.value(idx), b.shape(data))):
         raise b.error("needs ScatterND reduction='add' (opset 16+) to add up the gradients of indices that may "
                       "repeat; below opset 16 only constant, distinct indices (batch_dims 0) are supported")
     depth = b.static_dims(idx, [-1])[0]
@@ -94,12 +122,15 @@ def _gather_nd(b, n, gy):
     return (grad, None)
 
 
-def _distinct(known) -> bool:
-    """True for constant GatherND indices that name every position at most once."""
+def _distinct(known, dims: tuple, unknown: bool = False) -> bool:
+    """True for constant GatherND/ScatterND indices that name every position at most once (-1 and dims[k] - 1 are
+    one position where the dim is static); `unknown` for indices computed at run time."""
     if known is None:
-        return False
+        return unknown
     rows = np.asarray(known).reshape(-1, np.shape(known)[-1])
-    return len({tuple(r) for r in rows.tolist()}) == len(rows)
+    sizes = [d if isinstance(d, int) and d > 0 else 0 for d in dims]
+    rows = [tuple(i % d if d else i for i, d in zip(r, sizes)) for r in rows.tolist()]
+    return len(set(rows)) == len(rows)
 
 
 def _with_batch_position(b, i, batch_dims: int, rank: int):
