@@ -16,8 +16,8 @@ reverse walk (autodiff/engine.py) can run over it a second time:
 Where g does not depend on A at all (ReLU masks and a linear head: masks are casts of comparisons, which carry no
 gradient), H A is identically zero and written as such. The ops the first walk emits need rules of their own: Abs's
 gradient reads Sign (a zero derivative), MaxPool's and TopK's are ScatterElements, GatherND's and run-time Gathers'
-and index writes' are ScatterND and GatherND. One without a rule (GatherElements, from ScatterElements' updates) is
-refused with UnsupportedOpError before anything runs.
+and index writes' are ScatterND and GatherND, ScatterElements' and GatherElements' are each other. One without a
+rule (the Scan of an LSTM's or GRU's gradient) is refused with UnsupportedOpError before anything runs.
 """
 
 from __future__ import annotations
@@ -124,7 +124,6 @@ def _moved_aside(model: onnx.ModelProto) -> onnx.ModelProto:
     onnxcam_const_* to onnxcam_const_first_*): the second walk's Builder names its own from zero again."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    g = out.graph
 
     def moved(name: str) -> str:
         if name.startswith("onnxcam_grad/"):
@@ -133,14 +132,20 @@ def _moved_aside(model: onnx.ModelProto) -> onnx.ModelProto:
             return "onnxcam_const_first_" + name[len("onnxcam_const_"):]
         return name
 
-    for node in g.node:
-        node.name = moved(node.name)
-        node.input[:] = [moved(i) for i in node.input]
-        node.output[:] = [moved(o) for o in node.output]
-    for t in (*g.initializer, *g.sparse_initializer):
-        t.name = moved(t.name)
-    for vi in (*g.value_info, *g.input, *g.output):
-        vi.name = moved(vi.name)
+    def move(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            node.name = moved(node.name)
+            node.input[:] = [moved(i) for i in node.input]
+            node.output[:] = [moved(o) for o in node.output]
+            for attr in node.attribute:  # a Scan body (recurrent gradients) reads the walk's tensors by name
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    move(sub)
+        for t in (*g.initializer, *g.sparse_initializer):
+            t.name = moved(t.name)
+        for vi in (*g.value_info, *g.input, *g.output):
+            vi.name = moved(vi.name)
+
+    move(out.graph)
     return out
 
 

@@ -15,6 +15,7 @@ import functools
 import io
 
 import numpy as np
+import onnx
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -45,7 +46,9 @@ class Smooth(torch.nn.Module):
     tail "pool" puts a 2x2 MaxPool before the Sigmoid (its gradient is a ScatterElements, differentiated again),
     tail "abs_scatter" an absolute value with some channels overwritten (Abs's gradient reads Sign; the write is a
     ScatterND whose gradients are a ScatterND and a GatherND: all differentiated again), tail "scatter" a
-    torch.scatter (ScatterElements: its updates' gradient is a GatherElements, which has no rule)."""
+    torch.scatter (ScatterElements: its updates' gradient is a GatherElements, differentiated again), tail "gather"
+    a torch.gather (GatherElements, whose gradient is a ScatterElements), tail "gru" a GRU along the positions (its
+    gradient is a Scan, which has no rule)."""
 
     def __init__(self, tail: str = ""):
         super().__init__()
@@ -54,8 +57,8 @@ class Smooth(torch.nn.Module):
         self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
         self.gelu = torch.nn.GELU()
         self.conv3 = torch.nn.Conv2d(8, 8, 3, padding=1)
-        self.tail = {"pool": torch.nn.MaxPool2d(2), "abs_scatter": _AbsScatter(), "scatter": _Scatter()}.get(
-            tail, torch.nn.Identity())
+        self.tail = {"pool": torch.nn.MaxPool2d(2), "abs_scatter": _AbsScatter(), "scatter": _Scatter(),
+                     "gather": _Gather(), "gru": _Gru()}.get(tail, torch.nn.Identity())
         self.fc = torch.nn.Linear(8, 5)
 
     def forward(self, x):
@@ -80,6 +83,27 @@ class _Scatter(torch.nn.Module):
         return x.scatter(1, torch.zeros_like(x[:, :1], dtype=torch.long), torch.tanh(x[:, 1:2]))
 
 
+class _Gather(torch.nn.Module):
+    """Channels 0, 0, 3, 1, 5, 7, 7, 2 of x (torch.gather with indices expanded to x's shape at run time: a
+    GatherElements reading channels 0 and 7 twice, so their gradients add up, and channels 4 and 6 not at all)."""
+
+    def forward(self, x):
+        index = torch.tensor([0, 0, 3, 1, 5, 7, 7, 2]).view(1, 8, 1, 1).expand_as(x)
+        return x.gather(1, index)
+
+
+class _Gru(torch.nn.Module):
+    """A GRU over the positions of x, read as a sequence of 8-channel vectors."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = torch.nn.GRU(8, 8, batch_first=True)
+
+    def forward(self, x):
+        y, _ = self.gru(x.flatten(2).transpose(1, 2))
+        return y.transpose(1, 2).reshape_as(x)
+
+
 class ReluHead(torch.nn.Module):
     """conv-ReLU-conv-ReLU (the target layer: `act`), global average pooling, linear."""
 
@@ -94,15 +118,15 @@ class ReluHead(torch.nn.Module):
         return self.fc(self.act(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
 
 
-def _export(model: torch.nn.Module, x: torch.Tensor, dynamic_batch: bool = True) -> bytes:
+def _export(model: torch.nn.Module, x: torch.Tensor, dynamic_batch: bool = True, opset: int | None = None) -> bytes:
     f = io.BytesIO()
-    torch.onnx.export(model, x, f, dynamo=False, input_names=["x"], output_names=["logits"],
+    torch.onnx.export(model, x, f, dynamo=False, input_names=["x"], output_names=["logits"], opset_version=opset,
                       dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}} if dynamic_batch else None)
     return f.getvalue()
 
 
 @functools.cache
-def smooth(tail: str = "") -> tuple[torch.nn.Module, bytes, torch.Tensor]:
+def smooth(tail: str = "", opset: int | None = None) -> tuple[torch.nn.Module, bytes, torch.Tensor]:
     torch.manual_seed(0)
     model = Smooth(tail).eval()
     with torch.no_grad():  # larger pre-activations: more curvature, H A / 2 at 20-40% of the gradient's weights
@@ -111,7 +135,7 @@ def smooth(tail: str = "") -> tuple[torch.nn.Module, bytes, torch.Tensor]:
     for seed in range(100):  # an input clear of max-pool ties (pool) and of Abs's kink at 0 (abs_scatter)
         x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
         if _kink_gap(model, x, tail) > 1e-4:  # float32's error here is ~1e-6
-            return model, _export(model, x), x
+            return model, _export(model, x, opset=opset), x
     raise AssertionError(f"no input clear of the kinks of tail {tail!r}")
 
 
@@ -192,7 +216,7 @@ def test_matches_pytorch_grad_cam_and_the_hessian_term_counts(kind, tail):
     assert np.abs(0.5 * hvp.mean((2, 3))).max() > 0.1 * np.abs(g.mean((2, 3))).max()
 
 
-@pytest.mark.parametrize("tail", ["", "pool", "abs_scatter"])
+@pytest.mark.parametrize("tail", ["", "pool", "abs_scatter", "scatter", "gather"])
 @pytest.mark.parametrize("kind", list(TARGETS))
 def test_hessian_vector_product_matches_float64_autograd(kind, tail):
     model, onnx_model, x = smooth(tail)
@@ -201,6 +225,21 @@ def test_hessian_vector_product_matches_float64_autograd(kind, tail):
     layer = cam.target_layers[0]
     for i, c in enumerate(CLASSES):
         g, hvp = _torch_hvp(model, x[i:i + 1], c, kind)
+        assert _rel(cam.result.gradients[layer][i:i + 1], g) < 1e-5
+        assert _rel(cam.hvp[layer][i:i + 1], hvp) < 1e-5
+
+
+@pytest.mark.parametrize("tail", ["scatter", "gather"])
+def test_hessian_vector_product_below_opset_16(tail):
+    """ScatterElements cannot add before opset 16, so GatherElements' gradient with indices computed at run time is
+    a one-hot sum: emitted by the second walk (scatter), or by the first and differentiated again (gather)."""
+    model, onnx_model, x = smooth(tail, opset=13)
+    assert onnx.load_from_string(onnx_model).opset_import[0].version == 13
+    cam = onnxcam.ShapleyCAM(onnx_model, ["act"], device="cpu")
+    cam(x, [ClassifierOutputSoftmaxTarget(c) for c in CLASSES])
+    layer = cam.target_layers[0]
+    for i, c in enumerate(CLASSES):
+        g, hvp = _torch_hvp(model, x[i:i + 1], c, "softmax")
         assert _rel(cam.result.gradients[layer][i:i + 1], g) < 1e-5
         assert _rel(cam.hvp[layer][i:i + 1], hvp) < 1e-5
 
@@ -276,9 +315,9 @@ def test_targets_without_a_second_derivative_are_refused():
 
 
 def test_an_op_without_a_rule_in_the_gradient_graph_is_named():
-    """ScatterElements' gradient reads its updates' share with GatherElements; differentiating it again needs a rule
-    for GatherElements, which has none."""
-    _, onnx_model, x = smooth("scatter")
+    """A GRU's gradient runs its backward recurrence in a Scan; differentiating it again needs a rule for Scan,
+    which has none."""
+    _, onnx_model, x = smooth("gru")
     cam = onnxcam.ShapleyCAM(onnx_model, ["act"], device="cpu")
-    with pytest.raises(UnsupportedOpError, match="ShapleyCAM differentiates the gradient graph .*: .*GatherElements"):
+    with pytest.raises(UnsupportedOpError, match="ShapleyCAM differentiates the gradient graph .*: .*Scan"):
         cam(x, CLASSES)

@@ -1,6 +1,6 @@
-"""Selections whose indices are data: TopK, GatherND, and Slice with bounds computed at run time (shape.py's Slice
-rule hands those over). Each gradient scatters the incoming gradient back to the positions that were read: into
-zeros shaped like the input, adding where a position was read twice. Detectors exported whole (SSD, RetinaNet)
+"""Selections whose indices are data: TopK, GatherND, GatherElements, and Slice with bounds computed at run time
+(shape.py's Slice rule hands those over). Each gradient scatters the incoming gradient back to the positions that
+were read: into zeros shaped like the input, adding where a position was read twice. Detectors exported whole (SSD, RetinaNet)
 pick their scores with TopK and GatherND; chunk() in a TorchScript export with a dynamic batch slices at offsets
 computed from Shape.
 """
@@ -120,6 +120,59 @@ def _gather_nd(b, n, gy):
         out = b.op("ScatterND", zeros, i, g, **kw)
         return b.op("Reshape", out, shape) if batch_dims else out
     return (grad, None)
+
+
+# ---- GatherElements ----------------------------------------------------------------------------------------------
+
+@rule("GatherElements", opsets=(11, 10_000))
+def _gather_elements(b, n, gy):
+    """y[..., k, ...] = data[..., idx[..., k, ...], ...] along the axis (torch.gather): gy is added back to the
+    positions read, ScatterElements(reduction='add') into zeros shaped like the data; repeated indices add up,
+    negative ones count from the end, and indices shorter than the data on other axes leave the rest zero. Below
+    opset 16 ScatterElements cannot add: constant indices that read each position once scatter plainly, any others
+    go through their one-hot rows (_one_hot_add). The indices get no gradient."""
+    data, idx = n.inputs[:2]
+    rank = len(b.shape(data))
+    axis = int(n.attrs.get("axis", 0)) % rank
+
+    def grad():
+        if b.opset >= 16:
+            return b.op("ScatterElements", b.zeros_like(data), idx, gy[0], axis=axis, reduction="add")
+        if _distinct_along(b.model.value(idx), b.shape(data), axis):
+            return b.op("ScatterElements", b.zeros_like(data), idx, gy[0], axis=axis)
+        return _one_hot_add(b, data, idx, gy[0], axis, rank)
+    return (grad, None)
+
+
+def _distinct_along(known, dims: tuple, axis: int) -> bool:
+    """True for constant GatherElements indices that read each position of the data at most once. The position an
+    index reads is its own coordinates with the one on `axis` replaced by its value; a negative index is told from
+    its positive twin only when that axis' size is static."""
+    if known is None:
+        return False
+    known = np.asarray(known)
+    if not (isinstance(dims[axis], int) and dims[axis] > 0) and np.any(known < 0):
+        return False
+    coords = np.indices(known.shape)
+    coords[axis] = known
+    return _distinct(np.moveaxis(coords, 0, -1), dims)
+
+
+def _one_hot_add(b, data, idx, g, axis: int, rank: int):
+    """ScatterElements(zeros like data, idx, g, reduction='add') in ops that predate opset 16: the one-hot rows of
+    the indices over data's `axis` (a new last axis) times g, summed over `axis`, that last axis moved to `axis`,
+    then zero-padded at the end of the axes where the indices are shorter than the data. Costs one float per index
+    and position of the axis."""
+    shape = b.shape_of(data)
+    rows = b.op("OneHot", idx, b.slice(shape, [axis], [axis + 1], [0]), np.array([0, 1], b.dtype), axis=-1)
+    summed = b.reduce("ReduceSum", b.op("Mul", b.unsqueeze(g, [rank]), rows), [axis], keepdims=False)
+    perm = list(range(rank - 1))
+    perm.insert(axis, rank - 1)
+    out = b.op("Transpose", summed, perm=perm)
+    dims, idims = b.shape(data), b.shape(idx)
+    if all(d is not None and d == i for a, (d, i) in enumerate(zip(dims, idims)) if a != axis):  # same dims
+        return out
+    return b.op("Pad", out, b.op("Concat", b.ints([0] * rank), b.op("Sub", shape, b.shape_of(out)), axis=0))
 
 
 def _distinct(known, dims: tuple, unknown: bool = False) -> bool:
