@@ -41,7 +41,8 @@ class _Group(click.Group):
 
 
 # The library names the parameter that fixes an error (OnnxCamError.option); the command line names its flag.
-_FLAGS = {"size": "--size HxW", "layout": "--layout", "bgr": "--bgr", "out": "--out DIR"}
+_FLAGS = {"size": "--size HxW", "layout": "--layout", "bgr": "--bgr", "out": "--out DIR", "method": "--method",
+          "labels": "--labels FILE"}
 
 
 def _message(exc: Exception) -> str:
@@ -271,12 +272,13 @@ def demo(out: Path, methods: list[str], device: str):
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Explain on a Ray cluster (host:port or ray://host:port) [default: RAY_ADDRESS, else Ray on this "
                    "machine]; --out must be a folder every node shares. Also writes onnxcam-results.parquet there.")
-@click.option("--task", type=click.Choice(["auto", "classify", "detect", "segment"]), default="auto",
-              show_default=True, help="What the output is; auto reads it from the output's shape (onnxcam/tasks).")
+@click.option("--task", type=click.Choice(["auto", "classify", "detect", "segment", "ocr"]), default="auto",
+              show_default=True, help="What the output is; auto reads it from the output's shape (onnxcam/tasks); "
+                                      "ocr: a CTC text recognizer.")
 @click.option("--conf", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="Detections: the score above which a detection is drawn and explained.")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, metavar="N",
-              help="Detections / segmentation classes: explain the N best (one map each).")
+              help="Detections / segmentation classes / characters: explain the N best (first) (one map each).")
 @click.option("--decode", type=click.Choice(["yolov8", "yolov8t", "yolov5"]),
               help="Detection head layout: yolov8 (N, 4+C, A), yolov8t (N, A, 4+C), yolov5 (N, A, 5+C) [default: "
                    "read from the output's shape].")
@@ -307,9 +309,9 @@ def explain(model, inputs, methods, layers, target, output, out, size, mean, std
     click.get_current_context().call_on_close(configure_process())  # onnxruntime and malloc settings (RSS, CPU)
     if task != "classify" and ray_address is None:  # detectors and segmenters: onnxcam/tasks/run.py
         from .tasks.run import run_cli
-        status = run_cli(model, inputs, out=out, echo=click.echo, task=task, method=methods[0], conf=conf, top=top,
+        status = run_cli(model, inputs, out=out, echo=click.echo, task=task, method=methods, conf=conf, top=top,
                          decode=decode, layers=list(layers) or None, size=size, mean=mean, std=std, layout=layout,
-                         bgr=bgr, labels=labels, device=device, output=output, max_pixels=max_pixels)
+                         bgr=bgr, labels=labels, device=device, output=output, max_pixels=max_pixels, resume=resume)
         if status is not None:
             sys.exit(status)
     files = find_images(inputs, exclude=[out])
@@ -321,11 +323,15 @@ def explain(model, inputs, methods, layers, target, output, out, size, mean, std
         s = explain_files(files, model, out, address=ray_address or None, methods=methods, target=target,
                           layers=list(layers) or None, save_raw=save_raw, batch_size=batch_size, size=size, mean=mean,
                           std=std, layout=layout, bgr=bgr, labels=labels, device=device, output=output,
-                          max_pixels=max_pixels, caption=not bare)
+                          max_pixels=max_pixels, caption=not bare, resume=resume, task=task, conf=conf, top=top,
+                          decode=decode)
         for error in s.failed.values():
             click.echo(f"Error: {error}", err=True)
-        click.echo(f"Explained {s.images - len(s.failed)} of {s.images} images with {', '.join(methods)} on Ray in "
-                   f"{s.seconds:.1f} s; wrote {s.written} files and {TABLE_NAME} to {_show(out)}")
+        tasks = ", ".join(sorted(s.tasks - {"classify"}))
+        kept = f"; {s.kept} skipped (explained before)" if s.kept else ""
+        click.echo(f"Explained {s.images - len(s.failed) - s.kept} of {s.images} images with {', '.join(methods)}"
+                   f"{f' (task {tasks})' if tasks else ''} on Ray in {s.seconds:.1f} s{kept}; wrote {s.written} "
+                   f"files and {TABLE_NAME} to {_show(out)}")
         sys.exit(1 if s.failed else 0)
     runner = Runner(model, methods=methods, layers=list(layers) or None, target=target, size=size, mean=mean,
                     std=std, layout=layout, bgr=bgr, labels=labels, device=device, out=out, save_raw=save_raw,

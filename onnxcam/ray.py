@@ -6,10 +6,17 @@ on a GPU per actor when the cluster has GPUs, else on CPUs. Each actor writes th
 run (PNG, JSON, .npz with save_raw; atomically, under the same names) and returns one table row per map
 (`SCHEMA`); `write_table` streams the rows into one Parquet file.
 
+Tasks: as a local `onnxcam explain --task`, an actor whose model reads as a detector, segmenter or text recognizer
+(or that is given one) runs tasks/run.py's TaskRunner instead: the same `<name>.<task>.png`, overlays and JSON, and
+one row per detection, class or character (`task`, `box`, `item` columns).
+
 Faults: Ray Data restarts a killed actor and retries its batch. Files are written atomically under fixed names,
 so a retry leaves no half-written or duplicate file, and an image whose JSON (written last) already records the
-same model, target, layers and methods is not written again: its row is recomputed, its files are kept. An image
-that cannot be read or explained is a row with its error, not a failure of the job.
+same model, target, layers and methods is not written again when it was written by this job (its mtime is not
+older than the job's start, read from a probe on the output folder's own file system) or, with resume, by any
+earlier run: its row is recomputed, its files are kept. Without resume, images explained by earlier runs are
+explained and written again, as a local run does. An image that cannot be read or explained is a row with its
+error, not a failure of the job.
 
 `import ray` below is the Ray package (absolute imports), not this module.
 """
@@ -33,6 +40,8 @@ from . import errors, image
 from .cam.api import REGISTRY
 from .errors import DeviceError, InputError, ModelError, OnnxCamError
 from .pipeline import ImageFile, Runner, find_images
+from .tasks.choose import TASK_CHOICES
+from .tasks.run import TaskRunner, record_items
 
 
 class RayMissingError(DeviceError, ImportError):
@@ -67,7 +76,12 @@ SCHEMA = pa.schema([
     ("overlay", pa.string()), ("heatmap", pa.string()), ("raw", pa.string()), ("json", pa.string()),
     ("written", pa.bool_()),            # False: the files were already complete (a retried batch, a rerun)
     ("error", pa.string()),
+    ("task", pa.string()),              # classify, detect, segment or ocr
+    ("picture", pa.string()),           # detect/segment/ocr: the image's <name>.<task>.png
+    ("box", pa.list_(pa.float64())),    # detect: the box, ocr: the character's columns (x1, y1, x2, y2 image pixels)
+    ("item", pa.string()),              # detect/segment/ocr: the detection, class or character as in the JSON
 ])
+TASK_OPTIONS = ("task", "conf", "top", "decode")  # TaskRunner's options beyond those it shares with Runner
 
 
 # ---- connecting ------------------------------------------------------------------------------------------------
@@ -102,7 +116,8 @@ def _check_reachable(address: str) -> None:
 
 # ---- the job ---------------------------------------------------------------------------------------------------
 def explain_dataset(data, model, *, methods=("gradcam",), layers=None, target: str = "top1",
-                    out_dir: str | Path | None = None, save_raw: bool = False, concurrency: int | tuple | None = None,
+                    out_dir: str | Path | None = None, save_raw: bool = False, resume: bool = False,
+                    task: str = "classify", concurrency: int | tuple | None = None,
                     num_gpus: float | None = None, num_cpus: float = 1, batch_size: int = 8,
                     model_name: str | None = None, address: str | None = None, **runner_options) -> ray.data.Dataset:
     """A Ray Dataset of result rows (SCHEMA): `data` explained by `model` on the Ray cluster, lazily.
@@ -113,33 +128,41 @@ def explain_dataset(data, model, *, methods=("gradcam",), layers=None, target: s
       `ray.data.read_images(..., mode="RGB", include_paths=True)`, is used instead of reading the path).
     model: bytes (sent to every actor) or a path that every node can read (checked on each node first).
     out_dir: where each actor writes the per-image files (a folder every node shares); None: no files are kept.
+    resume: images whose files an earlier run completed alike are not written again (their rows are made); without
+      it they are explained and written again (atomically). Either way a retried batch does not write again what
+      this job completed.
+    task: classify, auto, detect, segment or ocr, as `onnxcam explain --task` (with conf, top and decode among
+      runner_options): auto reads it from the model's output on each actor.
     concurrency: actors (an int, or (min, max) to autoscale) [default: one per GPU or per `num_cpus` CPUs].
     num_gpus: GPUs per actor [default: 1 when the cluster has GPUs, else 0].
     runner_options: the rest of pipeline.Runner's options (size, mean, std, layout, bgr, labels, device, output,
-      max_pixels). Raises ModelError / InputError / DeviceError before anything runs when a node cannot read the
-      model or write out_dir, or the cluster cannot be reached.
+      max_pixels, caption; conf, top, decode for tasks). Raises ModelError / InputError / DeviceError before
+      anything runs when a node cannot read the model or write out_dir, or the cluster cannot be reached.
     """
     unknown = [m for m in methods if m not in REGISTRY]
     if unknown or not methods:  # said here, not by every actor failing to start
         raise InputError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(REGISTRY)}")
+    if task not in TASK_CHOICES:
+        raise InputError(f"unknown task {task!r}; choose from {', '.join(TASK_CHOICES)}")
     model, model_name = _model_source(model, model_name)
     connect(address)
     resources = ray.cluster_resources()
     if num_gpus is None:
         num_gpus = 1 if resources.get("GPU", 0) >= 1 else 0
     out = None if out_dir is None else os.path.abspath(out_dir)
-    _check_nodes(model if isinstance(model, str) else None, out, num_cpus, num_gpus)
+    since = _check_nodes(model if isinstance(model, str) else None, out, num_cpus, num_gpus)
     ds = data if isinstance(data, ray.data.Dataset) else _paths_dataset(data, batch_size)
     size = concurrency or _pool_size(resources, num_cpus, num_gpus)
     if isinstance(size, int) and not isinstance(data, ray.data.Dataset):
         size = max(1, min(size, ds.num_blocks()))  # no idle actors for a few images
     pool = ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1]) if isinstance(size, tuple) else \
         ray.data.ActorPoolStrategy(size=size)
-    options = dict(methods=tuple(methods), layers=layers, target=target, save_raw=save_raw, **runner_options)
+    options = dict(methods=tuple(methods), layers=layers, target=target, save_raw=save_raw, resume=resume, task=task,
+                   **runner_options)
     # Ray Data starts the actors with max_restarts=-1 and max_task_retries=-1: a killed actor is restarted and its
     # batch retried, which is what makes a lost worker lose no image.
     return ds.map_batches(_Explain, batch_size=batch_size, compute=pool, num_cpus=num_cpus, num_gpus=num_gpus,
-                          fn_constructor_args=(model, model_name, out, options), batch_format="numpy")
+                          fn_constructor_args=(model, model_name, out, options, since), batch_format="numpy")
 
 
 def explain_files(inputs, model, out_dir: str | Path, *, address: str | None = None, **options) -> TableSummary:
@@ -186,29 +209,34 @@ def _pool_size(resources: dict, num_cpus: float, num_gpus: float) -> int:
 # ---- checks on every node, before anything is written ----------------------------------------------------------
 @ray.remote(num_cpus=0)
 def _node_problems(model_path: str | None, out: str | None) -> dict:
-    """What this node lacks: {"model": the model file is missing, "out": why out cannot be written here, or None}."""
-    return {"model": model_path is not None and not os.path.isfile(model_path),
-            "out": None if out is None else _unwritable(Path(out))}
+    """What this node lacks: {"model": the model file is missing, "out": why out cannot be written here, or None,
+    "now": the output folder's file system's time (ns), or None}."""
+    problem, now = (None, None) if out is None else _unwritable(Path(out))
+    return {"model": model_path is not None and not os.path.isfile(model_path), "out": problem, "now": now}
 
 
-def _unwritable(out: Path) -> str | None:
-    """Why out cannot be written here, or None. A uniquely named probe folder is made and removed inside out, or
-    inside its deepest existing parent while out does not exist: a refused job creates nothing, and nodes that
-    share the folder never race."""
+def _unwritable(out: Path) -> tuple[str | None, int | None]:
+    """(why out cannot be written here, or None; the probe's mtime in ns). A uniquely named probe folder is made and
+    removed inside out, or inside its deepest existing parent while out does not exist: a refused job creates
+    nothing, and nodes that share the folder never race. Its mtime is the file system's clock, the one the job's
+    files are stamped with (a shared file system's server, not this node's clock)."""
     try:
         where = out
         while not where.exists() and where != where.parent:
             where = where.parent
         if not where.is_dir():
-            return f"{where} is a file, not a folder"
-        os.rmdir(tempfile.mkdtemp(prefix=".onnxcam-probe-", dir=where))
+            return f"{where} is a file, not a folder", None
+        probe = tempfile.mkdtemp(prefix=".onnxcam-probe-", dir=where)
+        now = os.stat(probe).st_mtime_ns
+        os.rmdir(probe)
     except OSError as exc:
-        return exc.strerror or str(exc)
-    return None
+        return exc.strerror or str(exc), None
+    return None, now
 
 
-def _check_nodes(model_path: str | None, out: str | None, num_cpus: float, num_gpus: float) -> None:
-    """Run _node_problems on every node that can hold an actor; one error naming the nodes and the fix."""
+def _check_nodes(model_path: str | None, out: str | None, num_cpus: float, num_gpus: float) -> int | None:
+    """Run _node_problems on every node that can hold an actor; one error naming the nodes and the fix. Returns
+    the job's start on the output folder's clock (the earliest probe; None without out)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= num_cpus
@@ -233,6 +261,8 @@ def _check_nodes(model_path: str | None, out: str | None, num_cpus: float, num_g
         if p["out"]:
             raise InputError(f"the output folder {out} cannot be written on node {n['NodeManagerAddress']}: "
                              f"{p['out']}; give a folder every node can write (a shared folder)")
+    stamps = [p["now"] for p in found if p["now"] is not None]
+    return min(stamps) if stamps else None
 
 
 def _nodes(addresses: list[str], total: int) -> str:
@@ -256,20 +286,24 @@ class _Runner(Runner):
 
 
 class _Explain:
-    """Holds one Runner (the model built once); called with batches of rows, returns their result rows."""
+    """Holds one job (the model built once): called with batches of rows, returns their result rows.
 
-    def __init__(self, model, model_name: str, out: str | None, options: dict):
+    since: the job's start on the output folder's clock; an image's complete files are kept (not written again)
+    when written since then (a retried batch), or with resume whenever they were written."""
+
+    def __init__(self, model, model_name: str, out: str | None, options: dict, since: int | None = None):
         self.out = Path(out) if out is not None else None
         self.failure: OnnxCamError | None = None
+        options = dict(options)
+        self.resume, self.since = options.pop("resume", False), since
         try:
-            self.runner = _Runner(model, out=self.out or ".", **options)
+            self.job = _job(model, self.out, options)
         except OnnxCamError as exc:
             # raised by the first call instead: an error in a constructor reaches the driver only as the text of
             # an ActorDiedError, an error in a call as itself (write_table raises it as it is)
             self.failure = exc
             return
-        self.runner.model_name = model_name  # bytes would otherwise be named by their repr
-        self.runner.writing = self.out is not None
+        self.job.runner.model_name = model_name  # bytes would otherwise be named by their repr
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if self.failure is not None:
@@ -284,23 +318,56 @@ class _Explain:
                 # read here, not by the Runner: the JSON names the image as given, the worker reads it by its
                 # absolute path (a worker's working folder is not the driver's)
                 rgb = _picture(pictures[i]) if pictures is not None else \
-                    image.read_image(reads[i], self.runner.max_pixels)
+                    image.read_image(reads[i], self.job.runner.max_pixels)
             except InputError as exc:
-                rows.append(_error_row(self.runner, path, bases[i], str(exc)))
+                rows.append(self.job.error_row(path, bases[i], str(exc)))
                 continue
             f = ImageFile(Path(path), Path(bases[i]), rgb=rgb)
-            record = self._complete(f)
-            if record is None:
+            record = self.job.complete(f) if self.out is not None else None
+            if record is None or not self._kept(record["json"]):
                 todo.append(f)
             else:
                 done[f.path] = record
-        rows += self._explain(todo, written=self.out is not None)
-        # complete already (a retried batch, a rerun): explained again for the rows, its files not written again
-        rows += self._explain([ImageFile(p, Path(r["base"]), rgb=r["rgb"]) for p, r in done.items()], written=False,
-                              records=done)
+        rows += self.job.explain(todo, written=self.out is not None)
+        # complete already (a retried batch, a resumed rerun): explained again for the rows, its files not written
+        # again
+        rows += self.job.explain([ImageFile(p, Path(r["base"]), rgb=r["rgb"]) for p, r in done.items()],
+                                 written=False, records=done)
         return pa.Table.from_pylist(rows, schema=SCHEMA)
 
-    def _explain(self, files: list[ImageFile], written: bool, records: dict | None = None) -> list[dict]:
+    def _kept(self, json_path: Path) -> bool:
+        """Whether an image's complete files stay as they are: with resume always, else when this job wrote them."""
+        if self.resume:
+            return True
+        try:
+            return self.since is not None and json_path.stat().st_mtime_ns >= self.since
+        except OSError:
+            return False
+
+
+def _job(model, out: Path | None, options: dict):
+    """The actor's job: a task's (TaskRunner) when the task is given or the model reads as a detector, segmenter or
+    recognizer, else the classifier's (Runner), as the command line chooses locally."""
+    task_options = {k: options.pop(k) for k in TASK_OPTIONS if k in options}
+    task = task_options.get("task", "classify")
+    if task != "classify":
+        shared = {k: v for k, v in options.items() if k in ("layers", "size", "mean", "std", "layout", "bgr",
+                                                            "labels", "device", "output", "max_pixels")}
+        runner = TaskRunner(model, method=list(options["methods"]), out=out or ".", **shared, **task_options)
+        if runner.task != "classify":
+            return _TaskJob(runner, out)
+    runner = _Runner(model, out=out or ".", **options)
+    runner.writing = out is not None
+    return _ClassifyJob(runner, out)
+
+
+class _ClassifyJob:
+    """A classifier's images: pipeline.Runner's files, one row per map."""
+
+    def __init__(self, runner: _Runner, out: Path | None):
+        self.runner, self.out = runner, out
+
+    def explain(self, files: list[ImageFile], written: bool, records: dict | None = None) -> list[dict]:
         if not files:
             return []
         self.runner.writing = written
@@ -308,8 +375,8 @@ class _Explain:
             reports = self.runner.explain_batch(files)
         except OnnxCamError as exc:
             if len(files) > 1:  # tell the images that fail from the others
-                return [r for f in files for r in self._explain([f], written, records)]
-            return [_error_row(self.runner, str(files[0].path), files[0].base.as_posix(), str(exc))]
+                return [r for f in files for r in self.explain([f], written, records)]
+            return [self.error_row(str(files[0].path), files[0].base.as_posix(), str(exc))]
         finally:
             self.runner.writing = self.out is not None
         if records is not None:  # the files of the earlier run, named by its JSON
@@ -317,11 +384,14 @@ class _Explain:
                 _name_files(rep, records[rep.image.path])
         return [row for rep in reports for row in _rows(self.runner, rep, written)]
 
-    def _complete(self, f: ImageFile) -> dict | None:
+    def error_row(self, path: str, base: str, error: str) -> dict:
+        r = self.runner
+        return {"image": path, "base": base, "model": r.model_name, "model_hash": r.explainer.digest,
+                "target": str(r.target), "layers": r.layers, "written": False, "error": error, "task": "classify"}
+
+    def complete(self, f: ImageFile) -> dict | None:
         """The image's JSON (written last) when it records this model, target, layers, methods and preprocessing,
         with every file it names present: {"base", "rgb", "json", "entries"}; else None."""
-        if self.out is None:
-            return None
         r = self.runner
         base = self.out / f.base
         if r.tag:
@@ -344,6 +414,53 @@ class _Explain:
         return {"base": f.base, "rgb": f.rgb, "json": path, "entries": entries}
 
 
+class _TaskJob:
+    """A detector's, segmenter's or recognizer's images: tasks/run.py's files, one row per item explained (an image
+    with none: one row without a map)."""
+
+    def __init__(self, runner: TaskRunner, out: Path | None):
+        self.runner, self.out = runner, out
+
+    def explain(self, files: list[ImageFile], written: bool, records: dict | None = None) -> list[dict]:
+        rows = []
+        for f in files:
+            try:
+                result = self.runner.explain(f, write=written)
+            except OnnxCamError as exc:
+                rows.append(self.error_row(str(f.path), f.base.as_posix(), str(exc)))
+                continue
+            rows += self._rows(f, result, written)
+        return rows
+
+    def _rows(self, f: ImageFile, result, written: bool) -> list[dict]:
+        r = self.runner
+        files = self.out is not None
+        common = {"image": str(f.path), "base": f.base.as_posix(), "model": r.model_name,
+                  "model_hash": r.explainer.digest, "task": r.task, "method": r.method, "layers": r.layers,
+                  "json": str(result.json_path) if files else None,
+                  "picture": str(result.json_path.with_name(result.record["picture"])) if files else None,
+                  "written": written, "error": None}
+        rows = []
+        for k, (item, mask) in enumerate(zip(result.items, result.maps)):
+            public = {key: v for key, v in item.items() if not key.startswith("_")}
+            rows.append({**common, **_statistics(mask), "class": item.get("label", item.get("class")),
+                         "label": item["name"], "score": item.get("score"), "zero_map": item["zero_map"],
+                         "overlay": str(result.files[k]) if files and k in result.files else None,
+                         "box": item.get("box_image"), "item": json.dumps(public, ensure_ascii=False)})
+        return rows or [common]
+
+    def error_row(self, path: str, base: str, error: str) -> dict:
+        r = self.runner
+        return {"image": path, "base": base, "model": r.model_name, "model_hash": r.explainer.digest,
+                "layers": r.layers, "written": False, "error": error, "task": r.task, "method": r.method}
+
+    def complete(self, f: ImageFile) -> dict | None:
+        record = self.runner.done_before(f)
+        if record is None:
+            return None
+        return {"base": f.base, "rgb": f.rgb, "json": self.runner.json_path(f), "items": record_items(record)}
+
+
 def _name_files(rep, record: dict) -> None:
     """Point the report at the files an earlier run wrote for it (matched by method and class)."""
     rep.json_path = record["json"]
@@ -361,33 +478,30 @@ def _picture(value) -> np.ndarray:
     return rgb
 
 
+def _statistics(mask: np.ndarray) -> dict:
+    """The table's figures of one map (H, W) in [0, 1] at the model's input size."""
+    mask = np.asarray(mask, np.float32)
+    y, x = np.unravel_index(int(np.argmax(mask)), mask.shape)
+    return {"map_mean": float(mask.mean()), "map_std": float(mask.std()), "map_max": float(mask.max()),
+            "peak_y": (y + 0.5) / mask.shape[0], "peak_x": (x + 0.5) / mask.shape[1],
+            "area_50": float((mask >= 0.5).mean())}
+
+
 def _rows(runner: Runner, rep, written: bool) -> list[dict]:
     """One row per map of the report (one error row for a failed image)."""
     path, base = str(rep.image.path), rep.image.base.as_posix()
     if not rep.ok:
-        return [_error_row(runner, path, base, rep.error)]
+        return [_ClassifyJob(runner, None).error_row(path, base, rep.error)]
     top_class, top_label, top_score = rep.top[0]
-    rows = []
-    for m in rep.maps:
-        mask = np.asarray(m.mask, np.float32)
-        y, x = np.unravel_index(int(np.argmax(mask)), mask.shape)
-        rows.append({
-            "image": path, "base": base, "model": runner.model_name, "model_hash": runner.explainer.digest,
-            "target": str(runner.target), "method": m.method, "layers": runner.layers,
-            "class": m.target, "label": m.label, "score": m.score,
-            "top_class": top_class, "top_label": top_label, "top_score": top_score,
-            "map_mean": float(mask.mean()), "map_std": float(mask.std()), "map_max": float(mask.max()),
-            "peak_y": (y + 0.5) / mask.shape[0], "peak_x": (x + 0.5) / mask.shape[1],
-            "area_50": float((mask >= 0.5).mean()), "zero_map": m.zero,
-            **{k: str(m.files[k]) if k in m.files else None for k in ("overlay", "heatmap", "raw")},
-            "json": None if rep.json_path is None else str(rep.json_path), "written": written, "error": None,
-        })
-    return rows
-
-
-def _error_row(runner: Runner, path: str, base: str, error: str) -> dict:
-    return {"image": path, "base": base, "model": runner.model_name, "model_hash": runner.explainer.digest,
-            "target": str(runner.target), "layers": runner.layers, "written": False, "error": error}
+    return [{
+        "image": path, "base": base, "model": runner.model_name, "model_hash": runner.explainer.digest,
+        "target": str(runner.target), "method": m.method, "layers": runner.layers,
+        "class": m.target, "label": m.label, "score": m.score,
+        "top_class": top_class, "top_label": top_label, "top_score": top_score, **_statistics(m.mask),
+        "zero_map": m.zero, **{k: str(m.files[k]) if k in m.files else None for k in ("overlay", "heatmap", "raw")},
+        "json": None if rep.json_path is None else str(rep.json_path), "written": written, "error": None,
+        "task": "classify",
+    } for m in rep.maps]
 
 
 # ---- the table -------------------------------------------------------------------------------------------------
@@ -397,6 +511,8 @@ class TableSummary:
     images: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # image -> error
     written: int = 0                                      # files written by this job (pictures, npz, JSON)
+    kept: int = 0                                         # images whose files were complete already (not written)
+    tasks: set[str] = field(default_factory=set)          # what the actors explained: classify, detect, ...
     seconds: float = 0.0
 
 
@@ -434,13 +550,16 @@ def write_table(ds: ray.data.Dataset, path: str | Path) -> TableSummary:
 
 
 def _count(summary: TableSummary, images: set, rows: list[dict]) -> None:
+    """Add one batch's rows (an actor's call: an image's rows are all in one batch) to the summary."""
     for row in rows:
         images.add(row["image"])
+        summary.tasks.add(row["task"])
         if row["error"]:
             summary.failed[row["image"]] = row["error"]
         elif row["written"]:
             summary.written += sum(row[k] is not None for k in ("overlay", "heatmap", "raw"))
-    summary.written += len({r["json"] for r in rows if r["written"] and r["json"]})
+    summary.written += sum(len({r[k] for r in rows if r["written"] and r[k]}) for k in ("json", "picture"))
+    summary.kept += len({r["image"] for r in rows if not r["written"] and not r["error"] and r["json"]})
 
 
 def _onnxcam_cause(exc: BaseException) -> OnnxCamError | None:

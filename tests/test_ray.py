@@ -337,17 +337,17 @@ def test_table(faulted, local):
 
 
 def test_rerun_with_model_bytes_writes_nothing(cluster, images, faulted):
-    """The model as bytes, into the same folder: every image is complete, so its rows are made again and no file is
-    written; the rows equal the first run's."""
+    """The model as bytes, into the same folder, resumed: every image is complete, so its rows are made again and no
+    file is written; the rows equal the first run's."""
     from onnxcam.ray import explain_dataset, write_table
 
     before = cluster.writes.read_text()
     out = faulted["out"]
     ds = explain_dataset([images], onnxcam.BUNDLED_MODEL.read_bytes(), model_name=str(onnxcam.BUNDLED_MODEL),
                          methods=METHODS.split(","), target=TARGET, out_dir=out, save_raw=True, batch_size=4,
-                         caption=True)
+                         caption=True, resume=True)
     summary = write_table(ds, out.parent / "again.parquet")
-    assert cluster.writes.read_text() == before and summary.written == 0
+    assert cluster.writes.read_text() == before and summary.written == 0 and summary.kept == summary.images - 1
     rows = pq.read_table(out.parent / "again.parquet").to_pylist()
     key = lambda r: (r["image"], r["method"] or "", r["class"] or -1)
     first = sorted(faulted["table"], key=key)
@@ -378,6 +378,99 @@ def test_decoded_pictures_without_files(cluster, images, faulted):
     for r in rows:
         assert r["json"] is None and r["overlay"] is None and r["written"] is False and r["error"] is None
         assert {k: r[k] for k in stats} == {k: first["a/" + r["base"], r["method"], r["class"]][k] for k in stats}
+
+
+# ---- tasks, and resume or not -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """tests/test_tasks.py's YOLOv8-style detector (seeded, with class names) and two photos to explain."""
+    from .test_tasks import _write, yolo
+
+    root = tmp_path_factory.mktemp("detector")
+    model = Path(_write(root, "yolo.onnx", yolo()[1], ["cat", "dog", "cup"]))
+    photos = [Path(shutil.copy(p, root / p.name)) for p in onnxcam.SAMPLE_IMAGES[:2]]
+    return model, photos
+
+
+def _task_json(path: Path) -> dict:
+    record = json.loads(path.read_text())
+    record.pop("seconds")  # how long this run took
+    return record
+
+
+def test_detector_on_the_cluster_as_locally_then_again_without_resume(cluster, detector, tmp_path):
+    """`--ray` with a detector (task read from the model, as locally): the local `--task` run's files (JSON equal
+    but for its time, PNG bytes equal) and one row per detection with its box, class, score and map figures. Run
+    again without --resume, every image is explained and written again (atomically), as a local run does."""
+    from onnxcam.pipeline import ImageFile
+    from onnxcam.tasks.run import TaskRunner
+
+    model, photos = detector
+    args = [str(model), *map(str, photos), "--conf", "0", "--top", "2"]
+    local = _cli(*args, "--out", str(tmp_path / "local"))
+    assert local.exit_code == 0 and "Task detect (decode yolov8" in local.output, local.output
+    out = tmp_path / "ray"
+    first = _cli(*args, "--out", str(out), "--ray", cluster.address)
+    assert first.exit_code == 0, first.output
+    assert re.fullmatch(r"Explained 2 of 2 images with gradcam \(task detect\) on Ray in \S+ s; wrote 8 files and "
+                        r"onnxcam-results.parquet to \S+", first.output.strip()), first.output
+    ours, theirs = _outputs(out), _outputs(tmp_path / "local")
+    assert set(ours) - {"onnxcam-results.parquet"} == set(theirs)
+    for name, path in theirs.items():
+        if name.endswith(".json"):
+            assert _task_json(ours[name]) == _task_json(path), name
+        else:
+            assert ours[name].read_bytes() == path.read_bytes(), name
+    rows = pq.read_table(out / "onnxcam-results.parquet").to_pylist()
+    runner = TaskRunner(model, conf=0, top=2, out=tmp_path / "unused")
+    assert len(rows) == 4
+    for photo in photos:
+        record = json.loads((out / f"{photo.stem}.json").read_text())
+        mine = [r for r in rows if r["image"] == str(photo)]
+        maps = runner.explain(ImageFile(photo, Path(photo.stem)), write=False).maps
+        assert [json.loads(r["item"]) for r in mine] == record["detections"]
+        for r, d, m in zip(mine, record["detections"], maps):
+            assert (r["task"], r["class"], r["label"], r["score"], r["box"]) == \
+                ("detect", d["label"], d["name"], d["score"], d["box_image"])
+            assert r["overlay"] == str(out / d["overlay"]) and r["picture"] == str(out / f"{photo.stem}.detect.png")
+            assert r["json"] == str(out / f"{photo.stem}.json") and r["written"] and r["error"] is None
+            y, x = np.unravel_index(np.argmax(m), m.shape)
+            want = {"map_mean": m.mean(), "map_max": m.max(), "area_50": (m >= 0.5).mean(),
+                    "peak_y": (y + 0.5) / m.shape[0], "peak_x": (x + 0.5) / m.shape[1]}
+            assert {k: r[k] for k in want} == pytest.approx(want, rel=1e-6, abs=1e-7)
+    stamps = {name: p.stat().st_mtime_ns for name, p in _outputs(out).items()}
+    again = _cli(*args, "--out", str(out), "--ray", cluster.address)
+    assert again.exit_code == 0 and "Explained 2 of 2 images" in again.output, again.output
+    writes = collections.Counter(line.split(" ", 1)[1] for line in cluster.writes.read_text().splitlines()
+                                 if str(out) in line)
+    assert set(writes.values()) == {2} and len(writes) == 8  # every picture and JSON, once per run
+    assert all(p.stat().st_mtime_ns != stamps[name] for name, p in _outputs(out).items())
+    assert [r["written"] for r in pq.read_table(out / "onnxcam-results.parquet").to_pylist()] == [True] * 4
+
+
+def test_without_resume_a_retried_batch_keeps_only_what_this_job_wrote(detector, tmp_path):
+    """The actor's rule for an image already complete (in this process, no cluster): a retry of this job's batch
+    keeps the files it wrote; a later job rewrites them unless resumed."""
+    from onnxcam.ray import _Explain
+
+    model, photos = detector
+    batch = {"path": np.array([str(photos[0])]), "base": np.array([photos[0].stem])}
+    options = {"methods": ("gradcam",), "layers": None, "target": "top1", "save_raw": False, "task": "auto",
+               "conf": 0.0, "top": 1}
+    record = tmp_path / f"{photos[0].stem}.json"
+
+    def run(resume: bool, since: int | None) -> list[bool]:
+        actor = _Explain(str(model), "yolo.onnx", str(tmp_path), {**options, "resume": resume}, since)
+        return [r["written"] for r in actor(batch).to_pylist()]
+
+    assert run(False, None) == [True]
+    stamp = record.stat().st_mtime_ns
+    assert run(False, stamp) == [False]  # the same job's retry: written since it started
+    assert record.stat().st_mtime_ns == stamp
+    assert run(True, stamp + 1) == [False]  # a later job, resumed
+    assert record.stat().st_mtime_ns == stamp
+    assert run(False, stamp + 1) == [True]  # a later job: explained and written again
+    assert record.stat().st_mtime_ns != stamp
 
 
 # ---- bad input: one line each, nothing written -----------------------------------------------------------------

@@ -1,45 +1,71 @@
-"""The command line's per-task pipeline for detectors and segmenters: images in, labelled pictures and JSON out.
+"""The command line's per-task pipeline for detectors, segmenters and text recognizers: images in, labelled
+pictures and JSON out.
 
-Per image: one run reads the score (a zero seed), the detections are decoded (or the classes present found), then
-one run with one seed per detection/class makes the maps (the image repeated, a batch of targets). Files:
-`<name>.<task>.png` (all boxes, or all class outlines), `<name>.<method>.<k>.overlay.png` per detection or class
-(its map with its box or mask outline), and `<name>.json` (task, decoding, layer and the rule that chose it,
-boxes / classes with their pictures). Reuses pipeline.py's public pieces (find_images, ImageFile) and image.py.
+Per image: one run reads the score (a zero seed), the detections are decoded (or the classes present found, or the
+text decoded), then one run with one seed per detection/class/character makes the maps (the image repeated, a batch
+of targets). Files: `<name>.<task>.png` (all boxes, all class outlines, or the text line with each character's
+columns boxed and the decoded string above), `<name>.<method>.<k>.overlay.png` per detection, class or character
+(its map with its box or mask outline; a recognizer also gets `<name>.<method>.string.overlay.png`, the map of the
+whole string), and `<name>.json` (task, decoding, layer and the rule that chose it, the task picture, boxes /
+classes / text and characters with their pictures), written last. `TaskRunner.explain` is the one place an image
+becomes a record and maps (onnxcam/ray.py makes its table rows from it). Reuses pipeline.py's public pieces
+(find_images, ImageFile) and image.py.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .. import __version__, image, preprocess
-from ..cam.api import canonical, method_object
+from .. import __version__, files, image, preprocess
+from ..cam.api import REGISTRY, canonical, method_object
 from ..errors import InputError, OnnxCamError
 from ..explainer import Explainer
-from ..files import atomic_write, write_json
 from ..graph.load import LoadedModel
 from ..graph.model import ModelGraph
-from . import detect, segment
+from . import detect, ocr, segment
 from .choose import TASK_CHOICES, input_hw, selection_of, task_of
 
 log = logging.getLogger(__name__)
+STRING = "string"  # the file-name part of a recognizer's whole-string map (characters are numbered)
+
+
+@dataclass
+class TaskResult:
+    """One image explained: its JSON record, the items explained (JSON-ready dicts: the detections, classes, or
+    the string then the characters), one map per item at the model's input size, and where they are written."""
+
+    record: dict
+    items: list[dict]
+    maps: np.ndarray
+    json_path: Path | None = None
+    written: bool = False
+    files: dict = field(default_factory=dict)  # item index -> its overlay's path (items whose map is not zero)
 
 
 class TaskRunner:
-    """A detector or segmenter opened for explaining image files. `task` is "classify" when the model's output
-    reads as class scores (the caller then takes the classifier pipeline)."""
+    """A detector, segmenter or text recognizer opened for explaining image files. `task` is "classify" when the
+    model's output reads as class scores (the caller then takes the classifier pipeline).
 
-    def __init__(self, model, *, task: str = "auto", method: str = "gradcam", layers=None, conf: float = 0.25,
+    method: one method, or a list of one (several are refused for these tasks: one picture per item).
+    resume: skip images whose JSON records this model (hash), task, decoding, method, layers and preprocessing,
+    with every picture it names. blank: a recognizer's CTC blank class."""
+
+    def __init__(self, model, *, task: str = "auto", method="gradcam", layers=None, conf: float = 0.25,
                  top: int = 5, decode: str | None = None, size=None, mean=None, std=None, layout: str = "auto",
                  bgr: bool = False, labels=None, device: str = "auto", out="onnxcam-out", output: str | None = None,
-                 max_pixels: int | None = image.MAX_PIXELS):
+                 max_pixels: int | None = image.MAX_PIXELS, resume: bool = False, blank: int = ocr.BLANK):
         if task not in TASK_CHOICES:
             raise InputError(f"unknown task {task!r}; choose from {', '.join(TASK_CHOICES)}")
+        methods = [method] if isinstance(method, str) else list(method)
         self.model_name, self.out, self.conf, self.top, self.max_pixels = str(model), Path(out), conf, top, max_pixels
-        self.method = canonical(method)
+        self.resume, self.blank = resume, int(blank)
+        self.method = canonical(methods[0])
         try:
             loaded = LoadedModel.of(model)  # one read, shared with the Explainer (and the classifier's Runner)
             proto = loaded.skeleton
@@ -58,9 +84,9 @@ class TaskRunner:
         self.input_hw = input_hw(mg) or tuple(self.pre.size)
         if self.task == "classify":
             return
-        if self.task == "ocr":  # pictures of per-character maps are not drawn yet: the library explains them
-            raise InputError(f"output {self.score!r} is a text recognizer's per-time-step scores: explain it in Python "
-                             "with onnxcam.tasks.ocr (run_sequence and its character targets)")
+        if len(methods) > 1:
+            raise InputError(f"task {self.task} explains with one method at a time (one picture per item); got "
+                             f"{', '.join(methods)}: run once per method", option="method")
         self.layout = None
         # a detector exported with its NMS: detections read from its outputs, each explained at the class score
         # it was selected from
@@ -70,8 +96,10 @@ class TaskRunner:
         if self.task == "detect":
             if self.selection is None:
                 self.layout = detect.recognise(self.score_shape, self.input_hw, classes, decode, self.score)
-        else:
+        elif self.task == "segment":
             segment.check_output(self.score_shape[1:], self.score)
+        else:
+            self._check_recognizer()
         if layers:
             self.layers, self.layer_rule = list(layers), "given"
         else:
@@ -80,56 +108,166 @@ class TaskRunner:
         self.rows = detect.class_rows(mg, self.score, self.layout) if self.layout is not None else None
         seeded = self.rows.tensor if self.rows is not None else self.score
         self.seed_shape = mg.shape(mg.tensor(seeded))[1:]
+        if self.selection is not None and self.selection.regions:  # Faster R-CNN: (R, C), explained as (1, R, C)
+            self.seed_shape = (self.selection.anchors, self.selection.classes)
         self.explainer = Explainer(loaded, layers=self.layers, score=seeded, device=device,
                                    input_shape=self.pre.input_shape(1))
         self.layers = self.explainer.layers
         self.cam = method_object(self.explainer, self.method)
 
-    # ---- one image -----------------------------------------------------------------------------------------
+    def _check_recognizer(self) -> None:
+        """A recognizer's score is 3-D; its class names are the characters (with or without the blank)."""
+        if self.score_shape is None or len(self.score_shape) != 3:
+            raise InputError(f"output {self.score!r} has shape {self.score_shape}: a text recognizer's is (N, T, C) "
+                             "or (T, N, C) per-time-step scores; give the output holding them (output=)")
+        if not REGISTRY[self.method].shared_run:
+            shared = ", ".join(m for m, info in REGISTRY.items() if info.shared_run)
+            raise InputError(f"method {self.method} makes runs of its own, which do not read a recognizer's "
+                             f"sequence scores; for task ocr choose from {shared}", option="method")
+        k = self.score_shape[2]
+        if self.names is not None and len(self.names) not in (k, k - 1):
+            raise InputError(f"{len(self.names)} character names for a recognizer with {k} classes: give {k} names "
+                             f"(the blank {self.blank} included) or {k - 1} (the blank left out, as PaddleOCR's "
+                             "dictionaries do)", option="labels")
+
+    # ---- what the items are called ---------------------------------------------------------------------------
     def decoding(self) -> dict:
         if self.selection is not None:
             return {**self.selection.describe(), "conf": self.conf, "top": self.top}
         if self.layout is not None:
             seeded = {"seeded": self.rows.tensor} if self.rows is not None else {}
             return {**self.layout.describe(), "conf": self.conf, "top": self.top, "nms_iou": 0.45, **seeded}
+        if self.task == "ocr":
+            return {"decode": "ctc greedy", "classes": self.score_shape[2], "blank": self.blank,
+                    "score": "softmax over the classes, averaged over each character's time steps",
+                    "top": self.top}
         k = self.score_shape[1]
         return {"maps": f"(N, {k}, H, W)", "classes": k,
                 "mask": "pixels above 0.3" if k == 1 else "the class's argmax pixels", "top": self.top}
 
     def label(self, c: int) -> str:
+        if self.task == "ocr":
+            return self.character(c)
         return self.names[c] if self.names and 0 <= c < len(self.names) else f"class {c}"
 
+    def character(self, c: int) -> str:
+        """A recognizer's class as text: its name (names without the blank are shifted past it), else [c]."""
+        if self.names and len(self.names) == self.score_shape[2]:
+            return self.names[c]
+        if self.names and c != self.blank:
+            return self.names[c - (c > self.blank)]
+        return f"[{c}]"
+
+    # ---- one image -------------------------------------------------------------------------------------------
     def explain_file(self, f) -> dict:
         """Explain one pipeline.ImageFile and write its files; returns the JSON record (InputError when the image
         cannot be read)."""
+        return self.explain(f).record
+
+    def json_path(self, f) -> Path:
+        base = self.out / f.base
+        return base.with_name(f"{base.name}.json")
+
+    def explain(self, f, write: bool = True) -> TaskResult:
+        """Explain one pipeline.ImageFile: the record, the items and their maps; with write, its pictures and then
+        its JSON (last: its presence means the image is complete). Without write nothing is written, but the
+        record names the files a written run has (the same names)."""
         start = time.perf_counter()
         rgb = f.rgb if f.rgb is not None else image.read_image(f.path, self.max_pixels)
         x = image.to_input(rgb, self.pre)[None]
+        if self.task == "ocr":
+            items, maps, zero, extra = self._ocr(x, rgb)
+        else:
+            items, maps, zero, extra = self._boxes_or_classes(x, rgb)
+        base = self.out / f.base
+        picture = Path(f"{base}.{self.task}.png")
+        result = TaskResult({}, items, maps, self.json_path(f), write)
+        if write:
+            base.parent.mkdir(parents=True, exist_ok=True)
+            files.atomic_write(picture, image.encode_png(self._all(rgb, items)))
+        for k, (item, mask) in enumerate(zip(items, maps)):
+            item["zero_map"] = zero[k] if k < len(zero) else None
+            if item["zero_map"] is None:
+                path = Path(f"{base}.{self.method}.{item.get('_file', k)}.overlay.png")
+                if write:
+                    files.atomic_write(path, image.encode_png(self._one(image.overlay(rgb, mask), item)))
+                item["overlay"] = path.name
+                result.files[k] = path
+        if self.task == "ocr":
+            found = {**_public(extra), "string": _public(items[0]) if items else None,
+                     "characters": [_public(c) for c in extra["_characters"]]}
+        else:
+            found = {"detections" if self.task == "detect" else "classes": [_public(i) for i in items]}
+        result.record = {"image": str(f.path), "model": self.model_name, "model_hash": self.explainer.digest,
+                         "onnxcam_version": __version__, "task": self.task, "decoding": self.decoding(),
+                         "score": self.score, "layers": self.layers, "layer_rule": self.layer_rule,
+                         "method": self.method, "preprocess": _plain(self.pre.describe()), "picture": picture.name,
+                         "seconds": round(time.perf_counter() - start, 4), **found}
+        if write:
+            files.write_json(result.json_path, result.record)
+        return result
+
+    def done_before(self, f) -> dict | None:
+        """f's JSON when it records an explanation like this runner's (model hash, task, decoding, method, layers,
+        preprocessing) with every picture it names present; else None (anything unreadable or different)."""
+        path = self.json_path(f)
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            same = (record["image"] == str(f.path) and record["model_hash"] == self.explainer.digest
+                    and record["task"] == self.task and record["method"] == self.method
+                    and record["layers"] == self.layers and record["score"] == self.score
+                    and record["decoding"] == _plain(self.decoding())
+                    and record["preprocess"] == _plain(self.pre.describe()))
+            items = record_items(record)
+            named = [record["picture"]] + [i["overlay"] for i in items if i.get("overlay")]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return record if same and all((path.parent / name).is_file() for name in named) else None
+
+    def _boxes_or_classes(self, x: np.ndarray, rgb: np.ndarray) -> tuple[list[dict], np.ndarray, list, dict]:
         first = self.explainer.run(x, seed=np.zeros((1, *self.seed_shape), np.float32))
         sample = first.outputs[self.score][0] if self.rows is not None else first.logits[0]
         items, seeds = self._targets(sample, rgb, first.outputs)
         if self.rows is not None:
             seeds = [self.rows.slice(s) for s in seeds]
-        maps, zero = np.zeros((0, *rgb.shape[:2]), np.float32), []
+        maps, zero = np.zeros((0, *x.shape[-2:]), np.float32), []
         if seeds:
             maps = self.cam(np.repeat(x, len(seeds), axis=0), targets=seeds)
             zero = list(self.cam.degenerate_reasons)
-        base = self.out / f.base
-        base.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(f"{base}.{self.task}.png", image.encode_png(self._all(rgb, items)))
-        for k, (item, mask) in enumerate(zip(items, maps)):
-            item["zero_map"] = zero[k] if k < len(zero) else None
-            if item["zero_map"] is None:
-                path = Path(f"{base}.{self.method}.{k}.overlay.png")
-                atomic_write(path, image.encode_png(self._one(image.overlay(rgb, mask), item)))
-                item["overlay"] = path.name
-        record = {"image": str(f.path), "model": self.model_name, "model_hash": self.explainer.digest,
-                  "onnxcam_version": __version__, "task": self.task, "decoding": self.decoding(),
-                  "score": self.score, "layers": self.layers, "layer_rule": self.layer_rule, "method": self.method,
-                  "preprocess": _plain(self.pre.describe()), "seconds": round(time.perf_counter() - start, 4),
-                  "detections" if self.task == "detect" else "classes": [_public(i) for i in items]}
-        write_json(f"{base}.json", record)
-        return record
+        return items, maps, zero, {}
+
+    def _ocr(self, x: np.ndarray, rgb: np.ndarray) -> tuple[list[dict], np.ndarray, list, dict]:
+        """The decoded string and its first `top` characters: items (the string first), their maps, and the
+        record's text fields. Each character's box spans the image columns of its time steps (the steps split the
+        input's width evenly: where a CRNN's columns come from)."""
+        declared = tuple(self.explainer.score_shape(x.shape))
+        shape = tuple(1 if not isinstance(d, int) else d for d in declared)
+        scores = np.asarray(self.explainer.run(x, seed=np.zeros(shape, np.float32)).logits)
+        order = ocr.sequence_layout(scores.shape, 1, "auto", declared)
+        steps = scores[0] if order == "NTC" else scores[:, 0]
+        z = np.exp(steps - steps.max(axis=1, keepdims=True), dtype=np.float64)
+        probs = z / z.sum(axis=1, keepdims=True)
+        chars = ocr.greedy_decode(steps, self.blank)
+        text = "".join(self.character(c.category) for c in chars)
+        h, w = rgb.shape[:2]
+        per_step = w / len(steps)
+        characters = [{"position": k, "class": c.category, "name": self.character(c.category),
+                       "score": round(float(probs[list(c.steps), c.category].mean()), 6), "steps": list(c.steps),
+                       "box_image": [round(c.steps[0] * per_step, 1), 0.0, round((c.steps[-1] + 1) * per_step, 1),
+                                     float(h)], "_file": k} for k, c in enumerate(chars)]
+        # every character is in the record; the string and the first `top` are explained (their dicts are items)
+        extra = {"text": text, "layout": order, "steps": len(steps), "_characters": characters}
+        if not chars:
+            return [], np.zeros((0, *x.shape[-2:]), np.float32), [], extra
+        string = {"text": text, "name": text, "score": round(float(np.mean([c["score"] for c in characters])), 6),
+                  "characters": len(chars), "_file": STRING}
+        targets = [ocr.StringTarget(self.blank)] + [ocr.CharacterTarget(k, self.blank)
+                                                    for k in range(min(self.top, len(chars)))]
+        seed = np.stack([t.seed(steps) for t in targets]).astype(np.float32)
+        xs = np.repeat(x, len(targets), axis=0)
+        r = self.explainer.run(xs, seed=seed if order == "NTC" else np.ascontiguousarray(seed.transpose(1, 0, 2)))
+        maps = self.cam.maps_for(xs, r)
+        return [string] + characters[:len(targets) - 1], maps, list(self.cam.degenerate_reasons), extra
 
     def _targets(self, sample: np.ndarray, rgb: np.ndarray, outputs: dict | None = None
                  ) -> tuple[list[dict], list[np.ndarray]]:
@@ -164,17 +302,18 @@ class TaskRunner:
         items = [{**d.to_json(), "name": self.label(d.label),
                   "box_image": [round(v, 1) for v in (d.box[0] * sx, d.box[1] * sy, d.box[2] * sx, d.box[3] * sy)]}
                  for d in kept]
-        seeds = []
-        for d in kept:
-            seed = np.zeros(sample.shape, np.float32)
-            seed[d.anchor, d.label] = 1.0
-            seeds.append(seed)
-        return items, seeds
+        return items, [self.selection.seed(sample, d.anchor, d.label) for d in kept]
 
+    # ---- pictures --------------------------------------------------------------------------------------------
     def _all(self, rgb: np.ndarray, items: list[dict]) -> np.ndarray:
         if self.task == "detect":
             return image.draw_boxes(rgb, [i["box_image"] for i in items],
                                     [f"{i['name']} {i['score']:.2f}" for i in items], [i["label"] for i in items])
+        if self.task == "ocr":
+            chars = [i for i in items if "position" in i]
+            boxed = image.draw_boxes(rgb, [i["box_image"] for i in chars], [i["name"] for i in chars],
+                                     [i["class"] for i in chars])
+            return image.caption(boxed, [f"text: {items[0]['text'] if items else '(no characters)'}"])
         for i in items:
             rgb = image.draw_outline(rgb, i["_mask"], i["class"])
         return rgb
@@ -183,14 +322,33 @@ class TaskRunner:
         if self.task == "detect":
             return image.draw_boxes(picture, [item["box_image"]], [f"{item['name']} {item['score']:.2f}"],
                                     [item["label"]])
+        if self.task == "ocr":
+            layer = f"{self.method} @ {', '.join(self.layers)}"
+            if "position" not in item:
+                return image.caption(picture, [f"text: {item['text']} {item['score']:.2f}", layer])
+            boxed = image.draw_boxes(picture, [item["box_image"]], [item["name"]], [item["class"]])
+            return image.caption(boxed, [f"character {item['position']}: {item['name']} {item['score']:.2f}", layer])
         return image.draw_outline(picture, item["_mask"], item["class"], item["name"])
 
     def summary(self, record: dict) -> str:
         """One console line per image."""
+        if self.task == "ocr":
+            chars = record["characters"]
+            scores = ", ".join(f"{c['name']} {c['score']:.2f}" for c in chars)
+            what = f"{record['text']!r} ({scores})" if record["text"] else "no characters"
+            return f"  {Path(record['image']).name}  ocr: {what}"
         items = record.get("detections", record.get("classes", []))
         what = ", ".join(f"{i['name']} {i['score']:.2f}" if "score" in i else f"{i['name']} ({i['pixels']} px)"
                          for i in items) or "nothing found"
         return f"  {Path(record['image']).name}  {self.task}: {what}"
+
+
+def record_items(record: dict) -> list[dict]:
+    """The items of a task's JSON record, in the order of their maps (a recognizer's string first)."""
+    if record["task"] == "ocr":
+        string = record["string"]
+        return ([string] if string else []) + [c for c in record["characters"] if "zero_map" in c]
+    return record["detections" if record["task"] == "detect" else "classes"]
 
 
 def _names(proto, labels) -> list[str] | None:
@@ -214,23 +372,29 @@ def _plain(d):
 
 
 def run_cli(model, inputs, *, out, echo, **options) -> int | None:
-    """`onnxcam explain --task ...` for detectors and segmenters: None when the model reads as a classifier (the
-    caller then runs the classifier pipeline), else the exit status (1 when an image failed)."""
+    """`onnxcam explain --task ...` for detectors, segmenters and recognizers: None when the model reads as a
+    classifier (the caller then runs the classifier pipeline), else the exit status (1 when an image failed).
+    Failed images are `Error:` lines on stderr, as in the classifier pipeline."""
     from ..pipeline import find_images
 
     runner = TaskRunner(model, out=out, **options)
     if runner.task == "classify":
         return None
-    files = find_images(inputs, exclude=[out])
+    found = find_images(inputs, exclude=[out])
     echo(f"Task {runner.task} ({', '.join(f'{k} {v}' for k, v in runner.decoding().items())}); layer "
          f"{', '.join(runner.layers)} ({runner.layer_rule})")
-    failed = 0
-    for f in files:
+    failed = skipped = 0
+    for f in found:
+        if runner.resume and runner.done_before(f) is not None:
+            skipped += 1
+            continue
         try:
             echo(runner.summary(runner.explain_file(f)))
         except OnnxCamError as exc:
             failed += 1
             flag = {"conf": " (option --conf)"}.get(getattr(exc, "option", None), "")
-            echo(f"  {f.path}: {exc}{flag}")
-    echo(f"Explained {len(files) - failed} of {len(files)} images; wrote to {out}")
+            echo(f"Error: {f.path}: {exc}{flag}", err=True)
+    done = len(found) - failed - skipped
+    status = (f"; {failed} failed" if failed else "") + (f"; {skipped} skipped (explained before)" if skipped else "")
+    echo(f"Explained {done} of {len(found)} images{status}; wrote to {out}")
     return 1 if failed else 0
