@@ -183,6 +183,127 @@ def test_sequence_layout(shape, batch, declared, want):
     assert ocr.sequence_layout(shape, batch, declared=declared) == want
 
 
+# ---- the CAM classes (pytorch-grad-cam's calling convention) with sequence targets ------------------------------
+@functools.cache
+def _crnn_export(batch: int, width: int, dynamic: bool) -> tuple[bytes, np.ndarray]:
+    """_crnn's net exported for (batch, 1, HEIGHT, width) inputs, its batch axis symbolic or fixed; an input."""
+    model, _, _ = _crnn()
+    x = np.random.default_rng(width).normal(size=(batch, 1, HEIGHT, width)).astype(np.float32) * 2
+    axes = {"x": {0: "n"}, "y": {1: "n"}} if dynamic else None
+    return _export(model, (torch.tensor(x),), ["x"], axes), x
+
+
+def _sequence_targets(which: str) -> list:
+    """A different target per sample, so that a seed put on the wrong sample's scores shows."""
+    return {"character": [ocr.CharacterTarget(1), ocr.CharacterTarget(0)], "string": [ocr.StringTarget()] * 2,
+            "step": [ocr.TimeStepTarget(5, 2), ocr.TimeStepTarget(9, 4)]}[which]
+
+
+@pytest.mark.parametrize("which", ["character", "string", "step"])
+@pytest.mark.parametrize("batch", ["symbolic", "fixed"])
+def test_cam_classes_take_sequence_targets_on_a_tnc_score(which, batch):
+    """GradCAM(model)(x, targets=[...]) with CTC targets on the CRNN's (T, N, C) score (its batch axis symbolic,
+    or fixed at 2): each sample's target is seeded on its own column of the score (axis 1, not a time step),
+    and the gradients and the Grad-CAM maps match float64 torch."""
+    model, _, x = _crnn()
+    model_bytes = _crnn_export(2, WIDTH, batch == "symbolic")[0]
+    scores = _decoded_away_from_ties(model, x)
+    targets = _sequence_targets(which)
+    cam = onnxcam.GradCAM(model_bytes)
+    maps = cam(x, targets=targets)
+    want_seed = np.stack([t.seed(scores[:, i]) for i, t in enumerate(targets)], axis=1)
+    np.testing.assert_array_equal(cam.result.seed, want_seed)
+    a, g = _reference(model, (x,), model.backbone[4], want_seed)
+    layer = cam.target_layers[0]
+    _close(cam.result.activations[layer], a)
+    _close(cam.result.gradients[layer], g)
+    _close(cam.raw[layer], (g.mean(axis=(2, 3))[:, :, None, None] * a).sum(axis=1))
+    assert maps.shape == (2, HEIGHT, WIDTH) and cam.degenerate_reasons == [None, None]
+
+
+def test_cam_classes_refuse_a_sequence_score_whose_batch_axis_is_ambiguous():
+    """A fixed-batch export whose batch equals its time steps, (4, 4, C): the CAM classes used to cut the (T, N, C)
+    score along T as if it were the batch and explain other samples' scores (a silent wrong answer); now one
+    line names the shape and the way to give the layout, and that way gives the float64 torch gradient."""
+    model, _, _ = _crnn()
+    model_bytes, x = _crnn_export(4, 4, False)
+    cam = onnxcam.GradCAM(model_bytes)
+    with pytest.raises(InputError) as e:
+        cam(x, targets=[ocr.TimeStepTarget(1, 2)] * 4)
+    assert _one_line(e).startswith("score of shape (4, 4, 6) reads as (N, T, C) and as (T, N, C) for a batch of 4; "
+                                   "give layout='NTC' or 'TNC' (to ocr.run_sequence")
+    r = ocr.run_sequence(cam.explainer, x, ocr.TimeStepTarget(1, 2), layout="TNC")
+    assert cam.maps_for(x, r).shape == (4, HEIGHT, 4)
+    seed = np.zeros((4, 4, CLASSES), np.float32)
+    seed[1, :, 2] = 1  # step 1, class 2, every sample
+    _, g = _reference(model, (x,), model.backbone[4], seed)
+    _close(r.gradients[cam.target_layers[0]], g)
+
+
+def _ablation_reference(model, x: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Ablation-CAM's raw maps in float64 torch: w_k = (y - y_k) / y, y = sum(seed * scores) for each sample's
+    frozen seed, y_k with channel k of the backbone's output set to the sample's minimum activation - 1e7
+    (pytorch-grad-cam's ablation value); map = sum_k w_k A_k."""
+    model = model.double()
+    xt = torch.tensor(x, dtype=torch.float64)
+    weight = torch.tensor(seeds, dtype=torch.float64)  # (T, N, C)
+    with torch.no_grad():
+        a = model.backbone(xt)
+        y = (model(xt) * weight).sum(dim=(0, 2))
+        fill = a.flatten(1).min(dim=1).values - 1e7
+        drops = []
+
+        def ablate(k, out):
+            out = out.clone()
+            out[:, k] = fill[:, None, None]
+            return out
+
+        for k in range(a.shape[1]):
+            handle = model.backbone.register_forward_hook(lambda m, i, o, k=k: ablate(k, o))
+            drops.append((y - (model(xt) * weight).sum(dim=(0, 2))) / y)
+            handle.remove()
+    model.float()
+    w = torch.stack(drops, dim=1).numpy()
+    return (w[:, :, None, None] * a.numpy()).sum(axis=1)
+
+
+@pytest.mark.parametrize("which", ["character", "string", "step"])
+def test_gradient_free_cams_read_each_sample_of_a_tnc_score(which):
+    """Ablation-CAM with CTC targets on the (T, N, C) CRNN matches its float64 torch definition, the targets frozen
+    at the input's own decoding (a perturbed copy may decode to fewer characters); Score-CAM gives the maps it
+    gives on the same net exported (N, T, C), where the score's rows are the samples."""
+    model, model_bytes, x = _crnn()
+    scores = _decoded_away_from_ties(model, x)
+    targets = _sequence_targets(which)
+    ablation = onnxcam.AblationCAM(model_bytes)
+    ablation(x, targets=targets)
+    seeds = np.stack([t.seed(scores[:, i]) for i, t in enumerate(targets)], axis=1)
+    _close(ablation.raw[ablation.target_layers[0]], _ablation_reference(model, x, seeds))
+    batch_first = _export(BatchFirst(model), (torch.tensor(x),), ["x"], {"x": {0: "n"}, "y": {0: "n"}})
+    maps = [onnxcam.ScoreCAM(b)(x, targets=targets) for b in (model_bytes, batch_first)]
+    np.testing.assert_allclose(maps[0], maps[1], atol=1e-5)
+    assert np.ptp(maps[0], axis=2).min() > 0.5
+
+
+class BatchFirst(nn.Module):
+    """The same recognizer with its score transposed to (N, T, C)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).permute(1, 0, 2)
+
+
+def test_shapley_cam_refuses_sequence_targets_in_one_line():
+    _, model_bytes, x = _crnn()
+    with pytest.raises(InputError) as e:
+        onnxcam.ShapleyCAM(model_bytes)(x, targets=[ocr.TimeStepTarget(5, 2)] * 2)
+    assert _one_line(e) == ("ShapleyCAM cannot take target TimeStepTarget(step=5, category=2) of a recognizer's "
+                            "sequence scores yet; use GradCAM or another gradient method")
+
+
 # ---- bad input: one line each ----------------------------------------------------------------------------------
 def _one_line(excinfo) -> str:
     message = str(excinfo.value)
@@ -207,7 +328,8 @@ def test_bad_sequence_targets_say_what_is_wrong():
     with pytest.raises(InputError) as e:
         ocr.sequence_seed(np.zeros((2, 2, CLASSES)), [ocr.StringTarget()] * 2)
     assert _one_line(e) == ("score of shape (2, 2, 6) reads as (N, T, C) and as (T, N, C) for a batch of 2; give "
-                            "layout='NTC' or 'TNC'")
+                            "layout='NTC' or 'TNC' (to ocr.run_sequence; a CAM class then makes the maps with "
+                            "maps_for)")
 
 
 def test_crnn_out_of_range_character_through_the_explainer():

@@ -29,6 +29,7 @@ from ..explainer import Explainer, Result
 from ..graph import inputs as graph_inputs
 from ..graph.load import LoadedModel
 from ..runtime import SESSION_CONFIG
+from ..tasks import ocr
 from ..tasks.layout import tokens_to_maps
 from .postprocess import aggregate_layers, layer_map
 from .targets import ClassifierOutputTarget, as_target, seeds
@@ -189,6 +190,8 @@ class BaseCAM:
             targets = _target_list(targets, n)
             if all(type(t) is ClassifierOutputTarget for t in targets):
                 r = ex.run(x, [t.category for t in targets])
+            elif any(ocr.is_sequence_target(t) for t in targets):  # CTC targets: each sample's (T, C) scores,
+                r = ocr.run_sequence(ex, x, targets)  # whichever axis of the score holds the batch
             else:
                 shape = self._score_shape(x)
                 outputs = np.zeros((n, *shape), np.float32)

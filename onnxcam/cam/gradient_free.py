@@ -24,6 +24,7 @@ from ..explainer import Result
 from ..graph.cut import tail_model
 from ..graph.evaluate import runtime_failure
 from ..runtime import session
+from ..tasks import ocr
 from . import methods
 from .base import BaseCAM
 from .projection import get_2d_projection
@@ -88,7 +89,11 @@ class _ForwardCAM(BaseCAM):
     def _scores(self, outputs: np.ndarray, samples: np.ndarray) -> np.ndarray:
         """float32 target score of each output row, row i read by sample samples[i]'s target."""
         targets = self._call.numpy_targets
-        return np.float32([np.asarray(targets[n](o)).item() for n, o in zip(samples, outputs)])
+        return np.float32([np.asarray(targets[n](o)).item() for n, o in zip(samples, self._rows(outputs))])
+
+    def _rows(self, outputs: np.ndarray) -> np.ndarray:
+        """A batch's score with one row per sample: a recognizer's (T, N, C) read as (N, T, C)."""
+        return outputs.transpose(1, 0, 2) if getattr(self._call, "sequence_first", False) else outputs
 
     def run(self, x: np.ndarray, targets=None) -> Result:
         """One plain forward: the score and the layers' activations (no gradients); resolves the targets."""
@@ -99,7 +104,13 @@ class _ForwardCAM(BaseCAM):
         names = list(dict.fromkeys([ex.score_name, *layers, *self._extra_outputs()]))
         values = dict(zip(names, self._forward(x, names)))
         logits = values[ex.score_name]
-        self._call.numpy_targets = _numpy_targets(targets, logits)  # per thread, as the other per-call results
+        targets = None if targets is None else per_sample(targets, len(x))
+        # CTC targets on a (T, N, C) score: the samples are its axis 1 (ocr.sequence_layout)
+        self._call.sequence_first = targets is not None and any(ocr.is_sequence_target(t) for t in targets) and \
+            ocr.sequence_layout(logits.shape, len(x), declared=_declared(ex.proto, ex.score_name)) == "TNC"
+        rows = self._rows(logits)
+        # per thread, as the other results; CTC targets keep the input's own decoding on the perturbed copies
+        self._call.numpy_targets = [ocr.frozen(t, row) for t, row in zip(_numpy_targets(targets, rows), rows)]
         classes = [t.category if type(t) is ClassifierOutputTarget else -1 for t in self._call.numpy_targets]
         r = Result(logits, np.int64(classes), {layer: values[layer] for layer in layers}, {},
                    {name: values[name] for name in names if name not in layers})
@@ -327,6 +338,14 @@ def channels_to_ablate(activations: np.ndarray, ratio: float = 1.0) -> np.ndarra
     chosen[order[::-1][:k]] = True
     chosen[order[:k]] = True
     return chosen
+
+
+def _declared(proto: onnx.ModelProto, name: str) -> tuple | None:
+    """The dims a model output declares (ints, or names for symbolic ones); None for an inner tensor."""
+    for o in proto.graph.output:
+        if o.name == name:
+            return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in o.type.tensor_type.shape.dim)
+    return None
 
 
 def _numpy_targets(targets, logits: np.ndarray) -> list:

@@ -111,6 +111,9 @@ def _kind(target) -> str:
         return "softmax"
     if isinstance(target, ClassifierOutputReST):
         return "rest"
+    if getattr(target, "sequence", False):  # its seeds are built batch-first; a (T, N, C) score is not
+        raise InputError(f"ShapleyCAM cannot take target {target!r} of a recognizer's sequence scores yet; use "
+                         "GradCAM or another gradient method")
     if getattr(target, "needs_output", False):
         raise InputError(f"ShapleyCAM cannot take target {target!r}: its seed depends on the logits and its second "
                          "derivative is not in the graph; use ClassifierOutputTarget, ClassifierOutputSoftmaxTarget, "

@@ -56,10 +56,10 @@ def task_of(mg, score: str, strict: bool = False, decode: str | None = None, cla
     none fits (else "classify", whose rules are the generic ones)."""
     shape = mg.shape(mg.tensor(score))
     hw = input_hw(mg)
+    if (selection := selection_of(mg)) is not None and selection.score == score:
+        return "detect"  # before the (N, K) rule: Faster R-CNN's selected-from scores are (R, C)
     if shape is not None and len(shape) == 2:
         return "classify"
-    if (selection := selection_of(mg)) is not None and selection.score == score:
-        return "detect"
     if ocr.is_recognizer(mg, score):
         return "ocr"
     if shape is not None and len(shape) == 4 and hw and _scales(shape[2:], hw):
@@ -71,12 +71,12 @@ def task_of(mg, score: str, strict: bool = False, decode: str | None = None, cla
         except InputError as exc:
             if strict:
                 raise InputError(f"cannot tell the task of output {score!r}: {exc}; or give task='classify', "
-                                 "'detect' or 'segment'") from None
+                                 "'detect', 'segment' or 'ocr'") from None
     if strict:
         size = f"a {hw[0]}x{hw[1]}" if hw else "an unsized"
         raise InputError(f"cannot tell the task from output {score!r} of shape {_fmt(shape)} for {size} input: "
-                         "it is no (N, K) class scores, (N, K, H, W) maps or YOLO detection head; give task="
-                         "'classify', 'detect' or 'segment'")
+                         "it is no (N, K) class scores, (N, K, H, W) maps, YOLO detection head or recognizer's "
+                         "sequence scores; give task='classify', 'detect', 'segment' or 'ocr'")
     return "classify"
 
 
@@ -176,26 +176,35 @@ def selection_of(mg, strict: bool = False) -> detect.Selection | None:
         return None
     found = _pre_selection(mg, outs["scores"][0])
     shape = None if found is None else mg.shape(found[1])
+    logits = found is not None and (shape is None or len(shape) != 3) \
+        and (levels := _level_logits(mg, outs["scores"][0])) is not None
+    if logits:  # RetinaNet: a Sigmoid per level after the selection cut the logits; explain the logits
+        found, shape = levels, mg.shape(levels[1])
+    regions = found is not None and shape is not None and len(shape) == 2 and mg.per_region(found[1])
+    if regions:  # Faster R-CNN: the (R, C) scores of one image's regions, explained as (1, R, C) (rewrite.py)
+        shape = (1, *shape)
     if shape is None or len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
-        # Faster R-CNN's (R, C) region scores (no batch axis, R set by the proposals, RoiAlign on the path) and
-        # RetinaNet's per-level flattened scores are not read yet
         what = "no Softmax/Sigmoid" if found is None else f"{found[1].name!r} of shape {_fmt(shape)}"
         if strict:
             names = ", ".join(repr(v[0].name) for v in outs.values())
             raise InputError(f"outputs {names} are detections after NMS, but the class scores they are selected "
-                             f"from ({what}) are not (N, anchors, classes) scores onnxcam reads (Faster R-CNN's "
-                             "per-region and RetinaNet's per-level scores are not supported yet): give score= a "
-                             "tensor to explain", option="score")
+                             f"from ({what}) are not (N, anchors, classes) or per-region (regions, classes) scores "
+                             "onnxcam reads: give score= a tensor to explain", option="score")
         log.info("detector outputs found, but their class scores come from %s, not (N, A, C)", what)
         return None
     node, probs = found
     return detect.Selection(probs.name, outs["boxes"][0].name, outs["scores"][0].name, outs["labels"][0].name,
-                            shape[1], shape[2], node.op)
+                            shape[1], shape[2], node.op, logits, regions)
 
 
 def _pre_selection(mg, scores: gs.Tensor) -> tuple[gs.Node, gs.Tensor] | None:
-    """The Softmax/Sigmoid whose output the post-NMS scores are picked from, walking back along float inputs
-    through selection ops only (anything else would make the scores no copy of it)."""
+    """The Softmax/Sigmoid whose output the post-NMS scores are picked from (the nearest)."""
+    return next(_activations_behind(mg, scores), None)
+
+
+def _activations_behind(mg, scores: gs.Tensor):
+    """Each Softmax/Sigmoid (node, output) whose output the post-NMS scores are picked from, nearest first,
+    walking back along float inputs through selection ops only (anything else would make the scores no copy)."""
     todo, seen = deque([scores]), set()
     while todo:
         t = todo.popleft()
@@ -204,13 +213,39 @@ def _pre_selection(mg, scores: gs.Tensor) -> tuple[gs.Node, gs.Tensor] | None:
             continue
         seen.add(id(node))
         if node.op in ("Softmax", "Sigmoid"):
-            return node, t
+            yield node, t
+            continue
         if node.op not in _SELECTS:
             continue
         data = node.inputs[:1] if node.op in ("Gather", "GatherND", "GatherElements", "TopK", "Slice", "Reshape",
                                                "Expand") else node.inputs
         todo.extend(i for i in data if i.dtype is not None and np.issubdtype(i.dtype, np.floating))
-    return None
+
+
+# Ops that cut one image's level out of a head's (N, A, C) output: the image (Gather), the level's anchors
+_CUTS = {"Gather", "Slice", "Split", "Squeeze", "Identity"}
+
+
+def _level_logits(mg, scores: gs.Tensor) -> tuple[gs.Node, gs.Tensor] | None:
+    """RetinaNet's post-processing (torchvision): the head's (N, A, C) logits are split into levels along the
+    anchors, one image is picked, and each level's slice gets its own Sigmoid before TopK and NMS. When every
+    Sigmoid behind the scores reads a cut of the same static (N, A, C) tensor (their class axis its last), that
+    tensor (with one of the Sigmoids); else None."""
+    sigmoids = [node for node, _ in _activations_behind(mg, scores)]
+    if not sigmoids or any(node.op != "Sigmoid" for node in sigmoids):
+        return None
+    sources = set()
+    for node in sigmoids:
+        t = node.inputs[0]
+        cut = mg.shape(t)
+        while (producer := mg.producer(t)) is not None and producer.op in _CUTS:
+            t = producer.inputs[0]
+        shape = mg.shape(t)
+        if shape is None or len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]) \
+                or cut is None or cut[-1] != shape[2]:
+            return None
+        sources.add(t.name)
+    return (sigmoids[0], mg.tensor(sources.pop())) if len(sources) == 1 else None
 
 
 # ---- the layer -----------------------------------------------------------------------------------------------
@@ -222,8 +257,10 @@ def layer(mg, score: str, task: str = "auto") -> Choice:
         task = task_of(mg, score)
     src, end = mg.tensor(mg.input_name), mg.tensor(score)
     nodes, on_path = mg.path_nodes([src], end)
+    # RoiAlign's crops (R, C, h, w) and what is made of them are regions, not maps of the image
+    regions = mg.forward_reach([o for n in nodes if n.op == "RoiAlign" for o in n.outputs])
     maps = [out for node in nodes for out in node.outputs if out.name in on_path and out is not end
-            and _spatial(mg.shape(out)) and not _attention_product(mg, out, on_path)]
+            and _spatial(mg.shape(out)) and not _attention_product(mg, out, on_path) and out.name not in regions]
     hw = input_hw(mg)
     scaled = [t for t in maps if _scaled(mg, t, hw)] if hw else []
     found = None

@@ -10,7 +10,10 @@ Explainer.run(x, seed=...) differentiates it):
   the blank (class 0 by default) dropped; the character's score summed over the time steps it came from;
 - StringTarget(): every decoded character's score (the decoded string's).
 
-Scores are read as they are (logits or log-probabilities, whatever the score tensor holds). A DBNet text detector's
+Scores are read as they are (logits or log-probabilities, whatever the score tensor holds). The CAM classes take
+these targets too (`GradCAM(model)(x, targets=[CharacterTarget(1)] * len(x))`): a target with `sequence = True`
+is seeded through run_sequence, on each sample's (T, C) scores whichever axis holds the batch, so a (T, N, C)
+score is never cut along its time axis as if that were the batch. A DBNet text detector's
 (N, 1, H, W) probability map is a single-map segmentation output: segment.ClassMaskTarget(0) already sums it over the
 pixels above DBNet's 0.3 threshold (text_region_target below only names it).
 
@@ -32,8 +35,9 @@ from . import segment
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BLANK", "LAYOUTS", "Character", "CharacterTarget", "StringTarget", "TimeStepTarget", "greedy_decode",
-           "is_recognizer", "ocr_layer", "run_sequence", "sequence_layout", "sequence_seed", "text_region_target"]
+__all__ = ["BLANK", "LAYOUTS", "Character", "CharacterTarget", "StringTarget", "TimeStepTarget", "WeightedSteps",
+           "frozen", "greedy_decode", "is_recognizer", "is_sequence_target", "ocr_layer", "run_sequence",
+           "sequence_layout", "sequence_seed", "text_region_target"]
 
 BLANK = 0  # the CTC blank class of most recognizers (PaddleOCR, CRNN ports, torch's CTCLoss default)
 LAYOUTS = ("auto", "NTC", "TNC")
@@ -67,7 +71,8 @@ def sequence_layout(shape: tuple, batch: int, layout: str = "auto", declared: tu
     if fits == (False, True):
         return "TNC"
     what = "as (N, T, C) and as (T, N, C)" if all(fits) else "neither as (N, T, C) nor as (T, N, C)"
-    raise InputError(f"score of shape {shape} reads {what} for a batch of {batch}; give layout='NTC' or 'TNC'")
+    raise InputError(f"score of shape {shape} reads {what} for a batch of {batch}; give layout='NTC' or 'TNC' "
+                     "(to ocr.run_sequence; a CAM class then makes the maps with maps_for)")
 
 
 def _steps_first(scores: np.ndarray, layout: str) -> np.ndarray:
@@ -111,6 +116,7 @@ class TimeStepTarget:
     """The score of class `category` at time step `step`."""
 
     needs_output = False
+    sequence = True  # seeds one sample's (T, C) scores: the CAM classes seed it through run_sequence
 
     def __init__(self, step: int, category: int):
         self.step, self.category = int(step), int(category)
@@ -135,6 +141,7 @@ class StringTarget:
     """The decoded string's score: each greedily decoded character's class score summed over its time steps."""
 
     needs_output = True
+    sequence = True
 
     def __init__(self, blank: int = BLANK):
         self.blank = int(blank)
@@ -181,6 +188,34 @@ class CharacterTarget(StringTarget):
         return f"CharacterTarget({self.position}, blank={self.blank})"
 
 
+class WeightedSteps:
+    """A fixed weighting of one sample's (T, C) scores: a sequence target frozen at one output (frozen()), so that
+    perturbed copies of an input (Score-CAM, Ablation-CAM) score the characters decoded from the input itself."""
+
+    needs_output = False
+    sequence = True
+
+    def __init__(self, weights: np.ndarray):
+        self.weights = np.asarray(weights, np.float32)
+
+    def seed(self, steps: np.ndarray) -> np.ndarray:
+        if np.shape(steps) != self.weights.shape:
+            raise InputError(f"weights of shape {self.weights.shape} for scores of shape {np.shape(steps)}")
+        return self.weights
+
+    def __call__(self, steps: np.ndarray) -> float:
+        return float((np.asarray(steps, np.float64) * self.seed(steps)).sum())
+
+    def __repr__(self) -> str:
+        return f"WeightedSteps(weights of shape {self.weights.shape})"
+
+
+def frozen(target, steps: np.ndarray):
+    """A sequence target as the fixed weighting it gives one sample's (T, C) `steps` (its decoding fixed there);
+    any other target as it is."""
+    return WeightedSteps(target.seed(steps)) if is_sequence_target(target) else target
+
+
 def sequence_seed(scores: np.ndarray, targets, layout: str = "auto", declared: tuple | None = None) -> np.ndarray:
     """The dense seed, in the scores' own layout, of one target for every sample or one target per sample
     (a list). `scores` is the (N, T, C) or (T, N, C) score of the whole batch; `declared` its graph shape (the
@@ -199,10 +234,16 @@ def sequence_seed(scores: np.ndarray, targets, layout: str = "auto", declared: t
     return seed if order == "NTC" else np.ascontiguousarray(seed.transpose(1, 0, 2))
 
 
+def is_sequence_target(target) -> bool:
+    """A target of one sample's (T, C) sequence scores (TimeStepTarget, CharacterTarget, StringTarget, or any
+    target that sets `sequence = True`)."""
+    return bool(getattr(target, "sequence", False))
+
+
 def run_sequence(explainer, x: np.ndarray, target, layout: str = "auto", extra_inputs: dict | None = None):
     """Explain `target` (one for all samples, or a list with one per sample) of a recognizer's score for the batch
     x: a run that reads the scores (a zero seed), then the run with the target's seed. Returns the second run's
-    explainer.Result (gradients at explainer.layers)."""
+    explainer.Result (gradients at explainer.layers). The CAM classes call it for sequence targets."""
     n = len(x)
     targets = list(target) if isinstance(target, (list, tuple)) else [target] * n
     if len(targets) != n:
