@@ -52,7 +52,12 @@ def _linear_weights(source: int, size: int) -> np.ndarray:
 # Images above this many pixels are refused before decoding (a 1 MB PNG can claim 20000 x 20000 pixels: 1.2 GB
 # decoded, several times that in float copies). 100 megapixels is well above any camera photo.
 MAX_PIXELS = 100_000_000
-_BAND_PIXELS = 1 << 20  # overlays and heatmaps are computed this many pixels at a time
+# Overlays and heatmaps are computed this many pixels at a time. Small on purpose: the writer threads interleave the
+# bands' temporaries with the full-size pictures, and freed megabyte-sized temporaries stay mapped in the malloc heap
+# between long-lived arrays (peak RSS of `onnxcam explain` on tools/bench_memory.py's 64 photos, up to 1280x854:
+# 451-466 MB with bands of 1<<20 pixels, 415-419 MB with 1<<17), while 128K pixels of each (a few hundred KB) stay
+# in the CPU's cache: no slower.
+_BAND_PIXELS = 1 << 17
 _NOT_REGULAR = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
                 (stat.S_ISBLK, "a device"))
 
@@ -317,8 +322,12 @@ def _colorized(big: np.ndarray) -> np.ndarray:
 
 
 def _pairs(heat: np.ndarray, rgb: np.ndarray) -> np.ndarray:
-    """heat * 256 + rgb, per channel: the index of each (heat value, image value) pair in a 256 x 256 table."""
-    return (heat.astype(np.uint16) << 8) | rgb
+    """heat * 256 + rgb, per channel: the index of each (heat value, image value) pair in a 256 x 256 table
+    (computed in place: one band-sized array, not three)."""
+    pairs = heat.astype(np.uint16)
+    pairs <<= 8
+    pairs |= rgb
+    return pairs
 
 
 @functools.lru_cache(maxsize=8)

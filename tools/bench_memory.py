@@ -11,7 +11,9 @@ and photos:
 
 The model is torchvision's resnet50 with seeded random weights (nothing is downloaded), exported with
 torch.onnx.export(dynamo=False, opset 17, weights inline, dynamic batch); the photos are onnxcam.SAMPLE_IMAGES
-resized and flipped into --photos distinct files. Both are made once in --work and reused.
+resized and flipped into --photos distinct files (scaled 0.5x to 0.5x + 0.1x per round of the samples: 64 photos
+reach 1280x854, where the full-size pictures weigh; 32 stay under 620 px). Both are made once in --work and reused.
+Each row also gives each process's wall and CPU (user + system) seconds, from the same /usr/bin/time -v.
 
     python tools/bench_memory.py                                   # this checkout
     python tools/bench_memory.py --pythonpath /tmp/onnxcam-before  # another checkout (e.g. a git worktree)
@@ -33,6 +35,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(Path(__file__).resolve())
 MEAN, STD, SIZE, BATCH = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224, 8
 
 
@@ -97,13 +100,19 @@ def plain(model: str, photos: str, library: bool = False) -> None:
             print(f.name, int(c))
 
 
-def peak_rss_mb(cmd: list[str], env: dict) -> float:
-    """Maximum resident set size of a command, in MB, from GNU time -v."""
-    done = subprocess.run(["/usr/bin/time", "-v", *cmd], check=False, env=env, capture_output=True, text=True)
+def peak_rss_mb(cmd: list[str], env: dict, cwd: str) -> tuple[float, float, float]:
+    """(maximum resident set size in MB, wall seconds, CPU seconds: user + system) of a command, from GNU time -v.
+    Run in cwd: `python -m onnxcam` imports onnxcam from its working folder before PYTHONPATH."""
+    done = subprocess.run(["/usr/bin/time", "-v", *cmd], check=False, env=env, cwd=cwd, capture_output=True,
+                          text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
-    return int(kb.group(1)) / 1024
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", done.stderr).group(1))
+              for kind in ("User", "System"))
+    clock = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", done.stderr).group(1)
+    wall = sum(float(part) * 60 ** k for k, part in enumerate(reversed(clock.split(":"))))
+    return int(kb.group(1)) / 1024, wall, cpu
 
 
 def main() -> None:
@@ -112,7 +121,7 @@ def main() -> None:
     ap.add_argument("--library", nargs=2, metavar=("MODEL", "PHOTOS"), help=argparse.SUPPRESS)
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "onnxcam-bench-memory"),
                     help="where the model and photos are made once and kept")
-    ap.add_argument("--photos", type=int, default=32, help="how many photos")
+    ap.add_argument("--photos", type=int, default=64, help="how many photos (64: up to 1280x854)")
     ap.add_argument("--pythonpath", default=str(ROOT), help="the onnxcam checkout to measure")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--json", help="write the measurements here")
@@ -130,15 +139,21 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": args.pythonpath, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     rows = []
     for rep in range(args.reps):
-        base = peak_rss_mb([sys.executable, __file__, "--plain", str(model), str(photos)], env)
-        lib = peak_rss_mb([sys.executable, __file__, "--library", str(model), str(photos)], env)
+        base, base_s, base_cpu = peak_rss_mb([sys.executable, SCRIPT, "--plain", str(model), str(photos)], env,
+                                             args.pythonpath)
+        lib, lib_s, lib_cpu = peak_rss_mb([sys.executable, SCRIPT, "--library", str(model), str(photos)], env,
+                                          args.pythonpath)
         with tempfile.TemporaryDirectory() as out:
-            cam = peak_rss_mb([sys.executable, "-m", "onnxcam", "explain", str(model), str(photos), "--out", out,
-                               "--device", "cpu"], env)
+            cam, cam_s, cam_cpu = peak_rss_mb([sys.executable, "-m", "onnxcam", "explain", str(model), str(photos),
+                                               "--out", out, "--device", "cpu"], env, args.pythonpath)
         rows.append({"plain_mb": round(base, 1), "library_mb": round(lib, 1), "onnxcam_mb": round(cam, 1),
-                     "library_ratio": round(lib / base, 3), "ratio": round(cam / base, 3)})
+                     "library_ratio": round(lib / base, 3), "ratio": round(cam / base, 3),
+                     "wall_s": {"plain": round(base_s, 2), "library": round(lib_s, 2), "onnxcam": round(cam_s, 2)},
+                     "cpu_s": {"plain": round(base_cpu, 2), "library": round(lib_cpu, 2),
+                               "onnxcam": round(cam_cpu, 2)}})
         print(f"rep {rep}: plain {base:.1f} MB, library (Explainer) {lib:.1f} MB ({lib / base:.3f}x), onnxcam "
-              f"explain {cam:.1f} MB ({cam / base:.3f}x)", flush=True)
+              f"explain {cam:.1f} MB ({cam / base:.3f}x); wall {base_s:.1f} / {lib_s:.1f} / {cam_s:.1f} s, CPU "
+              f"{base_cpu:.1f} / {lib_cpu:.1f} / {cam_cpu:.1f} s", flush=True)
     median = statistics.median(r["ratio"] for r in rows)
     library = statistics.median(r["library_ratio"] for r in rows)
     print(f"median ratio onnxcam explain / plain: {median:.3f}, Explainer / plain: {library:.3f} ({args.photos} "
