@@ -25,9 +25,17 @@ import onnx_graphsurgeon as gs
 
 from .autodiff.builder import Builder
 from .autodiff.engine import backward
-from .autodiff.passes import fold_crops, split_conv_channels, take_class_rows
+from .autodiff.passes import (
+    SEED_PASSES,
+    crop_seed_windows,
+    fold_crops,
+    skip_zero_slabs,
+    split_conv_channels,
+    take_class_rows,
+)
 from .errors import InternalError, LayerError
 from .graph import names
+from .graph.inputs import fmt_shape
 from .graph.load import is_placeholder
 from .graph.model import ModelGraph
 
@@ -35,6 +43,7 @@ SEED = "onnxcam_seed"
 CLASSES = "onnxcam_classes"
 RANKED = "onnxcam_ranked"
 TOP_CLASSES = "onnxcam_top_classes"
+SCORE_VIEW = "onnxcam_score"  # a score without batch axis (per-region scores), exposed as (1, ...)
 ORIGIN = "onnxcam_origin"  # the key of the emitting node and rule in a gradient node's doc_string (runtime.py)
 
 
@@ -101,8 +110,9 @@ def resolve_layers(mg: ModelGraph, layers: list[str] | None, score: str) -> list
 
 
 def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False, n_seeds: int = 1,
-          by_class: bool = False) -> Rewritten:
-    """by_class: take the seeds as class indices (a 2-D score only; else the dense seed input is built)."""
+          by_class: bool = False, twice: bool = False) -> Rewritten:
+    """by_class: take the seeds as class indices (a 2-D score only; else the dense seed input is built). twice: the
+    gradient graph will be differentiated again (hessian.py): without the passes whose nodes have no rule."""
     graph = mg.graph
     score_t = mg.tensor(score)
     score_shape = mg.shape(score_t)
@@ -111,8 +121,13 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     if score_t.dtype is not None and not np.issubdtype(np.dtype(score_t.dtype), np.floating):
         raise LayerError(f"the score tensor {score!r} is {_type_name(score_t.dtype)}, not floating point: "
                          "it has no gradient")
+    one_image = len(score_shape) == 2 and mg.per_region(score_t)  # Faster R-CNN's (R, C): no batch axis
+    if one_image:
+        score_shape = _one_image_shape(mg, score, score_shape)
     dtype = np.float32
     b = Builder(mg, dtype, guided=guided)
+    if twice:
+        b.passes -= SEED_PASSES
     original_outputs = [o.name for o in graph.outputs]
     extra_outputs = []
     has_ranking = len(score_shape) == 2 and isinstance(score_shape[1], int)
@@ -137,9 +152,14 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
             onehot = b.mask(b.op("Equal", b.unsqueeze(top, [2]), b.ints(np.arange(score_shape[1]))))
             seeds = b.op("Where", ranked, onehot, seeds)
         seed_of = [b.op("Gather", seeds, b.ints(i), axis=1) for i in range(n_seeds)]
+    if one_image:
+        seed_of = [b.squeeze(seed, [0]) for seed in seed_of]
     targets = [mg.tensor(name) for name in layers]
     per_seed = [backward(b, targets, score_t, seed) for seed in seed_of]
-    exposed = _expose(b, [score_t] + targets, set(original_outputs))
+    exposed = _expose(b, ([] if one_image else [score_t]) + targets, set(original_outputs))
+    if one_image:  # the score as (1, R, C), one image's like every other score
+        extra_outputs.append(_renamed(b.unsqueeze(score_t, [0]), SCORE_VIEW, score_t.dtype or dtype, score_shape))
+        score = SCORE_VIEW
     act_outputs = {t.name: act_name(t.name) if not t.inputs else t.name for t in targets}
     taken = set()
     for t in targets:
@@ -157,6 +177,8 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     take_class_rows(b)
     fold_crops(b)
     split_conv_channels(b)
+    crop_seed_windows(b)
+    skip_zero_slabs(b)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = mg.proto.ir_version
@@ -164,12 +186,41 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     model.opset_import.extend(mg.proto.opset_import)
     check_gradient(model, b.origins)
     _sign(model, b.origins)
+    _forget_data_dependent_shapes(model)
     del model.metadata_props[:]
     model.metadata_props.extend(mg.proto.metadata_props)
     used = {t.name for t in model.graph.initializer}
     weights = {name: a for name, a in mg.weights.items() if name in used}
     return Rewritten(model, mg.input_name, score, layers, score_shape, has_ranking, n_seeds, mg.fixed_batch,
                      original_outputs, weights, act_outputs, by_class)
+
+
+# Ops whose outputs' sizes depend on the input's values (a detector's proposals per FPN level, its NMS results)
+_DATA_SIZED = {"NonZero", "NonMaxSuppression", "Compress", "Unique", "If", "Loop"}
+
+
+def _forget_data_dependent_shapes(model: onnx.ModelProto) -> None:
+    """Drop the sizes of the tensors computed from a data-sized op's outputs: the probe (graph/shapes.py) measured
+    them on one input, and onnxruntime, taking them as facts, folds Shape nodes into wrong constants for any input
+    whose regions split otherwise (seen as a ScatterElements refusing its indices)."""
+    graph = model.graph
+    sized = {o for n in graph.node if n.op_type in _DATA_SIZED for o in n.output}
+    for n in graph.node:  # topological order: one pass reaches everything computed from them
+        if any(i in sized for i in n.input):
+            sized.update(n.output)
+    for vi in graph.value_info:
+        if vi.name in sized:
+            vi.type.tensor_type.ClearField("shape")
+
+
+def _one_image_shape(mg: ModelGraph, score: str, shape: tuple) -> tuple:
+    """(1, R, C) for the per-region scores (R, C) of a two-stage detector, which come from the regions of one image:
+    its input must then hold one image."""
+    if not (mg.fixed_batch and mg.input_shape[0] == 1):
+        raise LayerError(f"the score tensor {score!r} holds per-region scores {tuple(shape)} computed from RoiAlign's "
+                         f"regions, with no batch axis: the model's input must be one image (a fixed batch of 1), "
+                         f"but {mg.input_name!r} is {fmt_shape(mg.input_shape)}")
+    return (1, *shape)
 
 
 def check_gradient(model: onnx.ModelProto, origins: dict) -> None:

@@ -227,9 +227,11 @@ class FasterRCNNBoxScoreTarget:
     it, if that IoU exceeds iou_threshold and its label matches, adds IoU + its score; the total is the target.
 
     Works on a detector's post-processed outputs as a dict of arrays {"boxes": (B, 4), "labels": (B,), "scores":
-    (B,)}, as torchvision's Faster R-CNN returns them. onnxcam does not yet differentiate a whole detector with its
-    post-processing, so seed() gives the gradient as a dict of the same keys (zero for labels): d/dscores is 1 at each
-    matched box, d/dboxes the IoU's gradient there."""
+    (B,)}, as torchvision's Faster R-CNN returns them; seed() gives the gradient as a dict of the same keys (zero for
+    labels): d/dscores is 1 at each matched box, d/dboxes the IoU's gradient there. A whole exported detector (Faster
+    R-CNN with its RoiAlign and NMS, SSD, RetinaNet) is explained through its post-processing with
+    onnxcam.tasks.detect.SelectedDetectionTarget instead: it seeds the pre-selection (region) class score a detection
+    was picked from, matched by index or by label and box (the same IoU matching), the score term without the IoU."""
 
     needs_output = True
 

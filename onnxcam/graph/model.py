@@ -101,6 +101,8 @@ class ModelGraph:
         while todo:
             t = todo.popleft()
             for node in t.outputs:
+                if not _differentiable_input(node, t):
+                    continue
                 moves = _moves_data(node, t)
                 for k, out in enumerate(node.outputs):
                     moved = moves and (k == 0 or node.op == "Split")
@@ -116,14 +118,32 @@ class ModelGraph:
             if node is None:
                 continue
             for inp in node.inputs:
-                if inp.name and inp.name not in seen:
+                if inp.name and inp.name not in seen and _differentiable_input(node, inp):
+                    seen.add(inp.name)
+                    todo.append(inp)
+        return seen
+
+    def _differentiable_reach(self, end: gs.Tensor) -> set[str]:
+        """Tensors the end depends on differentiably: backward_reach along the edges forward_reach follows, so
+        that a float branch ending in integers (Faster R-CNN's Floor of box sizes -> level index) is no path."""
+        seen, todo = {end.name}, deque([end])
+        while todo:
+            t = todo.popleft()
+            node = self.producer(t)
+            if node is None:
+                continue
+            k = next(i for i, o in enumerate(node.outputs) if o is t)
+            for inp in node.inputs:
+                moved = _moves_data(node, inp) and (k == 0 or node.op == "Split")
+                if inp.name and inp.name not in seen and _differentiable_input(node, inp) \
+                        and (moved or _carries_gradient(t, node)):
                     seen.add(inp.name)
                     todo.append(inp)
         return seen
 
     def path_nodes(self, starts: list[gs.Tensor], end: gs.Tensor) -> tuple[list[gs.Node], set[str]]:
         """Nodes on some path from a start tensor to the end tensor (topological order), and the tensors on it."""
-        on_path = self.forward_reach(starts) & self.backward_reach(end)
+        on_path = self.forward_reach(starts) & self._differentiable_reach(end)
         nodes = [n for n in self.graph.nodes if any(o.name in on_path for o in n.outputs)
                  and any(i.name in on_path for i in n.inputs)]
         return nodes, on_path
@@ -162,12 +182,24 @@ class ModelGraph:
         self.layer_rule = choice.rule
         return choice.name
 
+    def per_region(self, t: gs.Tensor) -> bool:
+        """True for a tensor computed from a RoiAlign's output (a two-stage detector's box head, Faster R-CNN): its
+        first axis counts the regions of one image, not images."""
+        return any(n.op == "RoiAlign" for n in (self.producer(self.tensors[name]) for name in self.backward_reach(t))
+                   if n is not None)
+
     def check_reaches(self, layer: str, score: str) -> None:
         if layer not in self.backward_reach(self.tensor(score)):
             near = [n for n in difflib.get_close_matches(layer, list(self.tensors), n=8, cutoff=0.5)
                     if n in self.backward_reach(self.tensor(score))]
             hint = f"; close matches that do: {near[:5]}" if near else ""
             raise LayerError(f"layer {layer!r} does not reach the score tensor {score!r}{hint}")
+
+
+def _differentiable_input(node: gs.Node, t: gs.Tensor) -> bool:
+    """False for RoiAlign's regions and batch indices: they say where to read, constants to the gradient as detectors
+    detach their proposals (autodiff/rules/roi.py), so no path runs through them."""
+    return node.op != "RoiAlign" or node.inputs[0] is t
 
 
 def _moves_data(node: gs.Node, t: gs.Tensor) -> bool:

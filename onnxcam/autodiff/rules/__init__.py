@@ -81,6 +81,7 @@ def load_all() -> None:
         quantize,
         recurrent,
         reduce,
+        roi,
         select,
         shape,
     )

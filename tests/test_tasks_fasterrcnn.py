@@ -1,0 +1,258 @@
+"""Faster R-CNN exported whole (torchvision's fasterrcnn_mobilenet_v3_large_320_fpn: the RPN's TopK and NMS inside
+If nodes, a RoiAlign per FPN level, the box head, per-class boxes and NMS again): the final detections are read
+from its outputs, the (R, C) region scores they were selected from are explained as one image's (1, R, C), the
+automatic layer is the neck's map feeding both FPN levels, and the gradient of a detection's score matches float64
+torch autograd (forward hooks on the same model) through RoiAlign. The proposals are constants to the gradient, as
+torchvision detaches them."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from collections import OrderedDict
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+from torch import nn
+
+import onnxcam
+from onnxcam import rewrite
+from onnxcam.cli import main
+from onnxcam.errors import LayerError
+from onnxcam.graph.model import ModelGraph
+from onnxcam.runtime import cpu_session
+from onnxcam.tasks import choose, detect
+
+CLASSES = 5  # background + 4 classes
+LAYER_MODULE = "model.backbone.fpn.inner_blocks.1.0"  # the FPN's lateral conv on the last stage: feeds both levels
+LAYER = "/model/backbone/fpn/inner_blocks.1/inner_blocks.1.0/Conv_output_0"
+
+
+class Whole(nn.Module):
+    """The detector on a (1, 3, H, W) batch, returning the first image's boxes, scores and labels."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        found = self.model(x)[0]
+        return found["boxes"], found["scores"], found["labels"]
+
+
+def _block(cin: int, cout: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class TinyBackbone(nn.Module):
+    """Strides 8 and 16 through an FPN (16 channels): torchvision's Faster R-CNN on it exports in seconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.c3, self.c4 = nn.Sequential(_block(3, 8), _block(8, 16)), _block(16, 24), _block(24, 32)
+        self.fpn = torchvision.ops.FeaturePyramidNetwork([24, 32], 16)
+        self.out_channels = 16
+
+    def forward(self, x):
+        c3 = self.c3(self.body(x))
+        return self.fpn(OrderedDict([("0", c3), ("1", self.c4(c3))]))
+
+
+def _tiny() -> nn.Module:
+    """torchvision's FasterRCNN (RPN, MultiScaleRoIAlign, box head, post-processing unchanged) on a small backbone.
+    Anchors of 32 and 64 px at stride 8 and a canonical scale of 45 px send the regions to both FPN levels, split
+    by the image's data (a 256 px input of torch.rand seed 1 gives 1 region at the first level, 39 at the second)."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    return FasterRCNN(TinyBackbone(), min_size=256, max_size=256,
+                      rpn_anchor_generator=AnchorGenerator(((32, 64), (96, 128)), ((0.5, 1.0, 2.0),) * 2),
+                      box_roi_pool=torchvision.ops.MultiScaleRoIAlign(["0", "1"], 7, 2, canonical_scale=45),
+                      box_head=TwoMLPHead(16 * 49, 64), box_predictor=FastRCNNPredictor(64, CLASSES),
+                      rpn_pre_nms_top_n_test=60, rpn_post_nms_top_n_test=40, box_detections_per_img=20)
+
+
+def _mobilenet() -> nn.Module:
+    """The model zoo's fasterrcnn_mobilenet_v3_large_320_fpn, untrained (both FPN levels at stride 32: every region
+    goes to the first)."""
+    return torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=CLASSES)
+
+
+NETS = {"tiny": (_tiny, 256), "mobilenet": (_mobilenet, 320)}
+
+
+@pytest.fixture(scope="module", params=["tiny", pytest.param("mobilenet", marks=pytest.mark.slow)])
+def fasterrcnn(request):
+    """A seeded Faster R-CNN (no weights), BatchNorm statistics and the class predictor made non-trivial (its
+    fresh init scores every region alike), exported once: (torch model, ONNX bytes, input)."""
+    build, size = NETS[request.param]
+    torch.manual_seed(0)
+    net = build()
+    for m in net.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = False
+        if isinstance(m, nn.BatchNorm2d):
+            g = torch.Generator().manual_seed(m.num_features)
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    g = torch.Generator().manual_seed(3)
+    for p in net.roi_heads.box_predictor.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model = Whole(net).eval()
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    f = io.BytesIO()
+    torch.onnx.export(model, (x,), f, dynamo=False, opset_version=17, input_names=["images"],
+                      output_names=["boxes", "scores", "labels"])
+    return model, f.getvalue(), x
+
+
+@pytest.fixture(scope="module")
+def explained(fasterrcnn):
+    """One GradCAM on the export, its selection and the first run's detections."""
+    _, onnx_model, x = fasterrcnn
+    cam = onnxcam.GradCAM(model=onnx_model, device="cpu")
+    selection = choose.selection_of(ModelGraph(onnx.load_from_string(onnx_model), tuple(x.shape)))
+    first = cam.explainer.run(x.numpy(), seed=np.zeros((1, selection.anchors, selection.classes), np.float32))
+    return cam, selection, first, detect.selected(selection, first.logits[0], first.outputs)
+
+
+def test_region_scores_are_explained_at_the_neck(fasterrcnn, explained):
+    """The post-NMS outputs are recognised; the score explained is the (R, C) Softmax over the regions (no batch
+    axis: explained as (1, R, C)); the task is detect, and the automatic layer is the FPN map feeding both levels
+    (not a RoiAlign crop, not an RPN map: the proposals carry no gradient)."""
+    _, onnx_model, x = fasterrcnn
+    cam, selection, first, found = explained
+    mg = ModelGraph(onnx.load_from_string(onnx_model), tuple(x.shape))
+    assert selection.regions and selection.classes == CLASSES and selection.activation == "Softmax"
+    score = mg.default_score()
+    assert score == selection.score and mg.shape(mg.tensor(score)) == (selection.anchors, CLASSES)
+    assert choose.task_of(mg, score, strict=True) == "detect"
+    assert mg.default_layer(score) == LAYER == cam.explainer.layers[0]
+    assert mg.layer_rule == "detect: the last map feeding all 2 head outputs (the neck)"
+    assert first.logits.shape == (1, selection.anchors, CLASSES) and len(found) > 2
+    assert selection.describe()["score_layout"] == f"({selection.anchors} regions, {CLASSES}) after Softmax"
+    levels = _regions_per_level(onnx_model, x)
+    assert sum(levels) == selection.anchors
+    if isinstance(fasterrcnn[0].model.backbone, TinyBackbone):  # both RoiAligns read regions: both on the path
+        assert len(levels) == 2 and min(levels) > 0
+
+
+def _regions_per_level(onnx_model: bytes, x: torch.Tensor) -> list[int]:
+    """How many regions each RoiAlign reads for x (onnxruntime, the plain model)."""
+    proto = onnx.load_from_string(onnx_model)
+    rois = [n.input[1] for n in proto.graph.node if n.op_type == "RoiAlign"]
+    proto.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in rois)
+    sess = cpu_session(proto.SerializeToString())
+    return [len(r) for r in sess.run(rois, {"images": x.numpy()})]
+
+
+def _torch_detection(model, x, box, label):
+    """float64 forward of the whole model: the layer's activation, the scores output's entry of the detection with
+    this label whose box matches `box` (IoU > 0.99), and the box head's pre-ReLU values of its region."""
+    md = copy.deepcopy(model).double()
+    seen, mods = {}, dict(md.named_modules())
+    hooks = [mods[name].register_forward_hook(lambda m, i, o, key=key: seen.__setitem__(key, o))
+             for key, name in (("a", LAYER_MODULE), ("fc6", "model.roi_heads.box_head.fc6"),
+                               ("fc7", "model.roi_heads.box_head.fc7"),
+                               ("logits", "model.roi_heads.box_predictor.cls_score"))]
+    boxes, scores, labels = md(x.double())
+    for h in hooks:
+        h.remove()
+    same = torch.nonzero(labels == label).flatten()
+    overlaps = detect.box_iou(boxes[same].detach().numpy(), box)[:, 0]
+    assert overlaps.max() > 0.99, "the float64 model lost the detection"
+    score = scores[same[int(overlaps.argmax())]]
+    probs = torch.softmax(seen["logits"], -1).detach()
+    region = int(torch.argmin((probs[:, label] - score.detach()).abs()))  # the score is a copy of its entry
+    return seen["a"], score, [seen["fc6"][region].detach().numpy(), seen["fc7"][region].detach().numpy()]
+
+
+def _close(got: np.ndarray, want: np.ndarray, tol: float = 1e-4) -> float:
+    err = float(np.abs(np.float64(got) - want).max() / (np.abs(want).max() + 1e-30))
+    assert err < tol, f"relative error {err:.2e}"
+    return err
+
+
+def test_detection_gradient_matches_float64_torch(fasterrcnn, explained):
+    """The best detection (by index) and one picked by box + class are explained at the automatic layer; their
+    scores' gradients and Grad-CAM maps match float64 autograd through torchvision's own RoiAlign, box head and
+    post-processing. By construction: both detections' scores are clear of every other by far more than float32
+    error (float64 keeps their ranks and selection), and their regions' box-head ReLU inputs are clear of 0."""
+    model, _, x = fasterrcnn
+    cam, selection, first, found = explained
+    scores = np.array([d.score for d in found])
+    gaps = [np.delete(np.abs(scores - s), i).min() for i, s in enumerate(scores)]
+    k = 1 + int(np.argmax(gaps[1:]))
+    assert gaps[0] > 1e-5 and gaps[k] > 1e-5 and scores[0] == scores.max()
+    b = found[k].box
+    targets = [detect.SelectedDetectionTarget(selection, first.outputs, index=0),
+               detect.SelectedDetectionTarget(selection, first.outputs, label=found[k].label,
+                                              box=(b[0] + 1.5, b[1] - 1.0, b[2] + 0.5, b[3] + 1.0))]
+    assert targets[1].match(first.logits[0]).index == k
+    layer = cam.explainer.layers[0]
+    for target, d in zip(targets, (found[0], found[k])):
+        maps = cam(x.numpy(), targets=[target])
+        r = cam.result
+        act64, score64, relu_inputs = _torch_detection(model, x, d.box, d.label)
+        assert all(np.abs(z).min() > 1e-4 * np.abs(z).max() for z in relu_inputs)
+        assert abs(float(score64) - d.score) < 1e-5 and target(first.logits[0]) == d.score
+        _close(r.activations[layer], act64.detach().numpy(), 1e-5)
+        want = torch.autograd.grad(score64, act64)[0].numpy()
+        assert np.abs(want).max() > 0
+        _close(r.gradients[layer], want)
+        weights = want.mean(axis=(2, 3))
+        _close(cam.raw[layer], (weights[:, :, None, None] * act64.detach().numpy()).sum(axis=1))
+        assert maps.shape == (1, *x.shape[2:]) and np.ptp(cam.raw[layer]) > 0
+
+
+def test_cli_explains_fasterrcnn_with_labelled_boxes_and_json(fasterrcnn, explained, tmp_path):
+    """`onnxcam explain --task detect` on the whole export: detections read after its NMS, drawn as labelled
+    boxes, one overlay per detection above --conf, the JSON naming the per-region score layout."""
+    _, onnx_model, x = fasterrcnn
+    _, _, _, found = explained
+    model_path = tmp_path / "fasterrcnn.onnx"
+    model_path.write_bytes(onnx_model)
+    picture = tmp_path / "street.png"
+    cv2.imwrite(str(picture), np.uint8(np.round(x[0].permute(1, 2, 0).numpy()[:, :, ::-1] * 255)))
+    out = tmp_path / "out"
+    conf = found[-1].score / 2  # every detection is above it; --top keeps the best two
+    res = CliRunner().invoke(main, ["explain", str(model_path), str(picture), "--task", "detect", "--mean", "0,0,0",
+                                    "--std", "1,1,1", "--out", str(out), "--device", "cpu", "--conf", f"{conf:.6f}",
+                                    "--top", "2"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "street.json").read_text())
+    assert record["task"] == "detect" and record["decoding"]["decode"] == "selected"
+    assert record["decoding"]["score_layout"].startswith(f"({record['decoding']['anchors']} regions, {CLASSES})")
+    dets = record["detections"]
+    assert len(dets) == 2 and all(d["score"] > conf and len(d["box"]) == 4 for d in dets)
+    assert (out / "street.detect.png").exists() and all((out / d["overlay"]).exists() for d in dets)
+
+
+def test_region_scores_need_a_batch_of_one_image():
+    """Per-region scores of a model whose batch is free: the regions' images are unknown, one line says so."""
+    nodes = [helper.make_node("RoiAlign", ["x", "rois", "idx"], ["crops"], output_height=2, output_width=2,
+                              sampling_ratio=2),
+             helper.make_node("Flatten", ["crops"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "w"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)]
+    inits = [helper.make_tensor("rois", TensorProto.FLOAT, [3, 4], np.float32(np.arange(12) % 5).ravel()),
+             helper.make_tensor("idx", TensorProto.INT64, [3], [0, 0, 0]),
+             helper.make_tensor("w", TensorProto.FLOAT, [12, 4], np.float32(np.linspace(-1, 1, 48)))]
+    graph = helper.make_graph(nodes, "regions", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                               ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    mg = ModelGraph(model, ("N", 3, 8, 8))
+    assert mg.per_region(mg.tensor("probs")) and not mg.per_region(mg.tensor("x"))
+    with pytest.raises(LayerError, match=r"the score tensor 'probs' holds per-region scores \(3, 4\) computed from "
+                                         r"RoiAlign's regions, with no batch axis: the model's input must be one "
+                                         r"image \(a fixed batch of 1\), but 'x' is \(N, 3, 8, 8\)"):
+        rewrite.build(mg, ["x"], "probs")
