@@ -42,7 +42,7 @@ class _Group(click.Group):
 
 # The library names the parameter that fixes an error (OnnxCamError.option); the command line names its flag.
 _FLAGS = {"size": "--size HxW", "layout": "--layout", "bgr": "--bgr", "out": "--out DIR", "method": "--method",
-          "labels": "--labels FILE"}
+          "labels": "--labels FILE", "target": "--target", "conf": "--conf", "decode": "--decode", "report": "--report"}
 
 
 def _message(exc: Exception) -> str:
@@ -244,7 +244,8 @@ def demo(out: Path, methods: list[str], device: str):
               help="Target layer (an ONNX tensor name, see `onnxcam layers`); repeat for several [default: the "
                    "last spatial activation before the score].")
 @click.option("--target", default="top1", show_default=True, metavar="top1|topK|CLASS[,CLASS]",
-              help="Which classes to explain: each image's best k, or class numbers or names.")
+              help="Which classes to explain: each image's best k, or class numbers or names (detect, segment: "
+                   "the classes kept).")
 @click.option("--output", "output", metavar="NAME",
               help="For models with several outputs: the output whose classes are explained [default: the first].")
 @click.option("--out", default="onnxcam-out", show_default=True, callback=_parse_out, metavar="DIR",
@@ -256,7 +257,7 @@ def demo(out: Path, methods: list[str], device: str):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where onnxruntime runs; auto takes CUDA when it really works.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Images per onnxruntime run.")
+              help="Images per onnxruntime run (detect, segment, ocr: one image's items per run).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True, metavar="N",
               help="Images with more pixels are skipped, checked from the file header before decoding (a small "
                    "file can claim a huge picture).")
@@ -306,24 +307,36 @@ def explain(model, inputs, methods, layers, target, output, out, size, mean, std
     from .pipeline import Runner, configure_process, find_images
 
     _refuse_input_in_out(inputs, out)
-    click.get_current_context().call_on_close(configure_process())  # onnxruntime and malloc settings (RSS, CPU)
+    ctx = click.get_current_context()
+    ctx.call_on_close(configure_process())  # onnxruntime and malloc settings (RSS, CPU)
+    given = {name for name in ("target", "conf", "top", "decode")
+             if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    # not given: None, so that a task that has no use for them can tell them from a choice (tasks/run.py)
+    task_target, task_conf, task_top = (v if name in given else None for name, v in
+                                        (("target", target), ("conf", conf), ("top", top)))
     if task != "classify" and ray_address is None:  # detectors and segmenters: onnxcam/tasks/run.py
         from .tasks.run import run_cli
-        status = run_cli(model, inputs, out=out, echo=click.echo, task=task, method=methods, conf=conf, top=top,
-                         decode=decode, layers=list(layers) or None, size=size, mean=mean, std=std, layout=layout,
-                         bgr=bgr, labels=labels, device=device, output=output, max_pixels=max_pixels, resume=resume)
+        status = run_cli(model, inputs, out=out, echo=click.echo, task=task, method=methods, conf=task_conf,
+                         top=task_top, decode=decode, layers=list(layers) or None, size=size, mean=mean, std=std,
+                         layout=layout, bgr=bgr, labels=labels, device=device, output=output, max_pixels=max_pixels,
+                         resume=resume, target=task_target, save_raw=save_raw, caption=not bare,
+                         batch_size=batch_size, report=report)
         if status is not None:
             sys.exit(status)
+    unused = sorted(given & {"conf", "top", "decode"})
+    if unused and ray_address is None:  # the classifier's path has no detections, classes maps or characters
+        raise click.UsageError(f"{', '.join('--' + u for u in unused)}: for --task detect, segment or ocr; "
+                               f"{model} is explained as a classifier (--target chooses its classes)")
     files = find_images(inputs, exclude=[out])
     if ray_address is not None:  # the same files from actors on a Ray cluster, plus a table (onnxcam.ray)
         from .ray import TABLE_NAME, explain_files
 
         if report:
             raise click.UsageError("--report is not available with --ray (the table is onnxcam-results.parquet)")
-        s = explain_files(files, model, out, address=ray_address or None, methods=methods, target=target,
+        s = explain_files(files, model, out, address=ray_address or None, methods=methods, target=task_target,
                           layers=list(layers) or None, save_raw=save_raw, batch_size=batch_size, size=size, mean=mean,
                           std=std, layout=layout, bgr=bgr, labels=labels, device=device, output=output,
-                          max_pixels=max_pixels, caption=not bare, resume=resume, task=task, conf=conf, top=top,
+                          max_pixels=max_pixels, caption=not bare, resume=resume, task=task, conf=task_conf, top=task_top,
                           decode=decode)
         for error in s.failed.values():
             click.echo(f"Error: {error}", err=True)

@@ -784,8 +784,9 @@ def _as_masks(maps: np.ndarray) -> np.ndarray:
 
 
 def _not_a_classifier(shape: tuple) -> InputError:
-    return InputError(f"the explained score has shape {shape}; onnxcam explain needs a classifier's (N, classes) "
-                      "scores")
+    dims = ", ".join(str(d) for d in shape)  # symbolic dims as their names: (16, N, 6), not (16, 'N', 6)
+    return InputError(f"the explained score has shape ({dims}{',' if len(shape) == 1 else ''}); onnxcam explain "
+                      "needs a classifier's (N, classes) scores")
 
 
 def _raw_arrays(m: Map) -> dict[str, np.ndarray]:

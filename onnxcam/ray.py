@@ -115,7 +115,7 @@ def _check_reachable(address: str) -> None:
 
 
 # ---- the job ---------------------------------------------------------------------------------------------------
-def explain_dataset(data, model, *, methods=("gradcam",), layers=None, target: str = "top1",
+def explain_dataset(data, model, *, methods=("gradcam",), layers=None, target: str | None = None,
                     out_dir: str | Path | None = None, save_raw: bool = False, resume: bool = False,
                     task: str = "classify", concurrency: int | tuple | None = None,
                     num_gpus: float | None = None, num_cpus: float = 1, batch_size: int = 8,
@@ -133,6 +133,8 @@ def explain_dataset(data, model, *, methods=("gradcam",), layers=None, target: s
       this job completed.
     task: classify, auto, detect, segment or ocr, as `onnxcam explain --task` (with conf, top and decode among
       runner_options): auto reads it from the model's output on each actor.
+    target: a classifier's (None: top1); for a task, the classes kept (None: all), as tasks/run.py's TaskRunner.
+      batch_size is also a task's most items per run.
     concurrency: actors (an int, or (min, max) to autoscale) [default: one per GPU or per `num_cpus` CPUs].
     num_gpus: GPUs per actor [default: 1 when the cluster has GPUs, else 0].
     runner_options: the rest of pipeline.Runner's options (size, mean, std, layout, bgr, labels, device, output,
@@ -158,7 +160,7 @@ def explain_dataset(data, model, *, methods=("gradcam",), layers=None, target: s
     pool = ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1]) if isinstance(size, tuple) else \
         ray.data.ActorPoolStrategy(size=size)
     options = dict(methods=tuple(methods), layers=layers, target=target, save_raw=save_raw, resume=resume, task=task,
-                   **runner_options)
+                   batch_size=batch_size, **runner_options)
     # Ray Data starts the actors with max_restarts=-1 and max_task_retries=-1: a killed actor is restarted and its
     # batch retried, which is what makes a lost worker lose no image.
     return ds.map_batches(_Explain, batch_size=batch_size, compute=pool, num_cpus=num_cpus, num_gpus=num_gpus,
@@ -350,12 +352,20 @@ def _job(model, out: Path | None, options: dict):
     recognizer, else the classifier's (Runner), as the command line chooses locally."""
     task_options = {k: options.pop(k) for k in TASK_OPTIONS if k in options}
     task = task_options.get("task", "classify")
+    batch_size = options.pop("batch_size", 8)  # the actor's batch is Ray Data's; a task's items per run
     if task != "classify":
         shared = {k: v for k, v in options.items() if k in ("layers", "size", "mean", "std", "layout", "bgr",
-                                                            "labels", "device", "output", "max_pixels")}
-        runner = TaskRunner(model, method=list(options["methods"]), out=out or ".", **shared, **task_options)
+                                                            "labels", "device", "output", "max_pixels", "target",
+                                                            "save_raw", "caption")}
+        runner = TaskRunner(model, method=list(options["methods"]), out=out or ".", batch_size=batch_size, **shared,
+                            **task_options)
         if runner.task != "classify":
             return _TaskJob(runner, out)
+    unused = [k for k in ("conf", "top", "decode") if task_options.get(k) is not None]
+    if unused:  # as locally: a classifier has no detections, class maps or characters
+        raise InputError(f"{', '.join(unused)}: for task detect, segment or ocr; the model is explained as a "
+                         "classifier (target chooses its classes)", option=unused[0])
+    options["target"] = options.get("target") or "top1"
     runner = _Runner(model, out=out or ".", **options)
     runner.writing = out is not None
     return _ClassifyJob(runner, out)
@@ -446,6 +456,7 @@ class _TaskJob:
             rows.append({**common, **_statistics(mask), "class": item.get("label", item.get("class")),
                          "label": item["name"], "score": item.get("score"), "zero_map": item["zero_map"],
                          "overlay": str(result.files[k]) if files and k in result.files else None,
+                         "raw": str(result.raw[k]) if files and k in result.raw else None,
                          "box": item.get("box_image"), "item": json.dumps(public, ensure_ascii=False)})
         return rows or [common]
 

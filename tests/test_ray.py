@@ -455,7 +455,7 @@ def test_without_resume_a_retried_batch_keeps_only_what_this_job_wrote(detector,
 
     model, photos = detector
     batch = {"path": np.array([str(photos[0])]), "base": np.array([photos[0].stem])}
-    options = {"methods": ("gradcam",), "layers": None, "target": "top1", "save_raw": False, "task": "auto",
+    options = {"methods": ("gradcam",), "layers": None, "target": None, "save_raw": False, "task": "auto",
                "conf": 0.0, "top": 1}
     record = tmp_path / f"{photos[0].stem}.json"
 

@@ -6,8 +6,10 @@ text decoded), then one run with one seed per detection/class/character makes th
 of targets). Files: `<name>.<task>.png` (all boxes, all class outlines, or the text line with each character's
 columns boxed and the decoded string above), `<name>.<method>.<k>.overlay.png` per detection, class or character
 (its map with its box or mask outline; a recognizer also gets `<name>.<method>.string.overlay.png`, the map of the
-whole string), and `<name>.json` (task, decoding, layer and the rule that chose it, the task picture, boxes /
-classes / text and characters with their pictures), written last. `TaskRunner.explain` is the one place an image
+whole string), with save_raw `<name>.<method>.<k>.npz` per item (RAW_KEYS), and `<name>.json` (task, decoding,
+target, layer and the rule that chose it, the task picture, boxes / classes / text and characters with their files),
+written last. Per-item pictures carry a caption band unless caption is off. Every option of `onnxcam explain` is
+used or refused here (run_cli, TaskRunner._refuse_unused), never ignored. `TaskRunner.explain` is the one place an image
 becomes a record and maps (onnxcam/ray.py makes its table rows from it). Reuses pipeline.py's public pieces
 (find_images, ImageFile) and image.py.
 """
@@ -33,6 +35,12 @@ from .choose import TASK_CHOICES, input_hw, selection_of, task_of
 
 log = logging.getLogger(__name__)
 STRING = "string"  # the file-name part of a recognizer's whole-string map (characters are numbered)
+CONF, TOP = 0.25, 5  # a detection's score threshold, and the items explained per image, when not given
+# save_raw's .npz per item, the classifier's keys where they mean the same: map (at input size), logits (the
+# image's explained output, batch axis removed), target (the class; -1: a recognizer's whole string), layers, and per
+# layer n lowres_n (the method's map before ReLU and scaling), activations_n, gradients_n; plus item (its JSON),
+# box (detect, ocr: x1, y1, x2, y2 image pixels) or mask (segment: the class's pixels at the output's size).
+RAW_KEYS = ("map", "logits", "target", "layers", "item", "box", "mask", "lowres_n", "activations_n", "gradients_n")
 
 
 @dataclass
@@ -46,6 +54,7 @@ class TaskResult:
     json_path: Path | None = None
     written: bool = False
     files: dict = field(default_factory=dict)  # item index -> its overlay's path (items whose map is not zero)
+    raw: dict = field(default_factory=dict)  # item index -> its .npz's path (with save_raw)
 
 
 class TaskRunner:
@@ -53,18 +62,29 @@ class TaskRunner:
     model's output reads as class scores (the caller then takes the classifier pipeline).
 
     method: one method, or a list of one (several are refused for these tasks: one picture per item).
-    resume: skip images whose JSON records this model (hash), task, decoding, method, layers and preprocessing,
-    with every picture it names. blank: a recognizer's CTC blank class."""
+    target: None (every item), or class numbers or names ("0,2", "cat"): detect keeps the detections of those
+    classes, segment explains those classes where present; a recognizer refuses it, as it refuses conf and decode
+    (None: not given; conf's and top's defaults are CONF and TOP).
+    save_raw: also write `<name>.<method>.<k>.npz` per item (RAW_KEYS). caption: a band of text above each per-item
+    picture (and a recognizer's text line): what it explains, the method and layer; False: the pictures alone.
+    batch_size: the most items explained in one onnxruntime run (one image's items, in runs of this many).
+    resume: skip images whose JSON records this model (hash), task, decoding, target, method, layers,
+    preprocessing and caption, with every file it names. blank: a recognizer's CTC blank class."""
 
-    def __init__(self, model, *, task: str = "auto", method="gradcam", layers=None, conf: float = 0.25,
-                 top: int = 5, decode: str | None = None, size=None, mean=None, std=None, layout: str = "auto",
+    def __init__(self, model, *, task: str = "auto", method="gradcam", layers=None, conf: float | None = None,
+                 top: int | None = None, decode: str | None = None, size=None, mean=None, std=None, layout: str = "auto",
                  bgr: bool = False, labels=None, device: str = "auto", out="onnxcam-out", output: str | None = None,
-                 max_pixels: int | None = image.MAX_PIXELS, resume: bool = False, blank: int = ocr.BLANK):
+                 max_pixels: int | None = image.MAX_PIXELS, resume: bool = False, blank: int = ocr.BLANK,
+                 target: str | None = None, save_raw: bool = False, caption: bool = True, batch_size: int = 8):
         if task not in TASK_CHOICES:
             raise InputError(f"unknown task {task!r}; choose from {', '.join(TASK_CHOICES)}")
+        if int(batch_size) < 1:
+            raise InputError(f"batch_size {batch_size} explains nothing: give 1 or more", option="batch_size")
         methods = [method] if isinstance(method, str) else list(method)
-        self.model_name, self.out, self.conf, self.top, self.max_pixels = str(model), Path(out), conf, top, max_pixels
+        self.model_name, self.out, self.max_pixels = str(model), Path(out), max_pixels
+        self.conf, self.top = CONF if conf is None else conf, TOP if top is None else int(top)
         self.resume, self.blank = resume, int(blank)
+        self.save_raw, self.caption, self.batch_size = bool(save_raw), bool(caption), int(batch_size)
         self.method = canonical(methods[0])
         try:
             loaded = LoadedModel.of(model)  # one read, shared with the Explainer (and the classifier's Runner)
@@ -100,6 +120,8 @@ class TaskRunner:
             segment.check_output(self.score_shape[1:], self.score)
         else:
             self._check_recognizer()
+        self._refuse_unused(conf=conf, decode=decode, target=target)
+        self.target = self._classes_of(target)
         if layers:
             self.layers, self.layer_rule = list(layers), "given"
         else:
@@ -114,6 +136,45 @@ class TaskRunner:
                                    input_shape=self.pre.input_shape(1))
         self.layers = self.explainer.layers
         self.cam = method_object(self.explainer, self.method)
+
+    def _refuse_unused(self, **given) -> None:
+        """An option that means nothing for this task is refused, never ignored: conf and decode read detections,
+        a recognizer's items (the string, then its characters in order) have no class to choose."""
+        unused = {"conf": self.task != "detect", "decode": self.task != "detect", "target": self.task == "ocr"}
+        for name, value in given.items():
+            if value is not None and unused[name]:
+                what = {"conf": "is a detection's score threshold", "decode": "is a detection head's layout",
+                        "target": "chooses classes; a recognizer explains the whole string and its first `top` "
+                                  "characters"}[name]
+                raise InputError(f"{name} {value!r} {what}: task {self.task} does not use it; leave it out",
+                                 option=name)
+
+    def _classes_of(self, target: str | None) -> tuple[int, ...] | None:
+        """The classes a target keeps (None: all). Class numbers or names; a classifier's topK is refused (the
+        items are ranked by top)."""
+        if target is None:
+            return None
+        from ..pipeline import parse_target
+
+        try:
+            spec = parse_target(str(target), self.names or None)
+        except InputError as exc:
+            raise InputError(str(exc), option="target") from None
+        if spec.kind == "top":
+            raise InputError(f"target {target!r} ranks a classifier's classes; task {self.task} explains its `top` "
+                             f"best {'detections' if self.task == 'detect' else 'classes'}: give top={spec.k}, or "
+                             "class numbers or names to keep", option="target")
+        k = self._class_count()
+        bad = [c for c in spec.classes if not 0 <= c < k]
+        if bad:
+            raise InputError(f"target class {bad[0]} is out of range: output {self.score!r} has {k} classes (0 to "
+                             f"{k - 1})", option="target")
+        return spec.classes
+
+    def _class_count(self) -> int:
+        if self.selection is not None:
+            return self.selection.classes
+        return self.layout.classes if self.layout is not None else self.score_shape[1]
 
     def _check_recognizer(self) -> None:
         """A recognizer's score is 3-D; its class names are the characters (with or without the blank)."""
@@ -187,12 +248,20 @@ class TaskRunner:
             files.atomic_write(picture, image.encode_png(self._all(rgb, items)))
         for k, (item, mask) in enumerate(zip(items, maps)):
             item["zero_map"] = zero[k] if k < len(zero) else None
+            stem = f"{base}.{self.method}.{item.get('_file', k)}"
             if item["zero_map"] is None:
-                path = Path(f"{base}.{self.method}.{item.get('_file', k)}.overlay.png")
+                path = Path(f"{stem}.overlay.png")
                 if write:
                     files.atomic_write(path, image.encode_png(self._one(image.overlay(rgb, mask), item)))
                 item["overlay"] = path.name
                 result.files[k] = path
+            if self.save_raw:  # a zero map too, as the classifier's: its arrays say why it is zero
+                raw = Path(f"{stem}.npz")
+                item["raw"] = raw.name
+                result.raw[k] = raw
+        if write:
+            for k, raw in result.raw.items():
+                files.write_npz(raw, **self._raw_arrays(items[k], maps[k], extra, k))
         if self.task == "ocr":
             found = {**_public(extra), "string": _public(items[0]) if items else None,
                      "characters": [_public(c) for c in extra["_characters"]]}
@@ -201,15 +270,17 @@ class TaskRunner:
         result.record = {"image": str(f.path), "model": self.model_name, "model_hash": self.explainer.digest,
                          "onnxcam_version": __version__, "task": self.task, "decoding": self.decoding(),
                          "score": self.score, "layers": self.layers, "layer_rule": self.layer_rule,
-                         "method": self.method, "preprocess": _plain(self.pre.describe()), "picture": picture.name,
+                         "method": self.method, "target": self._target_text(), "captioned": self.caption,
+                         "preprocess": _plain(self.pre.describe()), "picture": picture.name,
                          "seconds": round(time.perf_counter() - start, 4), **found}
         if write:
             files.write_json(result.json_path, result.record)
         return result
 
     def done_before(self, f) -> dict | None:
-        """f's JSON when it records an explanation like this runner's (model hash, task, decoding, method, layers,
-        preprocessing) with every picture it names present; else None (anything unreadable or different)."""
+        """f's JSON when it records an explanation like this runner's (model hash, task, decoding, target, method,
+        layers, preprocessing, caption, raw arrays or none) with every file it names present; else None (anything
+        unreadable or different)."""
         path = self.json_path(f)
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
@@ -217,9 +288,11 @@ class TaskRunner:
                     and record["task"] == self.task and record["method"] == self.method
                     and record["layers"] == self.layers and record["score"] == self.score
                     and record["decoding"] == _plain(self.decoding())
+                    and record.get("target") == self._target_text() and record.get("captioned") == self.caption
                     and record["preprocess"] == _plain(self.pre.describe()))
             items = record_items(record)
-            named = [record["picture"]] + [i["overlay"] for i in items if i.get("overlay")]
+            same = same and all(("raw" in i) == self.save_raw for i in items)
+            named = [record["picture"]] + [i[k] for i in items for k in ("overlay", "raw") if i.get(k)]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
         return record if same and all((path.parent / name).is_file() for name in named) else None
@@ -230,11 +303,8 @@ class TaskRunner:
         items, seeds = self._targets(sample, rgb, first.outputs)
         if self.rows is not None:
             seeds = [self.rows.slice(s) for s in seeds]
-        maps, zero = np.zeros((0, *x.shape[-2:]), np.float32), []
-        if seeds:
-            maps = self.cam(np.repeat(x, len(seeds), axis=0), targets=seeds)
-            zero = list(self.cam.degenerate_reasons)
-        return items, maps, zero, {}
+        maps, zero, raws = self._in_runs(x, len(seeds), lambda xs, lo, hi: self.cam(xs, targets=seeds[lo:hi]))
+        return items, maps, zero, {"_logits": sample, "_raws": raws}
 
     def _ocr(self, x: np.ndarray, rgb: np.ndarray) -> tuple[list[dict], np.ndarray, list, dict]:
         """The decoded string and its first `top` characters: items (the string first), their maps, and the
@@ -256,7 +326,7 @@ class TaskRunner:
                        "box_image": [round(c.steps[0] * per_step, 1), 0.0, round((c.steps[-1] + 1) * per_step, 1),
                                      float(h)], "_file": k} for k, c in enumerate(chars)]
         # every character is in the record; the string and the first `top` are explained (their dicts are items)
-        extra = {"text": text, "layout": order, "steps": len(steps), "_characters": characters}
+        extra = {"text": text, "layout": order, "steps": len(steps), "_characters": characters, "_logits": steps}
         if not chars:
             return [], np.zeros((0, *x.shape[-2:]), np.float32), [], extra
         string = {"text": text, "name": text, "score": round(float(np.mean([c["score"] for c in characters])), 6),
@@ -264,10 +334,56 @@ class TaskRunner:
         targets = [ocr.StringTarget(self.blank)] + [ocr.CharacterTarget(k, self.blank)
                                                     for k in range(min(self.top, len(chars)))]
         seed = np.stack([t.seed(steps) for t in targets]).astype(np.float32)
-        xs = np.repeat(x, len(targets), axis=0)
-        r = self.explainer.run(xs, seed=seed if order == "NTC" else np.ascontiguousarray(seed.transpose(1, 0, 2)))
-        maps = self.cam.maps_for(xs, r)
-        return [string] + characters[:len(targets) - 1], maps, list(self.cam.degenerate_reasons), extra
+
+        def run(xs: np.ndarray, lo: int, hi: int) -> np.ndarray:
+            part = seed[lo:hi]
+            r = self.explainer.run(xs, seed=part if order == "NTC" else np.ascontiguousarray(part.transpose(1, 0, 2)))
+            return self.cam.maps_for(xs, r)
+
+        maps, zero, extra["_raws"] = self._in_runs(x, len(targets), run)
+        return [string] + characters[:len(targets) - 1], maps, zero, extra
+
+    def _in_runs(self, x: np.ndarray, count: int, run) -> tuple[np.ndarray, list, list[dict]]:
+        """The maps of one image's `count` items in runs of at most batch_size (a detector's hundred detections
+        at full size would not fit one run): run(xs, lo, hi) makes items lo..hi-1's maps with x repeated. Also
+        each item's zero-map reason and, with save_raw, its arrays of the run (RAW_KEYS' per-layer ones)."""
+        maps, zero, raws = [], [], []
+        for lo in range(0, count, self.batch_size):
+            hi = min(count, lo + self.batch_size)
+            maps.append(run(np.repeat(x, hi - lo, axis=0), lo, hi))
+            zero += list(self.cam.degenerate_reasons)
+            raws += [self._run_arrays(j) for j in range(hi - lo)] if self.save_raw else []
+        if not maps:
+            return np.zeros((0, *x.shape[-2:]), np.float32), [], []
+        return np.concatenate(maps), zero, raws
+
+    def _run_arrays(self, j: int) -> dict[str, np.ndarray]:
+        """Sample j of the method's last run: per layer n its raw map, activations and gradients (copies: the
+        run's arrays are freed with the next run)."""
+        inner = self.cam.gradcam if self.method == "guided_gradcam" else self.cam  # its map's Grad-CAM part
+        result = getattr(inner, "result", None)
+        sources = {"lowres": getattr(inner, "raw", None) or {},
+                   "activations": getattr(result, "activations", None) or {},
+                   "gradients": getattr(result, "gradients", None) or {}}
+        return {f"{key}_{n}": np.array(np.asarray(source[layer])[j]) for n, layer in enumerate(self.layers)
+                for key, source in sources.items() if layer in source}
+
+    def _raw_arrays(self, item: dict, mask: np.ndarray, extra: dict, k: int) -> dict[str, np.ndarray]:
+        """save_raw's arrays of item k (RAW_KEYS)."""
+        arrays = {"map": np.asarray(mask, np.float32), "logits": np.asarray(extra["_logits"]),
+                  "target": np.int64(item.get("label", item.get("class", -1))), "layers": np.array(self.layers),
+                  "item": np.array(json.dumps(_public(item), ensure_ascii=False))}
+        if "box_image" in item:
+            arrays["box"] = np.array(item["box_image"], np.float64)
+        if "_mask" in item:
+            arrays["mask"] = np.asarray(item["_mask"], bool)
+        return {**arrays, **extra["_raws"][k]}
+
+    def _target_text(self) -> str | None:
+        return None if self.target is None else ",".join(map(str, self.target))
+
+    def _wanted(self, c: int) -> bool:
+        return self.target is None or c in self.target
 
     def _targets(self, sample: np.ndarray, rgb: np.ndarray, outputs: dict | None = None
                  ) -> tuple[list[dict], list[np.ndarray]]:
@@ -276,14 +392,15 @@ class TaskRunner:
         h, w = rgb.shape[:2]
         if self.selection is not None:
             return self._selected(sample, outputs, w / self.input_hw[1], h / self.input_hw[0])
-        if self.task == "detect":
-            found = detect.decode(sample[None], self.layout, self.conf, self.top)[0]
+        if self.task == "detect":  # the classes kept before the top N: NMS is per class, so it is the same
+            found = detect.decode(sample[None], self.layout, self.conf)[0]
+            found = [d for d in found if self._wanted(d.label)][:self.top]
             sx, sy = w / self.input_hw[1], h / self.input_hw[0]
             items = [{**d.to_json(), "name": self.label(d.label),
                       "box_image": [round(v, 1) for v in (d.box[0] * sx, d.box[1] * sy, d.box[2] * sx, d.box[3] * sy)]}
                      for d in found]
             return items, [detect.detection_seed(sample, self.layout, d.anchor, d.label) for d in found]
-        present = segment.classes_present(sample)[:self.top]
+        present = [c for c in segment.classes_present(sample) if self._wanted(c)][:self.top]
         targets = [segment.ClassMaskTarget(c) for c in present]
         items = [{"class": c, "name": self.label(c), "pixels": int(t.mask_for(sample).sum()),
                   "_mask": t.mask_for(sample)} for c, t in zip(present, targets)]
@@ -292,13 +409,14 @@ class TaskRunner:
     def _selected(self, sample: np.ndarray, outputs: dict, sx: float, sy: float) -> tuple[list[dict], list]:
         """Detections after the model's own NMS above conf (the top N), each seeded at its pre-selection score;
         an InputError naming the best score found when none is above conf."""
-        found = detect.selected(self.selection, sample, outputs)
+        found = [d for d in detect.selected(self.selection, sample, outputs) if self._wanted(d.label)]
         kept = [d for d in found if d.score > self.conf][:self.top]
         if not kept:
             best = max(found, key=lambda d: d.score, default=None)
             what = (f"the best of {len(found)} is {best.score:.3f} ({self.label(best.label)})" if best
                     else "the model returned none")
-            raise InputError(f"no detection scores above conf {self.conf}: {what}; lower conf", option="conf")
+            of = "" if self.target is None else f" of target {', '.join(self.label(c) for c in self.target)}"
+            raise InputError(f"no detection{of} scores above conf {self.conf}: {what}; lower conf", option="conf")
         items = [{**d.to_json(), "name": self.label(d.label),
                   "box_image": [round(v, 1) for v in (d.box[0] * sx, d.box[1] * sy, d.box[2] * sx, d.box[3] * sy)]}
                  for d in kept]
@@ -313,22 +431,39 @@ class TaskRunner:
             chars = [i for i in items if "position" in i]
             boxed = image.draw_boxes(rgb, [i["box_image"] for i in chars], [i["name"] for i in chars],
                                      [i["class"] for i in chars])
+            if not self.caption:
+                return boxed
             return image.caption(boxed, [f"text: {items[0]['text'] if items else '(no characters)'}"])
         for i in items:
             rgb = image.draw_outline(rgb, i["_mask"], i["class"])
         return rgb
 
     def _one(self, picture: np.ndarray, item: dict) -> np.ndarray:
+        """An item's overlay: its box or outline drawn on it, under its caption unless caption is off (the
+        uncaptioned picture is the captioned one's image area, pixel for pixel)."""
+        marked = self._marked(picture, item)
+        return image.caption(marked, self._caption_lines(item)) if self.caption else marked
+
+    def _marked(self, picture: np.ndarray, item: dict) -> np.ndarray:
         if self.task == "detect":
             return image.draw_boxes(picture, [item["box_image"]], [f"{item['name']} {item['score']:.2f}"],
                                     [item["label"]])
         if self.task == "ocr":
-            layer = f"{self.method} @ {', '.join(self.layers)}"
             if "position" not in item:
-                return image.caption(picture, [f"text: {item['text']} {item['score']:.2f}", layer])
-            boxed = image.draw_boxes(picture, [item["box_image"]], [item["name"]], [item["class"]])
-            return image.caption(boxed, [f"character {item['position']}: {item['name']} {item['score']:.2f}", layer])
+                return picture
+            return image.draw_boxes(picture, [item["box_image"]], [item["name"]], [item["class"]])
         return image.draw_outline(picture, item["_mask"], item["class"], item["name"])
+
+    def _caption_lines(self, item: dict) -> list[str]:
+        """What the item's map explains, then the method and layers (as the classifier's captions)."""
+        layer = f"{self.method} @ {', '.join(self.layers)}"
+        if self.task == "ocr":
+            if "position" not in item:
+                return [f"text: {item['text']} {item['score']:.2f}", layer]
+            return [f"character {item['position']}: {item['name']} {item['score']:.2f}", layer]
+        if "score" in item:
+            return [f"{item['name']} {item['score']:.2f}", layer]
+        return [f"{item['name']} ({item['pixels']} px)", layer]
 
     def summary(self, record: dict) -> str:
         """One console line per image."""
@@ -371,17 +506,22 @@ def _plain(d):
     return d
 
 
-def run_cli(model, inputs, *, out, echo, **options) -> int | None:
+def run_cli(model, inputs, *, out, echo, report: bool = False, **options) -> int | None:
     """`onnxcam explain --task ...` for detectors, segmenters and recognizers: None when the model reads as a
     classifier (the caller then runs the classifier pipeline), else the exit status (1 when an image failed).
-    Failed images are `Error:` lines on stderr, as in the classifier pipeline."""
+    Failed images are `Error:` lines on stderr, as in the classifier pipeline. report (the classifier's contact
+    sheet of one overlay per class) is refused: a task's items are no classes of one image."""
     from ..pipeline import find_images
 
     runner = TaskRunner(model, out=out, **options)
     if runner.task == "classify":
         return None
+    if report:
+        raise InputError(f"report draws a classifier's maps per class; task {runner.task} has none (its pictures "
+                         f"are <name>.{runner.task}.png and one overlay per item)", option="report")
     found = find_images(inputs, exclude=[out])
-    echo(f"Task {runner.task} ({', '.join(f'{k} {v}' for k, v in runner.decoding().items())}); layer "
+    kept = "" if runner.target is None else f"; target {', '.join(runner.label(c) for c in runner.target)}"
+    echo(f"Task {runner.task} ({', '.join(f'{k} {v}' for k, v in runner.decoding().items())}){kept}; layer "
          f"{', '.join(runner.layers)} ({runner.layer_rule})")
     failed = skipped = 0
     for f in found:
