@@ -82,7 +82,7 @@ def build_hvp(proto: onnx.ModelProto, weights: dict, input_shape: tuple, layers:
         raise LayerError(f"the {kind} target needs a 2-D (N, K) score; {score!r} has shape "
                          f"{mg.shape(mg.tensor(score))}")
     ranks = {layer: len(mg.shape(mg.tensor(layer)) or ()) for layer in layers}
-    rw = rewrite.build(mg, layers, target, n_seeds=1, by_class=False)
+    rw = rewrite.build(mg, layers, target, n_seeds=1, by_class=False, twice=True)
     second = _moved_aside(rw.model)
     stops = {layer: _append_product(second, layer, ranks[layer], mg.opset) for layer in layers}
     _expose_score(second, score)

@@ -67,10 +67,12 @@ def export_yolov8n(size: int) -> bytes:
     return f.getvalue()
 
 
-def explainable(model: bytes, size: int, layer: str, without: tuple = (), score: str | None = None):
+def explainable(model: bytes, size: int, layer: str, without: tuple = (), score: str | None = None,
+                anchor: int | None = None):
     """(onnx bytes with weights inside, the layer's tensor name, the dense seed) for one class score at `layer`;
     `without`: passes of onnxcam/autodiff/passes.py left out; `score`: a tensor to seed in place of the model's
-    output (e.g. the class scores alone, before the head's Concat with the boxes)."""
+    output (e.g. the class scores alone, before the head's Concat with the boxes); `anchor`: the seeded anchor
+    (default a third of the way, in the stride-8 scale)."""
     import onnx
 
     from onnxcam.autodiff import builder
@@ -78,17 +80,17 @@ def explainable(model: bytes, size: int, layer: str, without: tuple = (), score:
     every = builder.PASSES
     builder.PASSES = tuple(p for p in every if p not in without)
     try:
-        return _explainable(ModelGraph(onnx.load_from_string(model), (1, 3, size, size)), layer, score)
+        return _explainable(ModelGraph(onnx.load_from_string(model), (1, 3, size, size)), layer, score, anchor)
     finally:
         builder.PASSES = every
 
 
-def _explainable(mg, layer: str, score: str | None):
+def _explainable(mg, layer: str, score: str | None, anchor: int | None = None):
     import onnx
 
     from onnxcam.rewrite import build, resolve_layers
     score = score or mg.default_score()
-    layers = resolve_layers(mg, None if layer == "auto" else [layer], score)
+    layers = resolve_layers(mg, None if layer == "auto" else layer.split("+"), score)
     rw = build(mg, layers, score)
     proto = rw.model
     for init in proto.graph.initializer:  # the placeholders take their values: one self-contained model file
@@ -96,7 +98,7 @@ def _explainable(mg, layer: str, score: str | None):
             init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(rw.weights[init.name]), init.name))
     seed = np.zeros((1, 1, *rw.score_shape[1:]), np.float32)
     row = 7 if rw.score_shape[1] == 80 else 4 + 7  # the class scores alone, or after the 4 box rows
-    seed[0, 0, row, seed.shape[-1] // 3] = 1.0  # one class score of one anchor
+    seed[0, 0, row, seed.shape[-1] // 3 if anchor is None else anchor] = 1.0  # one class score of one anchor
     return proto.SerializeToString(), layers[0], seed
 
 
@@ -126,9 +128,12 @@ def feeds_for(sess, image: np.ndarray, seed: np.ndarray | None) -> dict:
     return feeds
 
 
-def time_modes(modes: dict, reps: int, idle: float) -> dict:
-    """{mode: [seconds per call]}: one call per mode per repetition, modes in a seeded new order each time."""
-    times = {m: [] for m in modes}
+def time_modes(modes: dict, reps: int, idle: float) -> tuple[dict, dict]:
+    """({mode: [wall seconds per call]}, {mode: [CPU seconds of the calling thread per call]}): one call per mode
+    per repetition, modes in a seeded new order each time. With one intra-op thread onnxruntime runs every node
+    on the calling thread, whose CPU time leaves out the time other processes held the core: the steadier measure
+    on a loaded machine (it still counts their cache misses)."""
+    wall, cpu = {m: [] for m in modes}, {m: [] for m in modes}
     order = list(modes)
     rng = random.Random(0)
     for _ in range(reps):
@@ -136,10 +141,11 @@ def time_modes(modes: dict, reps: int, idle: float) -> dict:
         for m in order:
             sess, feeds = modes[m]
             time.sleep(idle)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             sess.run(None, feeds)
-            times[m].append(time.perf_counter() - t0)
-    return times
+            wall[m].append(time.perf_counter() - t0)
+            cpu[m].append(time.thread_time() - c0)
+    return wall, cpu
 
 
 def node_times(model: bytes, feeds: dict, threads: int, runs: int) -> tuple[dict, dict]:
@@ -166,7 +172,19 @@ def node_times(model: bytes, feeds: dict, threads: int, runs: int) -> tuple[dict
             name = e["name"][: -len("_kernel_time")]
             per_run[name].append(e["dur"] / 1000.0)
             op_of[name] = e["args"].get("op_name", "?")
-    return {n: min(v) for n, v in per_run.items()}, op_of
+    return _without_branches(model, {n: min(v) for n, v in per_run.items()}), op_of
+
+
+def _without_branches(model: bytes, times: dict) -> dict:
+    """An If's kernel time spans the nodes of the branch it ran, which the profile lists too: keep its own part
+    only (what is left of it once they are taken out), so that every node is counted once."""
+    import onnx
+    for n in onnx.load_from_string(model).graph.node:
+        if n.op_type == "If" and n.name in times:
+            inner = sum(times.get(m.name, 0.0) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH
+                        for m in a.g.node)
+            times[n.name] = max(0.0, times[n.name] - inner)
+    return times
 
 
 def origins(model: bytes) -> dict:
@@ -205,15 +223,18 @@ def report_profile(name: str, times: dict, op_of: dict, origin: dict, plain_ms: 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=320)
-    ap.add_argument("--layers", default="auto,model.4", help="comma-separated: auto, or module paths / tensor names")
+    ap.add_argument("--layers", default="auto,model.4", help="comma-separated: auto, or module paths / tensor names "
+                    "(several target layers of one model joined by +)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--idle", type=float, default=0.3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--anchor", type=int, help="the seeded anchor (default: a third of the way, in the stride-8 "
+                    "scale; at 320 px anchors 1600-1999 are stride 16, 2000-2099 stride 32)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-runs", type=int, default=10)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--without", default="", help="comma-separated passes (autodiff/passes.py) to leave out; "
-                    "each layer is then also timed as LAYER-without")
+                    "each layer is then also timed as LAYER-without (and LAYER-classes-without)")
     ap.add_argument("--class-score", help="also time each layer seeding this tensor (the head's class scores, "
                     "e.g. /model.22/Sigmoid_output_0) in place of the output, as LAYER-classes")
     ap.add_argument("--save", help="write the (first) explainable model to this file and stop unless --reps")
@@ -229,7 +250,7 @@ def main(argv=None) -> None:
     models = {"plain": plain}
     for layer in [s for s in args.layers.split(",") if s]:
         t0 = time.perf_counter()
-        model, tensor, seed = explainable(plain, args.size, layer)
+        model, tensor, seed = explainable(plain, args.size, layer, anchor=args.anchor)
         print(f"layer {layer} = {tensor!r}: built in {time.perf_counter() - t0:.1f} s")
         if args.save:
             with open(args.save, "wb") as f:
@@ -240,15 +261,21 @@ def main(argv=None) -> None:
         modes[layer] = (s, feeds_for(s, image, seed))
         models[layer] = model
         if args.class_score:
-            model, _, cseed = explainable(plain, args.size, layer, score=args.class_score)
+            model, _, cseed = explainable(plain, args.size, layer, score=args.class_score, anchor=args.anchor)
             s = make_session(model, args.threads)
             modes[f"{layer}-classes"] = (s, feeds_for(s, image, cseed))
             models[f"{layer}-classes"] = model
         if args.without:
-            model, _, _ = explainable(plain, args.size, layer, tuple(args.without.split(",")))
+            left_out = tuple(args.without.split(","))
+            model, _, _ = explainable(plain, args.size, layer, left_out, anchor=args.anchor)
             s = make_session(model, args.threads)
             modes[f"{layer}-without"] = (s, feeds_for(s, image, seed))
             models[f"{layer}-without"] = model
+            if args.class_score:
+                model, _, _ = explainable(plain, args.size, layer, left_out, args.class_score, args.anchor)
+                s = make_session(model, args.threads)
+                modes[f"{layer}-classes-without"] = (s, feeds_for(s, image, cseed))
+                models[f"{layer}-classes-without"] = model
     for spec in args.compare:
         name, path = spec.split("=", 1)
         with open(path, "rb") as f:
@@ -265,13 +292,15 @@ def main(argv=None) -> None:
         return
     for s, feeds in modes.values():
         s.run(None, feeds)  # warm-up
-    times = time_modes(modes, args.reps, args.idle)
-    med0, min0 = statistics.median(times["plain"]), min(times["plain"])
-    print(f"{'mode':<14} {'median ms':>10} {'fastest ms':>11} {'x median':>9} {'x fastest':>10}")
-    for m, t in times.items():
-        med, lo = statistics.median(t), min(t)
-        print(f"{m:<14} {med * 1e3:10.1f} {lo * 1e3:11.1f} {med / med0:9.2f} {lo / min0:10.2f}")
-
+    wall, cpu = time_modes(modes, args.reps, args.idle)
+    width = max(14, *(len(m) for m in modes))
+    for label, times in (("wall", wall), ("thread CPU" + (" (one thread: steadier)" if args.threads == 1 else ""),
+                                          cpu)):
+        med0, min0 = statistics.median(times["plain"]), min(times["plain"])
+        print(f"{label}:\n{'mode':<{width}} {'median ms':>10} {'fastest ms':>11} {'x median':>9} {'x fastest':>10}")
+        for m, t in times.items():
+            med, lo = statistics.median(t), min(t)
+            print(f"{m:<{width}} {med * 1e3:10.1f} {lo * 1e3:11.1f} {med / med0:9.2f} {lo / min0:10.2f}")
 
 if __name__ == "__main__":
     main()

@@ -35,7 +35,8 @@ def _onnx_dtype(dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
-PASSES = ("fold_silu", "pool_indices", "take_class_rows", "fold_crops", "split_conv_channels")
+PASSES = ("fold_silu", "pool_indices", "take_class_rows", "fold_crops", "split_conv_channels", "crop_seed_windows",
+          "skip_zero_slabs")
 
 
 class Builder:
@@ -66,6 +67,8 @@ class Builder:
         self._one_hots: dict[str, gs.Tensor] = {}  # name of a one-hot seed -> its (N,) class indices
         self.targets: set[str] = set()  # names of the tensors whose gradients are wanted (set by the walk)
         self.grad_shapes: dict[str, tuple] = {}  # gradient name -> the broadcast shape a rule declared for it
+        # id(gradient tensor) -> (it, the forward tensor it is a gradient of, hence shaped like): set by the walk
+        self.gradient_of: dict[int, tuple[gs.Tensor, gs.Tensor]] = {}
         self.passes: set[str] = set(PASSES)  # the optimizations of autodiff/passes.py that run; tests drop some
 
     # ---- emitting ------------------------------------------------------------------------------------------

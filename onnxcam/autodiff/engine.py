@@ -61,6 +61,7 @@ def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Te
             shape = b.grad_shapes.get(g.name, b.shape(node.outputs[0]) if r.broadcast else None)
             if shape is not None:  # broadcasting is summed back here, and only here
                 g = b.unbroadcast(g, shape, b.shape(inp))
+            b.gradient_of[id(g)] = (g, inp)
             grads.setdefault(inp.name, []).append(g)
     result = {}
     for t in targets:  # a target's fan-in Sum belongs to its producer, or is named after the graph input
@@ -97,4 +98,5 @@ def _total(b: Builder, grads: dict[str, list[gs.Tensor]], name: str) -> gs.Tenso
     if len(parts) > 1:
         b.rule = "fan-in Sum (autodiff/engine.py)"
         grads[name] = [b.op("Sum", *parts)]
+        b.gradient_of[id(grads[name][0])] = (grads[name][0], b.model.tensor(name))
     return grads[name][0]
