@@ -95,6 +95,19 @@ class ModelGraph:
         return self._constants.value(t)
 
     # ---- paths ---------------------------------------------------------------------------------------------
+    def walk_back(self, starts, follow):
+        """The producers behind the start tensors, nearest first, each once: breadth first, continuing from a node
+        only through the inputs `follow(node)` returns (so a search stops at what it looks for by following nothing
+        from it). The one backward search behind the task rules' "what is this score picked from" questions."""
+        seen, todo = set(), deque(starts)
+        while todo:
+            node = self.producer(todo.popleft())
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            yield node
+            todo.extend(follow(node))
+
     def forward_reach(self, starts: list[gs.Tensor]) -> set[str]:
         """Tensors that depend differentiably on the starts (integer results such as ArgMax indices do not)."""
         seen, todo = {t.name for t in starts}, deque(starts)

@@ -12,7 +12,6 @@ segmenter. ModelGraph.default_score / default_layer call score_output / layer.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -205,21 +204,16 @@ def _pre_selection(mg, scores: gs.Tensor) -> tuple[gs.Node, gs.Tensor] | None:
 def _activations_behind(mg, scores: gs.Tensor):
     """Each Softmax/Sigmoid (node, output) whose output the post-NMS scores are picked from, nearest first,
     walking back along float inputs through selection ops only (anything else would make the scores no copy)."""
-    todo, seen = deque([scores]), set()
-    while todo:
-        t = todo.popleft()
-        node = mg.producer(t)
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node.op in ("Softmax", "Sigmoid"):
-            yield node, t
-            continue
-        if node.op not in _SELECTS:
-            continue
+    def follow(node):  # data inputs of selection ops, and nothing past an activation
+        if node.op in ("Softmax", "Sigmoid") or node.op not in _SELECTS:
+            return ()
         data = node.inputs[:1] if node.op in ("Gather", "GatherND", "GatherElements", "TopK", "Slice", "Reshape",
                                                "Expand") else node.inputs
-        todo.extend(i for i in data if i.dtype is not None and np.issubdtype(i.dtype, np.floating))
+        return [i for i in data if i.dtype is not None and np.issubdtype(i.dtype, np.floating)]
+
+    for node in mg.walk_back([scores], follow):
+        if node.op in ("Softmax", "Sigmoid"):
+            yield node, node.outputs[0]
 
 
 # Ops that cut one image's level out of a head's (N, A, C) output: the image (Gather), the level's anchors
@@ -421,18 +415,12 @@ def _vit_layer(mg, nodes, on_path, last_map) -> Choice | None:
 
 def _norm_input_before(mg, node: gs.Node, on_path: set) -> gs.Tensor | None:
     """The data input of the nearest LayerNormalization (or exported-as-ops mean/subtract norm) behind `node`."""
-    seen, todo = set(), deque(i for i in node.inputs if i.name in on_path)
-    while todo:
-        t = todo.popleft()
-        producer = mg.producer(t)
-        if producer is None or id(producer) in seen:
-            continue
-        seen.add(id(producer))
-        if producer.op == "LayerNormalization":
+    def follow(producer):
+        return [i for i in producer.inputs if i.name in on_path]
+
+    for producer in mg.walk_back(follow(node), follow):
+        if producer.op == "LayerNormalization" or (producer.op == "Sub" and _is_mean_subtraction(mg, producer)):
             return producer.inputs[0]
-        if producer.op == "Sub" and _is_mean_subtraction(mg, producer):
-            return producer.inputs[0]
-        todo.extend(i for i in producer.inputs if i.name in on_path)
     return None
 
 
