@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import threading
 import types
 
 import numpy as np
@@ -22,7 +24,7 @@ from pytorch_grad_cam.utils import model_targets as torch_targets
 import onnxcam
 from onnxcam import metrics
 from onnxcam.errors import InputError
-from onnxcam.metrics import road
+from onnxcam.metrics import perturbation_confidence, road
 from onnxcam.utils import model_targets
 
 from .torch_models import export, make_model
@@ -156,6 +158,32 @@ def test_arcc_matches_pytorch_grad_cam(monkeypatch):
     got = metrics.ARCC(onnxcam.GradCAM(r.onnx, ["layer4"]), [30, 70], rng=4)(r.x.numpy(), maps, ours_t, r.onnx)
     assert want.max() > 0.5  # a value away from the 1e-8 floors
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+def test_road_solves_on_threads_and_draws_the_noise_in_order(monkeypatch):
+    """perturb_all: the sparse solves of every (percentile, order, sample) on a thread pool, the noise drawn after
+    them in the sequential order: the imputed copies equal a one-by-one run's bit for bit."""
+    r = resnet()
+    x, cams = r.x.numpy(), r.cams
+    threads, real = set(), road.NoisyLinearImputer.solve
+
+    def solve(self, img, removed):
+        threads.add(threading.get_ident())
+        return real(self, img, removed)
+
+    monkeypatch.setattr(road.NoisyLinearImputer, "solve", solve)
+
+    def copies(combined):
+        return combined.lerf_averager.metrics() + combined.morf_averager.metrics()
+
+    got = perturbation_confidence.perturb_all(copies(metrics.ROADCombined([20, 60], rng=5)), x, cams)
+    want = [m.perturb(x, cams) for m in copies(metrics.ROADCombined([20, 60], rng=5))]
+    assert len(got) == len(want) == 4
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert not np.array_equal(got[0], x)  # pixels were imputed
+    if (os.cpu_count() or 1) > 1:
+        assert len(threads) > 2  # the pool's workers and the sequential run's caller all solved
 
 
 def test_road_combined_scores_every_copy_in_batched_runs():

@@ -28,6 +28,7 @@ from .perturbation_confidence import (
     RemoveMostRelevantFirst,
     check_percentiles,
     confidence_scores,
+    perturb_all,
 )
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,17 @@ class NoisyLinearImputer:
         self.tol = tol
 
     def __call__(self, img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.finish(self.prepare(img, mask))
+
+    def prepare(self, img: np.ndarray, mask: np.ndarray) -> tuple:
+        """The deterministic part (the solve): safe to run for several images at once on threads."""
         img = np.asarray(img, np.float32)
         removed = np.asarray(mask).reshape(img.shape[1:]) == 0
-        filled = self.solve(img, removed).astype(np.float32)  # (C, number removed), row-major pixel order
+        return img, removed, self.solve(img, removed).astype(np.float32)  # (C, number removed), row-major order
+
+    def finish(self, state: tuple) -> np.ndarray:
+        """The filled image with its noise, drawn from rng: call in the order the draws should happen."""
+        img, removed, filled = state
         noise = self.rng.standard_normal(filled.shape, dtype=np.float32)
         out = img.copy()
         out[:, removed] = filled + np.float32(self.noise) * noise
@@ -229,7 +238,7 @@ class ROADCombined(UsesModel):
         x = as_input(input_tensor)
         cams = as_cams(cams, x)
         metrics = self.lerf_averager.metrics() + self.morf_averager.metrics()
-        scores, after = confidence_scores(self.scorer_for(model), x, targets, [m.perturb(x, cams) for m in metrics])
+        scores, after = confidence_scores(self.scorer_for(model), x, targets, perturb_all(metrics, x, cams))
         changes = np.float32(after - scores)
         k = len(self.percentiles)
         lerf, morf = np.mean(changes[:k], axis=0), np.mean(changes[k:], axis=0)
