@@ -14,7 +14,9 @@ ReLU, per-image min-max scaling (1e-7 added to the max), bilinear resize, then R
 same scaling again. The resize is cv2's INTER_LINEAR (no antialiasing, half-pixel centres) at every size,
 down-scaling included, as two MatMuls with its per-axis weights (tests/test_export.py checks it against cv2).
 The graph is kept lean, since it runs on every inference: weighted channel sums are one MatMul, shapes are
-static where the layer's are, the ranked-classes choice is fixed at export, and what no output needs is dropped.
+static where the layer's are, the ranked-classes choice is fixed at export, a single layer's final scaling is
+done on the small map before its resize (so only the resize writes a full-size tensor: `cam`), and what no
+output needs is dropped.
 Methods whose maps need a decomposition that ONNX has no op for (Eigen-CAM's SVD, KPCA) are refused.
 """
 
@@ -30,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import rewrite
-from .errors import InputError, ModelError
+from .errors import InputError, InternalError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +213,48 @@ _ALIASES = {"gradcampp": "gradcam++"}
 
 
 # ---- post-processing, on (N, h, w) maps or (N, S, h, w) ----------------------------------------------------------
-def _scaled(o: _Ops, x: str, out: str | None = None) -> str:
-    """Per image: subtract the min, divide by 1e-7 + the max (postprocess._scale_in_place), over the last 2 axes."""
-    shifted = o.op("Sub", x, o.reduce("Min", x, [-2, -1], True))
-    return o.op("Div", shifted, o.op("Add", o.const(1e-7), o.reduce("Max", shifted, [-2, -1], True)), out=out)
+def _scaled(o: _Ops, x: str, out: str | None = None, extremes: str | None = None) -> str:
+    """Per image: subtract the min, divide by 1e-7 + the max (postprocess._scale_in_place), over the last 2 axes.
+    extremes: a tensor whose min and max per image are x's, to take them from instead (_scaled_before_resize)."""
+    low = o.reduce("Min", extremes or x, [-2, -1], True)
+    shifted = o.op("Sub", x, low)
+    high = o.reduce("Max", shifted if extremes is None else o.op("Sub", extremes, low), [-2, -1], True)
+    return o.op("Div", shifted, o.op("Add", o.const(1e-7), high), out=out)
+
+
+def _scaled_before_resize(o: _Ops, x: str, source: tuple[int, int], size: tuple[int, int]) -> str:
+    """x scaled so that its resize is the resize of x scaled at full size: _scaled(_resized(x)) without four
+    passes over the (N, H, W) map and two full-size temporaries (equal to float32 rounding). The resize is linear
+    with each output pixel's weights summing to 1, so it commutes with subtracting and dividing by per-image
+    scalars; and the resized map's min and max lie on a few of its rows and columns (_bounding_rows), a grid of at
+    most 2h x 2w pixels that two small MatMuls give."""
+    grid = x
+    if source[1] != size[1]:
+        columns = _linear_weights(source[1], size[1])
+        grid = o.op("MatMul", grid, o.const(columns[_bounding_rows(columns)].T))
+    if source[0] != size[0]:
+        rows = _linear_weights(source[0], size[0])
+        grid = o.op("MatMul", o.const(rows[_bounding_rows(rows)]), grid)
+    return _scaled(o, x, extremes=grid)
+
+
+def _bounding_rows(weights: np.ndarray) -> np.ndarray:
+    """The rows of a (size, source) linear-resize weight matrix whose outputs bound all its outputs, for any input.
+
+    Each row mixes two neighbouring source pixels k and k + 1 (or takes one): the rows whose first pixel is k lie
+    on the segment from pixel k to pixel k + 1, in the order of their weight on k, and a value linear along a
+    segment is extreme at its ends; so each run's rows of most and least weight on k bound the others."""
+    first = np.argmax(weights != 0, axis=1)
+    beyond = weights.copy()
+    beyond[np.arange(len(weights)), first] = 0
+    beyond[np.arange(len(weights)), np.minimum(first + 1, weights.shape[1] - 1)] = 0
+    if beyond.any():
+        raise InternalError("each output pixel of a linear resize mixes at most two neighbouring source pixels")
+    keep = set()
+    for k in np.unique(first):
+        run = np.flatnonzero(first == k)
+        keep.update((int(run[np.argmax(weights[run, k])]), int(run[np.argmin(weights[run, k])])))
+    return np.array(sorted(keep))
 
 
 def _resized(o: _Ops, x: str, source: tuple[int, int], size: tuple[int, int]) -> str:
@@ -247,11 +287,14 @@ def _linear_weights(source: int, size: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def _aggregated(o: _Ops, per_layer: list[str], out: str) -> str:
-    """postprocess.aggregate_layers: ReLU, the mean over layers, scaled again (one layer: just scaled again, since
-    its ReLU is the identity and the mean of one map is that map)."""
+def _aggregated(o: _Ops, per_layer: list[str], sources: list[tuple[int, int]], size: tuple[int, int],
+                out: str) -> str:
+    """The layers' scaled maps resized, then postprocess.aggregate_layers: ReLU, the mean over layers, scaled again.
+    One layer is just scaled again (its ReLU is the identity and the mean of one map is that map), before its
+    resize (_scaled_before_resize): the resize is then the last node, and the only one of full size."""
     if len(per_layer) == 1:
-        return _scaled(o, per_layer[0], out)
+        return o.rename(_resized(o, _scaled_before_resize(o, per_layer[0], sources[0], size), sources[0], size), out)
+    per_layer = [_resized(o, m, source, size) for m, source in zip(per_layer, sources)]
     stacked = o.op("Concat", *[o.unsqueeze(m, 1) for m in per_layer], axis=1)
     return _scaled(o, o.reduce("Mean", o.op("Relu", stacked), [1], False), out)
 
@@ -393,14 +436,14 @@ def _append_cam(proto: onnx.ModelProto, rw: rewrite.Rewritten, dequantize: dict,
     class_nodes, o.nodes = o.nodes, []
     height, width = (int(v) for v in reversed(obj.target_size(x)))
     raw_names = [RAW] if len(rw.layers) == 1 else [f"{RAW}_{i}" for i in range(len(rw.layers))]
-    resized, raw_sizes = [], []
+    scaled, raw_sizes = [], []
     shapes = _inferred_shapes(rw.model) if method in _POOLED_METHODS else {}
     for layer, raw_name in zip(rw.layers, raw_names):
         tensors = _layer_tensors(o, rw, layer, dequantize.get(layer), obj, x, s, shapes)
         raw_sizes.append(tensors.size)
         raw = o.rename(EXPORTABLE[method](o, tensors), raw_name)  # (N, h, w) or (N, S, h, w)
-        resized.append(_resized(o, _scaled(o, o.op("Relu", raw)), tensors.size, (height, width)))
-    _aggregated(o, resized, CAM)
+        scaled.append(_scaled(o, o.op("Relu", raw)))
+    _aggregated(o, scaled, raw_sizes, (height, width), CAM)
     classes = rewrite.CLASSES if class_input else rewrite.TOP_CLASSES
     if single:
         o.op("Squeeze", classes, o.const([1], np.int64), out=CAM_CLASS) if o.opset >= 13 \

@@ -24,9 +24,20 @@ import onnxcam
 from onnxcam import image, preprocess
 from onnxcam.cam.api import explain
 from onnxcam.cam.cams import GradCAM, HiResCAM
+from onnxcam.cam.postprocess import scale_cam_image
 from onnxcam.cli import DEMO_MODEL, DEMO_SAMPLES, main
 from onnxcam.errors import InputError
-from onnxcam.export import EXPORTABLE, _inferred_shapes, _linear_weights, _Ops, _pooled_gradient, _resized, export
+from onnxcam.export import (
+    EXPORTABLE,
+    _bounding_rows,
+    _inferred_shapes,
+    _linear_weights,
+    _Ops,
+    _pooled_gradient,
+    _resized,
+    _scaled_before_resize,
+    export,
+)
 
 NODE_DIR = Path(__file__).parent / "node"
 KERAS = Path(__file__).parent / "fixtures" / "keras" / "custom_cnn.onnx"
@@ -194,6 +205,51 @@ def test_the_resize_is_cv2s_inter_linear(source, size, opset):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
+RESIZES = [((7, 7), (224, 224)), ((14, 10), (5, 3)), ((9, 4), (4, 9)), ((10, 12), (5, 6)), ((224, 224), (7, 7)),
+           ((3, 5), (1, 1)), ((13, 13), (13, 13)), ((2, 3), (31, 17)), ((7, 7), (7, 300)), ((1, 1), (5, 4))]
+
+
+@pytest.mark.parametrize("source,size", RESIZES)
+def test_the_resized_maps_extremes_lie_on_the_bounding_rows(source, size):
+    """The export scales the single-layer map before its resize, reading the resized map's min and max off the grid
+    of _bounding_rows only: for any map they are those of the whole resized map. Float64, exact: the grid is picked
+    out of the full resize, not recomputed. Maps with one spike at each pixel (at 64 of them for large maps: the
+    extreme of each segment moves with it), a checkerboard, random maps."""
+    rows, columns = _linear_weights(source[0], size[0]), _linear_weights(source[1], size[1])
+    picked = np.ix_(_bounding_rows(rows), _bounding_rows(columns))
+    assert picked[0].size <= min(2 * source[0], size[0]) and picked[1].size <= min(2 * source[1], size[1])
+    rng = np.random.default_rng(3)
+    pixels = source[0] * source[1]
+    at = np.arange(pixels) if pixels <= 400 else rng.choice(pixels, 64, replace=False)
+    spikes = np.zeros((len(at), pixels))
+    spikes[np.arange(len(at)), at] = 1
+    spikes = spikes.reshape(-1, *source)
+    checker = np.indices(source).sum(axis=0)[None] % 2 - 0.5
+    maps = np.concatenate([spikes, -spikes, checker, rng.standard_normal((20, *source))])
+    full = rows.astype(np.float64) @ (maps @ columns.T.astype(np.float64))
+    grid = full[:, picked[0], picked[1]].reshape(len(maps), -1)
+    np.testing.assert_array_equal(grid.min(axis=1), full.min(axis=(1, 2)))
+    np.testing.assert_array_equal(grid.max(axis=1), full.max(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("source,size", RESIZES)
+def test_scaling_before_the_resize_is_scaling_after_it(source, size):
+    """_resized(_scaled_before_resize(x)) is the Python path's resize then per-image min-max scaling (cv2, then
+    postprocess), to float32 rounding: for maps of any sign, a constant one, an all-zero one (which stays 0)."""
+    o = _Ops(17)
+    out = _resized(o, _scaled_before_resize(o, "maps", source, size), source, size)
+    graph = onnx.helper.make_graph(o.nodes, "scaled", [onnx.helper.make_tensor_value_info("maps", 1, [None, *source])],
+                                   [onnx.helper.make_tensor_value_info(out, 1, None)], o.initializers)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    rng = np.random.default_rng(4)
+    maps = np.concatenate([rng.random((3, *source), dtype=np.float32), rng.standard_normal((3, *source), np.float32),
+                           np.full((1, *source), 0.25, np.float32), np.zeros((1, *source), np.float32)])
+    got = session(model).run(None, {"maps": maps})[0]
+    want = scale_cam_image(image.resize_maps(maps, (size[1], size[0])))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert not got[-1].any()
+
+
 @pytest.mark.parametrize("source,size", [((7, 7), (224, 224)), ((14, 10), (5, 3)), ((3, 17), (17, 3)), ((6, 4), (4, 6)),
                                          ((1000, 5), (999, 1))])
 def test_the_resize_weights_are_cv2s(source, size):
@@ -209,23 +265,28 @@ def test_nothing_added_is_as_large_as_the_layer(top_k):
     """Grad-CAM in the graph runs on every inference, so next to Lite0 it must cost little: the weighted channel sum
     is one MatMul (no (N, S, C, h, w) product to reduce), the global average pool's gradient is read as its one value
     per channel (not broadcast to (N, C, h, w) and averaged back), the resize is two small MatMuls (no Resize, no
-    run-time sizes), and no Squeeze copies a full-size map. So no node the export adds writes a tensor as large as
-    the layer's activation, besides the maps at the input's size (Reshape and Cast aside: onnxruntime runs them in
-    place or drops them). The static shapes leave the batch free: batch 1 and 3 give the Python path's maps."""
+    run-time sizes), the map is scaled before its resize (_scaled_before_resize), and no Squeeze copies a full-size
+    map. So no node the export adds writes a tensor as large as the layer's activation (Reshape and Cast aside:
+    onnxruntime runs them in place or drops them), and the only one at the input's size is the resize that writes
+    `cam`. The static shapes leave the batch free: batch 1 and 3 give the Python path's maps."""
     model = export(str(DEMO_MODEL), "gradcam", top_k=top_k)
     layer = onnxcam.Explainer(str(DEMO_MODEL)).layers[0]
     original = {n.name for n in onnx.load(str(DEMO_MODEL)).graph.node}
     dims = _inferred_shapes(model)
     assert dims[layer][0] == "N" and "Resize" not in {n.op_type for n in model.graph.node}
     layer_size = np.prod(dims[layer][1:])
+    full_size = []
     for node in model.graph.node:
         if node.name in original or node.op_type in ("Reshape", "Cast"):
             continue
         for out in node.output:
             shape = dims[out][1:]  # past the batch axis
             assert all(isinstance(d, int) for d in shape), (node.name, out, dims[out])
-            if shape[-2:] != [224, 224]:
+            if shape[-2:] == [224, 224]:
+                full_size.append((node.op_type, out))
+            else:
                 assert np.prod(shape) < layer_size, (node.op_type, node.name, dims[out])
+    assert full_size == [("MatMul", "cam")]
     x = photos()
     for batch in (x[:1], np.concatenate([x, x[:1, :, :, ::-1]])):
         got = run(model, np.ascontiguousarray(batch))
