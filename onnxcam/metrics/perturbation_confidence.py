@@ -53,9 +53,18 @@ def perturb_all(metrics: list[PerturbationConfidenceMetric], x: np.ndarray, cams
     if len(jobs) < 2 or not all(getattr(p, "staged", False) for p in parts):
         return [m.perturb(x, cams) for m in metrics]
     with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
-        prepared = list(pool.map(lambda job: job[0].prepare(x[job[1]], cams[job[1]]), jobs))
+        # the largest holes first (a solve's cost grows with the pixels removed): the threads end together
+        futures = {k: pool.submit(p.prepare, x[i], cams[i])
+                   for k, (p, i) in sorted(enumerate(jobs), key=lambda job: -_removed_share(job[1][0]))}
+        prepared = [futures[k].result() for k in range(len(jobs))]
     done = iter([p.finish(state) for (p, _), state in zip(jobs, prepared)])  # the noise, in job order
     return [np.stack([next(done) for _ in range(len(x))]).astype(np.float32, copy=False) for _ in metrics]
+
+
+def _removed_share(perturbation) -> float:
+    """The share of pixels a percentile perturbation removes (100 - percentile: it keeps the pixels below the
+    percentile), i.e. its solve's size, for scheduling."""
+    return 100 - getattr(perturbation, "percentile", 50.0)
 
 
 def confidence_scores(run, x: np.ndarray, targets, perturbed: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
