@@ -8,7 +8,6 @@ torchvision detaches them."""
 from __future__ import annotations
 
 import copy
-import io
 import json
 from collections import OrderedDict
 
@@ -30,21 +29,11 @@ from onnxcam.graph.model import ModelGraph
 from onnxcam.runtime import cpu_session
 from onnxcam.tasks import choose, detect
 
+from .detectors import export_whole, seed_batchnorm
+
 CLASSES = 5  # background + 4 classes
 LAYER_MODULE = "model.backbone.fpn.inner_blocks.1.0"  # the FPN's lateral conv on the last stage: feeds both levels
 LAYER = "/model/backbone/fpn/inner_blocks.1/inner_blocks.1.0/Conv_output_0"
-
-
-class Whole(nn.Module):
-    """The detector on a (1, 3, H, W) batch, returning the first image's boxes, scores and labels."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        found = self.model(x)[0]
-        return found["boxes"], found["scores"], found["labels"]
 
 
 def _block(cin: int, cout: int) -> nn.Module:
@@ -96,22 +85,11 @@ def fasterrcnn(request):
     build, size = NETS[request.param]
     torch.manual_seed(0)
     net = build()
-    for m in net.modules():
-        if hasattr(m, "inplace"):
-            m.inplace = False
-        if isinstance(m, nn.BatchNorm2d):
-            g = torch.Generator().manual_seed(m.num_features)
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    seed_batchnorm(net)
     g = torch.Generator().manual_seed(3)
     for p in net.roi_heads.box_predictor.parameters():
         p.data.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model = Whole(net).eval()
-    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1))
-    f = io.BytesIO()
-    torch.onnx.export(model, (x,), f, dynamo=False, opset_version=17, input_names=["images"],
-                      output_names=["boxes", "scores", "labels"])
-    return model, f.getvalue(), x
+    return export_whole(net, size)
 
 
 @pytest.fixture(scope="module")

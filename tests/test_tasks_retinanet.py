@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import io
 import json
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from onnxcam.errors import InputError
 from onnxcam.graph.model import ModelGraph
 from onnxcam.tasks import choose, detect
 
+from .detectors import Whole, export_whole, seed_batchnorm
 from .kinks import KinkMode, kink_inputs, onnx_kink_inputs
 
 SIZE, CLASSES = 160, 4  # P3-P7 at 20, 10, 5, 3, 2 cells; 9 anchors per cell: 4842 anchors
@@ -55,18 +55,6 @@ class Body(nn.Module):
 
     def forward(self, x):
         return self.layer4(self.layer3(self.layer2(self.stem(x))))
-
-
-class Whole(nn.Module):
-    """The detector on a (1, 3, H, W) batch, returning the first image's boxes, scores and labels."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        found = self.model(x)[0]
-        return found["boxes"], found["scores"], found["labels"]
 
 
 class Network(nn.Module):
@@ -91,23 +79,14 @@ def _retinanet() -> tuple[Whole, bytes, torch.Tensor]:
                                extra_blocks=LastLevelP6P7(32, 32))
     net = RetinaNet(backbone, CLASSES, min_size=SIZE, max_size=SIZE, fixed_size=(SIZE, SIZE), score_thresh=0.3,
                     topk_candidates=100, detections_per_img=10)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            g = torch.Generator().manual_seed(m.num_features)
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    seed_batchnorm(net)
     g = torch.Generator().manual_seed(3)
     for m in net.head.classification_head.modules():
         if isinstance(m, nn.Conv2d):  # He init, scaled so that the best scores sit near 0.8, not saturated
             fan_in = m.weight[0].numel()
             m.weight.data.copy_(torch.randn(m.weight.shape, generator=g) * 0.8 * (2 / fan_in) ** 0.5)
             m.bias.data.zero_()
-    model = Whole(net).eval()
-    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
-    f = io.BytesIO()
-    torch.onnx.export(model, (x,), f, dynamo=False, opset_version=17, input_names=["images"],
-                      output_names=["boxes", "scores", "labels"])
-    return model, f.getvalue(), x
+    return export_whole(net, SIZE)
 
 
 def _selection(onnx_model: bytes) -> detect.Selection:

@@ -6,7 +6,6 @@ feeding every head, and the gradients match float64 torch autograd with forward 
 from __future__ import annotations
 
 import copy
-import io
 import json
 
 import cv2
@@ -24,22 +23,11 @@ from onnxcam.errors import InputError
 from onnxcam.graph.model import ModelGraph
 from onnxcam.tasks import choose, detect
 
+from .detectors import export_whole, seed_batchnorm
 from .kinks import KinkMode, kink_inputs, onnx_kink_inputs
 
 SIZE, CLASSES = 320, 4  # SSDlite's fixed input; background + 3 classes
 LAYER_MODULE = "model.backbone.features.0.13"  # the expansion of block 13: SSDlite's stride-16 map (C4)
-
-
-class Whole(nn.Module):
-    """The detector on a (1, 3, H, W) batch, returning the first image's boxes, scores and labels."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        found = self.model(x)[0]
-        return found["boxes"], found["scores"], found["labels"]
 
 
 @pytest.fixture(scope="module")
@@ -53,22 +41,11 @@ def build_ssdlite():
     torch.manual_seed(0)
     net = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None,
                                                                      num_classes=CLASSES)
-    for m in net.modules():
-        if hasattr(m, "inplace"):
-            m.inplace = False
-        if isinstance(m, nn.BatchNorm2d):
-            g = torch.Generator().manual_seed(m.num_features)
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    seed_batchnorm(net)
     g = torch.Generator().manual_seed(3)
     for p in net.head.classification_head.parameters():
         p.data.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model = Whole(net).eval()
-    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
-    f = io.BytesIO()
-    torch.onnx.export(model, (x,), f, dynamo=False, opset_version=17, input_names=["images"],
-                      output_names=["boxes", "scores", "labels"])
-    return model, f.getvalue(), x
+    return export_whole(net, SIZE)
 
 
 class Network(nn.Module):
