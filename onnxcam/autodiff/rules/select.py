@@ -48,8 +48,16 @@ def _scatter_elements(b, n, gy):
     gy with the written positions zeroed otherwise. MaxPool's and TopK's gradients are such scatters, so a second
     derivative (ShapleyCAM's Hessian-vector product) passes through them. Positions written twice without a
     reduction are undefined in ONNX; mul/max/min reductions are refused."""
-    data, indices, updates = n.inputs[:3]
+    data, indices, _ = n.inputs[:3]
     axis = int(n.attrs.get("axis", 0)) % len(b.shape(data))
+    _, data_grad = _scatter_data_grad(b, n, gy, "ScatterElements", axis=axis)
+    return (data_grad, None, lambda: b.op("GatherElements", gy[0], indices, axis=axis))
+
+
+def _scatter_data_grad(b, n, gy, op: str, **attrs):
+    """(reduction, the data's gradient) of a scatter node `op`: all of gy when the updates are added, gy with the
+    written positions zeroed (the same scatter, of zeros) otherwise; mul/max/min reductions are refused."""
+    _, indices, updates = n.inputs[:3]
     reduction = n.attrs.get("reduction", "none")
     if reduction not in ("none", "add"):
         raise b.error(f"has reduction {reduction!r}; only 'none' and 'add' are differentiated")
@@ -57,8 +65,8 @@ def _scatter_elements(b, n, gy):
     def data_grad():
         if reduction == "add":
             return gy[0]
-        return b.op("ScatterElements", gy[0], indices, b.zeros_like(updates), axis=axis)
-    return (data_grad, None, lambda: b.op("GatherElements", gy[0], indices, axis=axis))
+        return b.op(op, gy[0], indices, b.zeros_like(updates), **attrs)
+    return reduction, data_grad
 
 
 @rule("ScatterND", opsets=(11, 10_000))
@@ -72,14 +80,7 @@ def _scatter_nd(b, n, gy):
     refused when the updates need a gradient; indices computed at run time are taken as distinct, and each update
     gets gy at its index whichever write the runtime kept (torch's index_put does the same)."""
     data, indices, updates = n.inputs[:3]
-    reduction = n.attrs.get("reduction", "none")
-    if reduction not in ("none", "add"):
-        raise b.error(f"has reduction {reduction!r}; only 'none' and 'add' are differentiated")
-
-    def data_grad():
-        if reduction == "add":
-            return gy[0]
-        return b.op("ScatterND", gy[0], indices, b.zeros_like(updates))
+    reduction, data_grad = _scatter_data_grad(b, n, gy, "ScatterND")
 
     def updates_grad():
         if reduction == "none" and not _distinct(b.model.value(indices), b.shape(data), unknown=True):
