@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,3 +43,45 @@ def export_whole(net: nn.Module, size: int) -> tuple[Whole, bytes, torch.Tensor]
     torch.onnx.export(model, (x,), f, dynamo=False, opset_version=17, input_names=["images"],
                       output_names=["boxes", "scores", "labels"])
     return model, f.getvalue(), x
+
+
+def conv_stage(cin: int, cout: int) -> nn.Sequential:
+    """A stride-2 3x3 conv, BatchNorm and ReLU: the stages of the miniature backbones."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+def close(got: np.ndarray, want: np.ndarray, tol: float = 1e-4) -> float:
+    """Asserts the largest error relative to the largest reference value is under tol; returns it."""
+    err = float(np.abs(np.float64(got) - want).max() / (np.abs(want).max() + 1e-30))
+    assert err < tol, f"relative error {err:.2e}"
+    return err
+
+
+def two_targets(selection, first, found: list) -> tuple[list, int]:
+    """The best detection by index and, by a slightly moved box and its label, the one whose score is clearest of
+    the others (index k): both clear of every other score by far more than float32 error, so float64 keeps their
+    ranks and the selection. (targets, k)."""
+    from onnxcam.tasks import detect
+
+    scores = np.array([d.score for d in found])
+    gaps = [np.delete(np.abs(scores - s), i).min() for i, s in enumerate(scores)]
+    k = 1 + int(np.argmax(gaps[1:]))
+    assert gaps[0] > 1e-5 and gaps[k] > 1e-5 and scores[0] == scores.max()
+    b = found[k].box
+    targets = [detect.SelectedDetectionTarget(selection, first.outputs, index=0),
+               detect.SelectedDetectionTarget(selection, first.outputs, label=found[k].label,
+                                              box=(b[0] + 1.5, b[1] - 1.0, b[2] + 0.5, b[3] + 1.0))]
+    assert targets[1].match(first.logits[0]).index == k
+    return targets, k
+
+
+def check_gradcam(cam, layer: str, act64: torch.Tensor, score64: torch.Tensor) -> None:
+    """The CAM's last call against float64 autograd: the layer's activations, the score's gradient there and the
+    raw Grad-CAM map (channel means of the gradient times the activations)."""
+    r = cam.result
+    close(r.activations[layer], act64.detach().numpy(), 1e-5)
+    want = torch.autograd.grad(score64, act64, retain_graph=True)[0].numpy()
+    assert np.abs(want).max() > 0
+    close(r.gradients[layer], want)
+    weights = want.mean(axis=(2, 3))
+    close(cam.raw[layer], (weights[:, :, None, None] * act64.detach().numpy()).sum(axis=1))

@@ -29,15 +29,11 @@ from onnxcam.graph.model import ModelGraph
 from onnxcam.runtime import cpu_session
 from onnxcam.tasks import choose, detect
 
-from .detectors import export_whole, seed_batchnorm
+from .detectors import check_gradcam, conv_stage, export_whole, seed_batchnorm, two_targets
 
 CLASSES = 5  # background + 4 classes
 LAYER_MODULE = "model.backbone.fpn.inner_blocks.1.0"  # the FPN's lateral conv on the last stage: feeds both levels
 LAYER = "/model/backbone/fpn/inner_blocks.1/inner_blocks.1.0/Conv_output_0"
-
-
-def _block(cin: int, cout: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
 
 class TinyBackbone(nn.Module):
@@ -45,7 +41,7 @@ class TinyBackbone(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.body, self.c3, self.c4 = nn.Sequential(_block(3, 8), _block(8, 16)), _block(16, 24), _block(24, 32)
+        self.body, self.c3, self.c4 = nn.Sequential(conv_stage(3, 8), conv_stage(8, 16)), conv_stage(16, 24), conv_stage(24, 32)
         self.fpn = torchvision.ops.FeaturePyramidNetwork([24, 32], 16)
         self.out_channels = 16
 
@@ -153,12 +149,6 @@ def _torch_detection(model, x, box, label):
     return seen["a"], score, [seen["fc6"][region].detach().numpy(), seen["fc7"][region].detach().numpy()]
 
 
-def _close(got: np.ndarray, want: np.ndarray, tol: float = 1e-4) -> float:
-    err = float(np.abs(np.float64(got) - want).max() / (np.abs(want).max() + 1e-30))
-    assert err < tol, f"relative error {err:.2e}"
-    return err
-
-
 def test_detection_gradient_matches_float64_torch(fasterrcnn, explained):
     """The best detection (by index) and one picked by box + class are explained at the automatic layer; their
     scores' gradients and Grad-CAM maps match float64 autograd through torchvision's own RoiAlign, box head and
@@ -166,28 +156,14 @@ def test_detection_gradient_matches_float64_torch(fasterrcnn, explained):
     error (float64 keeps their ranks and selection), and their regions' box-head ReLU inputs are clear of 0."""
     model, _, x = fasterrcnn
     cam, selection, first, found = explained
-    scores = np.array([d.score for d in found])
-    gaps = [np.delete(np.abs(scores - s), i).min() for i, s in enumerate(scores)]
-    k = 1 + int(np.argmax(gaps[1:]))
-    assert gaps[0] > 1e-5 and gaps[k] > 1e-5 and scores[0] == scores.max()
-    b = found[k].box
-    targets = [detect.SelectedDetectionTarget(selection, first.outputs, index=0),
-               detect.SelectedDetectionTarget(selection, first.outputs, label=found[k].label,
-                                              box=(b[0] + 1.5, b[1] - 1.0, b[2] + 0.5, b[3] + 1.0))]
-    assert targets[1].match(first.logits[0]).index == k
+    targets, k = two_targets(selection, first, found)
     layer = cam.explainer.layers[0]
     for target, d in zip(targets, (found[0], found[k])):
         maps = cam(x.numpy(), targets=[target])
-        r = cam.result
         act64, score64, relu_inputs = _torch_detection(model, x, d.box, d.label)
         assert all(np.abs(z).min() > 1e-4 * np.abs(z).max() for z in relu_inputs)
         assert abs(float(score64) - d.score) < 1e-5 and target(first.logits[0]) == d.score
-        _close(r.activations[layer], act64.detach().numpy(), 1e-5)
-        want = torch.autograd.grad(score64, act64)[0].numpy()
-        assert np.abs(want).max() > 0
-        _close(r.gradients[layer], want)
-        weights = want.mean(axis=(2, 3))
-        _close(cam.raw[layer], (weights[:, :, None, None] * act64.detach().numpy()).sum(axis=1))
+        check_gradcam(cam, layer, act64, score64)
         assert maps.shape == (1, *x.shape[2:]) and np.ptp(cam.raw[layer]) > 0
 
 

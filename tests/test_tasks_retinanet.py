@@ -33,7 +33,7 @@ from onnxcam.errors import InputError
 from onnxcam.graph.model import ModelGraph
 from onnxcam.tasks import choose, detect
 
-from .detectors import Whole, export_whole, seed_batchnorm
+from .detectors import Whole, check_gradcam, close, conv_stage, export_whole, seed_batchnorm, two_targets
 from .kinks import KinkMode, kink_inputs, onnx_kink_inputs
 
 SIZE, CLASSES = 160, 4  # P3-P7 at 20, 10, 5, 3, 2 cells; 9 anchors per cell: 4842 anchors
@@ -41,17 +41,13 @@ LAYER = "/model/backbone/fpn/inner_blocks.2/inner_blocks.2.0/Conv_output_0"  # t
 LAYER_MODULE = "model.backbone.fpn.inner_blocks.2.0"
 
 
-def _stage(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
 class Body(nn.Module):
     """A ResNet-shaped backbone in miniature: a stride-4 stem (with a max pool), then stages at strides 8-32."""
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(_stage(3, 16), nn.MaxPool2d(3, 2, 1))
-        self.layer2, self.layer3, self.layer4 = _stage(16, 24), _stage(24, 32), _stage(32, 48)
+        self.stem = nn.Sequential(conv_stage(3, 16), nn.MaxPool2d(3, 2, 1))
+        self.layer2, self.layer3, self.layer4 = conv_stage(16, 24), conv_stage(24, 32), conv_stage(32, 48)
 
     def forward(self, x):
         return self.layer4(self.layer3(self.layer2(self.stem(x))))
@@ -91,12 +87,6 @@ def _retinanet() -> tuple[Whole, bytes, torch.Tensor]:
 
 def _selection(onnx_model: bytes) -> detect.Selection:
     return choose.selection_of(ModelGraph(onnx.load_from_string(onnx_model), (1, 3, SIZE, SIZE)))
-
-
-def _close(got: np.ndarray, want: np.ndarray, tol: float = 1e-4) -> float:
-    err = float(np.abs(np.float64(got) - want).max() / (np.abs(want).max() + 1e-30))
-    assert err < tol, f"relative error {err:.2e}"
-    return err
 
 
 def test_retinanet_logits_before_the_per_level_sigmoid_are_explained_at_the_fpn():
@@ -158,28 +148,14 @@ def test_retinanet_detection_gradient_matches_float64_torch():
     # the same selection in both: detections, their entries, their order
     assert len(found) == 10 and [(d.anchor, d.label) for d in found] == list(zip(ref["anchors"],
                                                                                  ref["labels"].tolist()))
-    _close(np.array([d.score for d in found]), ref["scores"].detach().numpy(), 1e-5)
-    _close(first.logits, ref["logits"].detach().numpy(), 1e-5)
-    scores = np.array([d.score for d in found])
-    gaps = [np.delete(np.abs(scores - s), i).min() for i, s in enumerate(scores)]
-    k = 1 + int(np.argmax(gaps[1:]))  # the detection explained by its box: the one clearest of the others
-    assert gaps[0] > 1e-5 and gaps[k] > 1e-5 and scores[0] == scores.max()
-    b = found[k].box
-    targets = [detect.SelectedDetectionTarget(selection, first.outputs, index=0),
-               detect.SelectedDetectionTarget(selection, first.outputs, label=found[k].label,
-                                              box=(b[0] + 1.5, b[1] - 1.0, b[2] + 0.5, b[3] + 1.0))]
-    assert targets[1].match(first.logits[0]).index == k
+    close(np.array([d.score for d in found]), ref["scores"].detach().numpy(), 1e-5)
+    close(first.logits, ref["logits"].detach().numpy(), 1e-5)
+    targets, k = two_targets(selection, first, found)
     for target, j in zip(targets, (0, k)):
         maps = cam(x.numpy(), targets=[target])
-        r = cam.result
         act64, score64 = ref["a"], ref["scores"][j]
         assert abs(target(first.logits[0]) - float(score64)) < 1e-6
-        _close(r.activations[LAYER], act64.detach().numpy(), 1e-5)
-        want = torch.autograd.grad(score64, act64, retain_graph=True)[0].numpy()
-        assert np.abs(want).max() > 0
-        _close(r.gradients[LAYER], want)
-        weights = want.mean(axis=(2, 3))
-        _close(cam.raw[LAYER], (weights[:, :, None, None] * act64.detach().numpy()).sum(axis=1))
+        check_gradcam(cam, LAYER, act64, score64)
         assert maps.shape == (1, SIZE, SIZE) and cam.degenerate_reasons == [None]
 
 
@@ -237,7 +213,7 @@ def test_task_runner_seeds_each_detection_through_the_sigmoid(tmp_path):
     assert [d["index"] for d in record["detections"]] == [0, 1]
     for k in range(2):
         cam(xs, targets=[detect.SelectedDetectionTarget(selection, first.outputs, index=k)])
-        _close(got[k], cam.result.gradients[LAYER][0], 1e-5)
+        close(got[k], cam.result.gradients[LAYER][0], 1e-5)
 
 
 def test_logit_selection_matches_through_the_sigmoid_and_seeds_its_derivative():

@@ -23,7 +23,7 @@ from onnxcam.errors import InputError
 from onnxcam.graph.model import ModelGraph
 from onnxcam.tasks import choose, detect
 
-from .detectors import export_whole, seed_batchnorm
+from .detectors import check_gradcam, export_whole, seed_batchnorm, two_targets
 from .kinks import KinkMode, kink_inputs, onnx_kink_inputs
 
 SIZE, CLASSES = 320, 4  # SSDlite's fixed input; background + 3 classes
@@ -60,12 +60,6 @@ class Network(nn.Module):
         net = self.model.model
         images, _ = net.transform(list(x))
         return net.head(list(net.backbone(images.tensors).values()))["cls_logits"]
-
-
-def _close(got: np.ndarray, want: np.ndarray, tol: float = 1e-4) -> float:
-    err = float(np.abs(np.float64(got) - want).max() / (np.abs(want).max() + 1e-30))
-    assert err < tol, f"relative error {err:.2e}"
-    return err
 
 
 @pytest.mark.slow
@@ -114,28 +108,13 @@ def test_ssdlite_detection_gradient_matches_float64_torch(ssdlite):
     selection = choose.selection_of(ModelGraph(onnx.load_from_string(onnx_model), (1, 3, SIZE, SIZE)))
     first = ex.run(x.numpy(), seed=np.zeros((1, selection.anchors, selection.classes), np.float32))
     found = detect.selected(selection, first.logits[0], first.outputs)
-    scores = np.array([d.score for d in found])
-    gaps = [np.delete(np.abs(scores - s), i).min() for i, s in enumerate(scores)]
-    k = 1 + int(np.argmax(gaps[1:]))  # the detection explained by its box: the one clearest of the others
-    # both detections are clear of every other score by far more than float32 error: float64 keeps their ranks
-    assert gaps[0] > 1e-5 and gaps[k] > 1e-5 and scores[0] == scores.max()
-    b = found[k].box
-    targets = [detect.SelectedDetectionTarget(selection, first.outputs, index=0),
-               detect.SelectedDetectionTarget(selection, first.outputs, label=found[k].label,
-                                              box=(b[0] + 1.5, b[1] - 1.0, b[2] + 0.5, b[3] + 1.0))]
-    assert targets[1].match(first.logits[0]).index == k
+    targets, k = two_targets(selection, first, found)
     layer = ex.layers[0]
     for target, d in zip(targets, (found[0], found[k])):
         maps = cam(x.numpy(), targets=[target])
-        r = cam.result
         act64, score64 = _torch_detection(model, x, follow, d.box, d.label)
         assert abs(float(score64) - d.score) < 1e-5 and target(first.logits[0]) == d.score
-        _close(r.activations[layer], act64.detach().numpy(), 1e-5)
-        want = torch.autograd.grad(score64, act64)[0].numpy()
-        assert np.abs(want).max() > 0
-        _close(r.gradients[layer], want)
-        weights = want.mean(axis=(2, 3))
-        _close(cam.raw[layer], (weights[:, :, None, None] * act64.detach().numpy()).sum(axis=1))
+        check_gradcam(cam, layer, act64, score64)
         assert maps.shape == (1, SIZE, SIZE)
 
 
