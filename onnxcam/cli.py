@@ -304,7 +304,7 @@ def explain(model, inputs, methods, layers, target, output, out, size, mean, std
         onnxcam explain model.onnx photos/ --out maps/ --resume --report
         onnxcam explain tf_model.onnx dog.png --size 224x224 --mean 0.5 --std 0.5 --target 207
     """
-    from .pipeline import Runner, configure_process, find_images
+    from .pipeline import Runner, configure_process, find_images, model_workers, share_cores
 
     _refuse_input_in_out(inputs, out)
     ctx = click.get_current_context()
@@ -346,9 +346,11 @@ def explain(model, inputs, methods, layers, target, output, out, size, mean, std
                    f"{f' (task {tasks})' if tasks else ''} on Ray in {s.seconds:.1f} s{kept}; wrote {s.written} "
                    f"files and {TABLE_NAME} to {_show(out)}")
         sys.exit(1 if s.failed else 0)
+    workers = model_workers(len(files), batch_size)
+    share_cores(workers)  # undone with configure_process's settings when the command ends
     runner = Runner(model, methods=methods, layers=list(layers) or None, target=target, size=size, mean=mean,
                     std=std, layout=layout, bgr=bgr, labels=labels, device=device, out=out, save_raw=save_raw,
-                    output=output, max_pixels=max_pixels, resume=resume, caption=not bare)
+                    output=output, max_pixels=max_pixels, resume=resume, caption=not bare, model_workers=workers)
     if runner.quantized:
         click.echo(f"Note: {runner.differentiated_as}")
     start, failed, written, entries = time.perf_counter(), 0, 0, []

@@ -37,6 +37,7 @@ import queue
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -221,13 +222,15 @@ class Runner:
 
     resume: skip images whose JSON already records this model (hash), methods, layers, target and preprocessing.
     caption: label each overlay picture with its class, score, method and layer (a band of text above it).
-    workers: threads for decoding and for writing pictures [default: up to 4, at most the CPU count]."""
+    workers: threads for decoding and for writing pictures [default: up to 4, at most the CPU count].
+    model_workers: batches run through the model at once (see `model_workers()`; sessions made with
+    `configure_process(model_workers=...)` then run on a share of the cores each)."""
 
     def __init__(self, model, *, methods=("gradcam",), layers=None, target: str | Target = "top1", size=None,
                  mean=None, std=None, layout: str = "auto", bgr: bool = False, labels=None, device: str = "auto",
                  out: str | Path = "onnxcam-out", save_raw: bool = False, output: str | None = None,
                  max_pixels: int | None = image.MAX_PIXELS, resume: bool = False, caption: bool = False,
-                 workers: int | None = None):
+                 workers: int | None = None, model_workers: int = 1):
         start = time.perf_counter()
         unknown = [m for m in methods if m not in REGISTRY]
         if unknown or not methods:
@@ -252,9 +255,9 @@ class Runner:
         self.workers = max(1, workers or min(4, os.cpu_count() or 1))
         # Layers chosen by name go into the file names: a run on other layers never replaces these files.
         self.tag = layer_tag(self.explainer.layers) if layers else ""
+        self.model_workers = max(1, model_workers)
         self._classes_checked = False
         self._inputs: set[Path] = set()  # every input file of the run: outputs never replace one
-        self._runs: dict = {}  # id(explainer) -> the batch's per-rank results (reset per batch)
         self.load_seconds = time.perf_counter() - start
 
     @property
@@ -285,11 +288,14 @@ class Runner:
         self._inputs |= {_real(f.path) for f in files if f.rgb is None}
         stop = threading.Event()
         loaded, explained, written = (queue.Queue(maxsize=1) for _ in range(3))
-        alive = threading.BoundedSemaphore(_BATCHES_ALIVE)  # taken by the loader per batch, given back once written
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="onnxcam-io") as pool:
+        # taken by the loader per batch, given back once written
+        alive = threading.BoundedSemaphore(_BATCHES_ALIVE + self.model_workers - 1)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="onnxcam-io") as pool, \
+                ThreadPoolExecutor(self.model_workers, thread_name_prefix="onnxcam-model") as model:
             batches = self._batches(files, max(1, batch_size), target, pool, stop, alive)
+            in_order = _in_order(_drain(loaded, stop), self._explain_loaded, model, self.model_workers)
             stages = [_start("load", batches, None, loaded, stop),
-                      _start("model", _drain(loaded, stop), self._explain_loaded, explained, stop),
+                      _start("model", in_order, None, explained, stop),
                       _start("write", _drain(explained, stop), partial(self._write_batch, pool=pool, alive=alive),
                              written, stop)]
             try:
@@ -436,12 +442,12 @@ class Runner:
         if not images:
             return
         x = np.stack([xi for _, xi in images.values()])
-        self._runs = {}  # one run per explainer for this batch, shared by the methods and the ranks
+        runs: dict = {}  # one run per explainer for this batch, shared by the methods and the ranks
         probs, maps = None, {i: [] for i in images}
         try:
             for method in self.methods:
                 t = time.perf_counter()
-                for classes, e in self._explain(x, method, target):
+                for classes, e in self._explain(x, method, target, runs):
                     probs = _softmax(e.logits) if probs is None else probs
                     for j, i in enumerate(images):
                         c = None if method in CLASS_AGNOSTIC else int(classes[j])
@@ -470,34 +476,35 @@ class Runner:
             order = np.argsort(-probs[j])[:TOP_K]
             reports[i].top = [(int(c), self.label(int(c)), float(probs[j, c])) for c in order]
 
-    def _explain(self, x: np.ndarray, method: str, target: Target):
+    def _explain(self, x: np.ndarray, method: str, target: Target, runs: dict):
         """Yield (classes (N,), Explanation) for each class rank (top-k) or each given class.
 
         All ranks (or given classes) come from one run with S targets per sample: one forward and S backward
         passes through the part after the layer, not S inferences. Methods on the same layers share that run;
         those that need runs of their own (REGISTRY's shared_run False: Score-CAM's masked forwards, FullGrad's
-        bias gradients, ...) are called once per rank with that rank's classes."""
+        bias gradients, ...) are called once per rank with that rank's classes. runs: the batch's runs so far, by
+        explainer (batches run in several threads at once: no run state on self)."""
         obj = method_object(self.explainer, method, channels_last=self.pre.layout == "nhwc")
         if not REGISTRY[canonical(method)].shared_run:
-            yield from self._explain_own(x, method, target, obj)
+            yield from self._explain_own(x, method, target, obj, runs)
             return
         ex = obj.explainer
         key = id(ex)
-        if key not in self._runs:
+        if key not in runs:
             if target.kind == "top":
                 r = ex.run(x, top_k=min(target.k, self._classes(ex, x)))
             else:
                 r = ex.run(x, np.tile(np.asarray(target.classes, np.int64), (len(x), 1)))
             self._check_classes(r.logits)
-            self._runs[key] = [r.rank(k) for k in range(r.targets.shape[1])] if r.targets.ndim == 2 else [r]
-        for r in self._runs[key]:
+            runs[key] = [r.rank(k) for k in range(r.targets.shape[1])] if r.targets.ndim == 2 else [r]
+        for r in runs[key]:
             maps = obj.maps_for(x, r)
             yield r.targets, Explanation(maps, dict(obj.raw), r.logits, r.targets, list(obj.target_layers), method, r)
 
-    def _explain_own(self, x: np.ndarray, method: str, target: Target, obj):
+    def _explain_own(self, x: np.ndarray, method: str, target: Target, obj, runs: dict):
         """As _explain for a method that makes its own runs: its class is called per rank with the classes."""
         if target.kind == "top":
-            logits = self._plain_logits(x)
+            logits = self._plain_logits(x, runs)
             order = np.argsort(-logits, axis=1, kind="stable")[:, :min(target.k, logits.shape[1])]
             ranks = [order[:, k] for k in range(order.shape[1])]
         else:
@@ -508,13 +515,13 @@ class Runner:
             self._check_classes(e.logits)
             yield classes, e
 
-    def _plain_logits(self, x: np.ndarray) -> np.ndarray:
+    def _plain_logits(self, x: np.ndarray, runs: dict) -> np.ndarray:
         """The scores of x (one run of the shared explainer with no target), to rank the classes."""
         key = ("logits", id(self.explainer))
-        if key not in self._runs:
+        if key not in runs:
             self._classes(self.explainer, x)
-            self._runs[key] = np.asarray(self.explainer.run(x).logits).reshape(len(x), -1)
-        return self._runs[key]
+            runs[key] = np.asarray(self.explainer.run(x).logits).reshape(len(x), -1)
+        return runs[key]
 
     @staticmethod
     def _classes(ex: Explainer, x: np.ndarray) -> int:
@@ -635,13 +642,30 @@ class Progress:
                 f"  {'-' if rate is None else f'{rate:.1f}'} images/s  ETA {self.eta()}")
 
 
+def model_workers(images: int, batch_size: int, cpus: int | None = None) -> int:
+    """How many batches the command line runs through the model at once: two when there are two batches or more
+    and two cores or more (each session run then gets half the cores: share_cores), else one (a single batch
+    keeps every core on it)."""
+    cpus = cpus or os.cpu_count() or 1
+    return 2 if cpus >= 2 and images > batch_size else 1
+
+
+def share_cores(workers: int) -> None:
+    """Sessions made from now on run on cpus // workers intra-op threads each, for a Runner running `workers`
+    batches at once (process-wide, like configure_process, whose returned function undoes this too)."""
+    if workers > 1:
+        runtime.SESSION_CONFIG[runtime.INTRA_OP_THREADS] = str(max(1, (os.cpu_count() or 1) // workers))
+    else:
+        runtime.SESSION_CONFIG.pop(runtime.INTRA_OP_THREADS, None)
+
+
 def configure_process() -> Callable[[], None]:
     """Settings for a process that runs the pipeline and little else (the command line calls this before it opens
     the model); process-wide, so the library never calls it. Returns what undoes the session settings (the command
     line calls it when the command ends: a host process, or tests calling it repeatedly, keep their sessions).
 
     - runtime.PIPELINE_SESSION_CONFIG for the sessions made from now on (no spinning onnxruntime threads, no memory
-      pattern: see there);
+      pattern: see there); share_cores then divides the cores between the batches a Runner runs at once;
     - glibc's malloc limited to one arena. Each thread that allocates (decoding, the model, the writers, the I/O
       pool) otherwise gets an arena of its own, and the freed full-size images and PNG buffers stay mapped in each:
       peak RSS on 64 photos with resnet50 went from 444 to 386 MB, for no measured CPU time (the threads spend it in
@@ -678,6 +702,26 @@ def _start(name: str, items, work, sink: queue.Queue, stop: threading.Event) -> 
     t = threading.Thread(target=_stage, name=f"onnxcam-{name}", args=(items, work, sink, stop), daemon=True)
     t.start()
     return t
+
+
+def _in_order(items, work, executor: ThreadPoolExecutor, depth: int) -> Iterator:
+    """work(item) for each item, up to `depth` of them at once in the executor's threads, yielded in the items'
+    order (a _Failed item is passed on after the results before it). onnxruntime releases the GIL: two batches
+    run on one core each do more work per second than one batch on two cores, whose threads wait for each other
+    at every node (tools/bench_folder.py)."""
+    pending: deque = deque()
+    for item in items:
+        if isinstance(item, _Failed):
+            break
+        pending.append(executor.submit(work, item))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    else:
+        item = None
+    while pending:
+        yield pending.popleft().result()
+    if item is not None:
+        yield item
 
 
 def _stage(items, work, sink: queue.Queue, stop: threading.Event) -> None:

@@ -27,13 +27,15 @@ DEVICES = ("auto", "cpu", "cuda")
 # key of the sessions onnxcam.cache holds: changing it makes new sessions, it does not reuse those built before.
 # Keys starting "onnxcam." are onnxcam's own session options, not passed on: "onnxcam.mem_pattern": "0" turns
 # onnxruntime's memory pattern off (SessionOptions.enable_mem_pattern: no block planned for the largest run's
-# intermediates, which are then allocated per tensor from the arena).
+# intermediates, which are then allocated per tensor from the arena); "onnxcam.intra_op_threads": "N" gives each run
+# N threads (SessionOptions.intra_op_num_threads; the pipeline runs batches at once, each on a share of the cores).
 SESSION_CONFIG: dict[str, str] = {}
 # What the command line's pipeline sets (cli.py): its sessions share the cores with decoding and writing threads,
 # where spinning onnxruntime threads would burn CPU time those need (measured: 2.5 s CPU less of 14 s on 64 photos;
 # wall time within noise), and the memory pattern costs about 35 MB of peak RSS on resnet50 for no measured speed.
 PIPELINE_SESSION_CONFIG = {"session.intra_op.allow_spinning": "0", "onnxcam.mem_pattern": "0"}
 _OWN = "onnxcam."
+INTRA_OP_THREADS = _OWN + "intra_op_threads"
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,6 +58,8 @@ def _options() -> ort.SessionOptions:
     for key, value in SESSION_CONFIG.items():
         if key == _OWN + "mem_pattern":
             opts.enable_mem_pattern = value != "0"
+        elif key == INTRA_OP_THREADS:
+            opts.intra_op_num_threads = int(value)
         elif key.startswith(_OWN):
             raise InternalError(f"unknown onnxcam session option {key!r} in runtime.SESSION_CONFIG")
         else:

@@ -83,9 +83,10 @@ class Watched(Runner):
         super().write_report(rep, rgb, timings, target)
 
 
-def test_the_stages_overlap_and_hold_a_few_batches_at_most(tmp_path):
+@pytest.mark.parametrize("model_workers", [1, 2])
+def test_the_stages_overlap_and_hold_a_few_batches_at_most(tmp_path, model_workers):
     folder = make_photos(tmp_path / "in", 16)
-    runner = Watched(LITE0, out=tmp_path / "out", device="cpu")
+    runner = Watched(LITE0, out=tmp_path / "out", device="cpu", model_workers=model_workers)
     batches = list(runner.run(find_images([folder]), batch_size=2))
     assert runner.overlapped  # the third batch was read while the first was being written
     # one batch being written, one queued, one at the model, one queued, one read and waiting: 5 batches of 16/2
@@ -104,9 +105,10 @@ class FailsAtThird(Runner):
         super().write_report(rep, rgb, timings, target)
 
 
-def test_an_error_in_a_stage_is_raised_to_the_caller_and_stops_the_others(tmp_path):
+@pytest.mark.parametrize("model_workers", [1, 2])
+def test_an_error_in_a_stage_is_raised_to_the_caller_and_stops_the_others(tmp_path, model_workers):
     folder = make_photos(tmp_path / "in", 8)
-    runner = FailsAtThird(LITE0, out=tmp_path / "out", device="cpu")
+    runner = FailsAtThird(LITE0, out=tmp_path / "out", device="cpu", model_workers=model_workers)
     got = []
     with pytest.raises(InputError, match="cannot write p02"):
         for batch in runner.run(find_images([folder]), batch_size=2):
@@ -116,15 +118,95 @@ def test_an_error_in_a_stage_is_raised_to_the_caller_and_stops_the_others(tmp_pa
     assert not (tmp_path / "out" / "p04.json").exists()  # nothing after the failed batch
 
 
-def test_a_caller_that_stops_early_stops_the_stages(tmp_path):
+@pytest.mark.parametrize("model_workers", [1, 2])
+def test_a_caller_that_stops_early_stops_the_stages(tmp_path, model_workers):
     folder = make_photos(tmp_path / "in", 12)
-    runner = Runner(LITE0, out=tmp_path / "out", device="cpu")
+    runner = Runner(LITE0, out=tmp_path / "out", device="cpu", model_workers=model_workers)
     batches = runner.run(find_images([folder]), batch_size=2)
     first = next(batches)
     batches.close()
     assert [rep.image.path.name for rep in first] == ["p00.png", "p01.png"]
     assert onnxcam_threads() == []
     assert len(list((tmp_path / "out").glob("*.json"))) < 12
+
+
+class Overlapping(Runner):
+    """Records how many batches are at the model at once; the first batch waits (up to 60 s) for a second one to
+    arrive, which happens only when batches really run at once."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.inside, self.most, self.lock = 0, 0, threading.Lock()
+        self.second = threading.Event()
+
+    def _explain_loaded(self, batch):
+        with self.lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+            if self.inside == 2:
+                self.second.set()
+        if batch.reports[0].image.path.name == "p00.png":
+            self.second.wait(60)
+        try:
+            return super()._explain_loaded(batch)
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+
+def test_batches_run_on_the_model_at_once_come_out_in_order_with_the_same_maps(tmp_path):
+    folder = make_photos(tmp_path / "in", 10)
+    files = find_images([folder])
+    serial = Runner(LITE0, out=tmp_path / "one", device="cpu", save_raw=True, target="top2")
+    together = Overlapping(LITE0, out=tmp_path / "two", device="cpu", save_raw=True, target="top2", model_workers=2)
+    one = [rep for batch in serial.run(files, batch_size=2) for rep in batch]
+    two = [rep for batch in together.run(files, batch_size=2) for rep in batch]
+    assert together.most == 2  # two batches were at the model at the same time
+    assert [r.image.path.name for r in two] == [f"p{k:02d}.png" for k in range(10)]  # input order
+    for a, b in zip(one, two):
+        assert [(m.method, m.target) for m in a.maps] == [(m.method, m.target) for m in b.maps]
+        for ma, mb in zip(a.maps, b.maps):
+            np.testing.assert_allclose(np.load(mb.files["raw"])["map"], np.load(ma.files["raw"])["map"], atol=1e-6)
+    assert onnxcam_threads() == []
+
+
+def test_in_order_passes_results_in_order_then_a_failure_and_raises_a_worker_error():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from onnxcam.pipeline import _Failed, _in_order
+
+    def slow_first(k):
+        time.sleep(0.2 if k == 0 else 0)  # the second finishes first
+        if k == 3:
+            raise InputError("item 3")
+        return k * 10
+
+    failed = _Failed(InputError("upstream"))
+    with ThreadPoolExecutor(2) as pool:
+        got = list(_in_order(iter([0, 1, 2, failed, 5]), slow_first, pool, 2))
+        assert got == [0, 10, 20, failed]  # nothing after an upstream failure
+        results = _in_order(iter([0, 1, 2, 3, 4]), slow_first, pool, 2)
+        assert [next(results) for _ in range(3)] == [0, 10, 20]
+        with pytest.raises(InputError, match="item 3"):
+            next(results)
+
+
+def test_the_command_line_runs_two_batches_at_once_each_on_half_the_cores(monkeypatch):
+    from onnxcam import pipeline, runtime
+
+    assert pipeline.model_workers(16, 8, cpus=2) == 2
+    assert pipeline.model_workers(8, 8, cpus=2) == 1  # one batch keeps every core
+    assert pipeline.model_workers(64, 8, cpus=1) == 1
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 8)
+    restore = pipeline.configure_process()
+    try:
+        pipeline.share_cores(2)
+        assert runtime._options().intra_op_num_threads == 4
+        pipeline.share_cores(1)
+        assert runtime._options().intra_op_num_threads == 0  # onnxruntime's default: every core
+    finally:
+        restore()
+    assert runtime.INTRA_OP_THREADS not in runtime.SESSION_CONFIG
 
 
 # ---- progress ----------------------------------------------------------------------------------------------------
