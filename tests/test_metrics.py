@@ -419,3 +419,30 @@ def test_imputation_solves_every_hole_and_their_couplings(solver):
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
     decoupled = _dense_imputation(img, removed, skip=frozenset({frozenset({(4, 5), (5, 6)})}))
     assert np.abs(decoupled - want).max() > 1e-3
+
+
+def test_the_float32_factorization_refined_gives_the_float64_answer(monkeypatch):
+    """The direct solver factorizes in float32 and refines with float64 residuals: on a 224 x 224 image with a hole of
+    80% of the pixels (the worst conditioned system ROAD solves) its fill equals a float64 factorization's within
+    1e-10, where the float32 solve alone is off by more than 1e-8; with no refinement step allowed it falls back to
+    the float64 factorization."""
+    from scipy.sparse.linalg import splu
+
+    rng = np.random.default_rng(0)
+    coarse = rng.random((1, 1, 7, 7)).astype(np.float32)
+    cam = torch.nn.functional.interpolate(torch.from_numpy(coarse), (224, 224), mode="bilinear")[0, 0].numpy()
+    img = rng.standard_normal((3, 224, 224)).astype(np.float32)
+    removed = cam >= np.percentile(cam, 20)
+
+    def solve():
+        return road.NoisyLinearImputer(noise=0, solver="direct").solve(img, removed)
+
+    got = solve()
+    monkeypatch.setattr(road, "_REFINE_STEPS", 0)
+    factored = []
+    monkeypatch.setattr("scipy.sparse.linalg.splu", lambda a, **k: factored.append(a.dtype) or splu(a, **k))
+    want = solve()
+    assert factored == [np.float32, np.float64]  # the float32 try, then the float64 factorization
+    np.testing.assert_allclose(got, want, atol=1e-10, rtol=0)
+    monkeypatch.setattr(road, "_REFINED", np.inf)  # the float32 solve as it comes
+    assert np.abs(solve() - want).max() > 1e-8

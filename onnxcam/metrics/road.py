@@ -129,9 +129,30 @@ def _direct_solve(removed: np.ndarray, s: np.ndarray, b: np.ndarray) -> np.ndarr
     # The matrix is symmetric positive definite (diagonally dominant, every hole touches a kept pixel), so SuperLU
     # needs no pivoting: its symmetric mode with a minimum-degree ordering of A^T + A has ~40% less fill than
     # spsolve's default (COLAMD, partial pivoting), 1.2x-1.5x faster on 224x224 holes; one factorization serves
-    # all channels. Same solution to ~1e-13.
-    factor = splu(matrix, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
-    return factor.solve(np.ascontiguousarray(b[:, r, c].T)).T
+    # all channels. The factorization is in float32 (about 12% less time than float64 on 224x224 holes) and the
+    # float64 answer comes from iterative refinement: x += solve(b - A x) with the float64 residual until it is
+    # at float64 rounding (one or two steps; a float64 factorization if it does not get there).
+    rhs = np.ascontiguousarray(b[:, r, c].T)
+    options = {"permc_spec": "MMD_AT_PLUS_A", "diag_pivot_thresh": 0.0, "options": {"SymmetricMode": True}}
+    factor = splu(matrix.astype(np.float32), **options)
+    x = factor.solve(rhs.astype(np.float32)).astype(np.float64)
+    goal = _REFINED * max(float(np.abs(rhs).max()), np.finfo(np.float64).tiny)
+    for _ in range(_REFINE_STEPS):
+        residual = rhs - matrix @ x
+        if np.abs(residual).max() <= goal:
+            return x.T
+        x += factor.solve(residual.astype(np.float32))
+    if np.abs(rhs - matrix @ x).max() <= goal:
+        return x.T
+    log.debug("noisy linear imputation: float32 refinement did not converge; factorizing in float64")
+    return splu(matrix, **options).solve(rhs).T
+
+
+# Iterative refinement of the float32 factorization: the largest residual accepted, relative to the largest right
+# hand side (the matrix's entries are at most 1, its solution is bounded by the known values: a residual this
+# small moves the fill by far less than float32's rounding of the image), and the steps allowed.
+_REFINED = 1e-12
+_REFINE_STEPS = 4
 
 
 class _Stencil:
