@@ -429,6 +429,8 @@ class Explainer:
             raise ModelError(f"onnxruntime failed on input {self.input_name!r} of shape {x.shape}: "
                              f"{runtime_failure(exc)}") from exc
         _check_placement(compiled)
+        if rw.regions:
+            _check_regions(plan.seed, values[rw.score].shape)
         if plan.ranked:
             classes = values[rewrite.TOP_CLASSES]
         elif plan.classes is not None:
@@ -621,6 +623,8 @@ class _Plan:
     def feeds(self, score_shape: tuple, rw: rewrite.Rewritten) -> dict:
         """The seed inputs of the built graph: class indices, or the dense seed (custom targets)."""
         n = score_shape[0]
+        if rw.regions:
+            return _region_entries(self.seed, score_shape)
         if self.seed is not None:
             if self.seed.shape != score_shape:
                 raise InputError(f"seed must have the score's shape {score_shape}, got {self.seed.shape}")
@@ -639,6 +643,28 @@ class _Plan:
     def sample(self, i: int) -> _Plan:
         pick = (lambda a: None if a is None else a[i:i + 1])
         return _Plan(self.n_seeds, self.ranked, self.single, pick(self.classes), pick(self.seed))
+
+
+def _region_entries(seed: np.ndarray | None, score_shape: tuple) -> dict:
+    """The seed of per-region scores (1, R, C) as its nonzero rows and their regions (rewrite.ROWS, REGIONS): R is
+    the run's, so the dense seed cannot be an input of fixed shape."""
+    classes = score_shape[2]
+    if seed is None:
+        raise InputError(f"the score holds per-region scores (1, regions, {classes}), whose regions are the run's: "
+                         "give a seed shaped like one run's score (e.g. a SelectedDetectionTarget's), not classes")
+    if seed.ndim != 3 or seed.shape[0] != 1 or seed.shape[2] != classes:
+        raise InputError(f"seed must have the per-region score's shape (1, regions, {classes}), got {seed.shape}")
+    regions = np.flatnonzero(np.any(seed[0], axis=1))
+    return {rewrite.REGIONS: regions[None].astype(np.int64), rewrite.ROWS: seed[0][regions][None]}
+
+
+def _check_regions(seed: np.ndarray, score_shape: tuple) -> None:
+    """A nonzero seed of per-region scores must be laid out on this run's regions (an all-zero seed, reading the
+    score, fits any count)."""
+    if seed.shape != score_shape and np.any(seed):
+        raise InputError(f"the seed covers {seed.shape[1]} regions, but this run's per-region score has "
+                         f"{score_shape[1]} (the count of regions is the run's): build the seed from this run's score "
+                         f"(Result.logits, shape {score_shape})")
 
 
 def _check_placement(compiled: Compiled) -> None:

@@ -1,6 +1,6 @@
 """Build the explainable model: the original graph, plus the target activations and their gradients as outputs.
 
-Inputs added, in one of two forms:
+Inputs added, in one of two forms (per-region scores: a third, below):
 - dense: `onnxcam_seed`, shaped (N, S, *score.shape[1:]), holds S weightings of the score per sample (any
   target); for a 2-D score, `onnxcam_ranked` (bool scalar) replaces them by one-hots of each sample's S top classes.
 - by class (2-D scores): `onnxcam_classes` (N, S) int64 names S classes per sample, or `onnxcam_ranked` picks
@@ -9,6 +9,11 @@ Inputs added, in one of two forms:
   multiplying the seed with the whole matrix. Outputs added: the score, each layer's activation, its S
 gradients (N, S, *activation.shape[1:]; with S = 1 just the activation's shape, which saves onnxruntime a copy),
 and the S top classes of each sample.
+
+Per-region scores (a two-stage detector's (R, C), one image's regions): R is the run's (its proposals), unknown
+before it, so each seed comes as its K nonzero rows, `onnxcam_rows` (S, K, C), at the regions `onnxcam_regions`
+(S, K) int64, and is laid out on the run's R regions inside the graph (a row beyond them weighs nothing: the
+Explainer checks the seed against the run). The score is exposed as (1, R, C).
 
 S backward copies share one forward pass: explaining the top-5 classes costs one forward and five backward
 passes through the part of the graph after the layer (often just the head), not five inferences.
@@ -44,6 +49,8 @@ CLASSES = "onnxcam_classes"
 RANKED = "onnxcam_ranked"
 TOP_CLASSES = "onnxcam_top_classes"
 SCORE_VIEW = "onnxcam_score"  # a score without batch axis (per-region scores), exposed as (1, ...)
+REGIONS = "onnxcam_regions"  # per-region scores' seeds: (S, K) int64 regions of their nonzero rows
+ROWS = "onnxcam_rows"  # and those rows, (S, K, C)
 ORIGIN = "onnxcam_origin"  # the key of the emitting node and rule in a gradient node's doc_string (runtime.py)
 
 
@@ -65,7 +72,8 @@ class Rewritten:
     indices (CLASSES) and whether to rank them in the graph (RANKED, giving TOP_CLASSES). Outputs: the model's own
     (original_outputs), the score, each layer's activation (act_outputs[layer]) and gradient (grad_name(layer)),
     (N, n_seeds, ...) when n_seeds > 1. score_shape: the score's static shape (batch symbolic); fixed_batch: the
-    model fixes its batch.
+    model fixes its batch. regions: the score is per-region, (1, R, C) with R the run's (score_shape holds the
+    probe's R); its seeds are the REGIONS and ROWS inputs.
     """
 
     model: onnx.ModelProto
@@ -80,6 +88,7 @@ class Rewritten:
     weights: dict  # name -> numpy array of the large initializers (placeholders in the model)
     act_outputs: dict  # layer -> the graph output holding its activation
     by_class: bool = False  # seeds given as class indices (CLASSES/RANKED inputs), not as a dense SEED
+    regions: bool = False  # per-region scores: seeds given as their nonzero rows (REGIONS/ROWS inputs)
 
     def initializer_arrays(self) -> dict:
         """The weights to give onnxruntime (Explainer empties them once its session holds a copy)."""
@@ -124,6 +133,10 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     one_image = len(score_shape) == 2 and mg.per_region(score_t)  # Faster R-CNN's (R, C): no batch axis
     if one_image:
         score_shape = _one_image_shape(mg, score, score_shape)
+        if twice:
+            raise LayerError(f"the score tensor {score!r} holds per-region scores, seeded on each run's own regions: "
+                             "second derivatives (ShapleyCAM) take a dense seed of fixed shape and are not built for "
+                             "them; use a first-order method (GradCAM, HiResCAM, ...)")
     dtype = np.float32
     b = Builder(mg, dtype, guided=guided)
     if twice:
@@ -139,7 +152,9 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
         k = {"k": n_seeds} if b.opset < 10 else {}
         _, top = b.op("TopK", score_t, None if k else b.ints([n_seeds]), axis=1, outputs=2, **k)  # (N, S) classes
         extra_outputs.append(_renamed(top, TOP_CLASSES, np.int64, [score_shape[0], n_seeds]))
-    if by_class:
+    if one_image:
+        seed_of = _region_seeds(b, score_t, score_shape[2], n_seeds)
+    elif by_class:
         given = gs.Variable(CLASSES, dtype=np.int64, shape=[score_shape[0], n_seeds])
         graph.inputs.extend([given, ranked])
         classes = b.op("Where", ranked, top, given)
@@ -152,13 +167,12 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
             onehot = b.mask(b.op("Equal", b.unsqueeze(top, [2]), b.ints(np.arange(score_shape[1]))))
             seeds = b.op("Where", ranked, onehot, seeds)
         seed_of = [b.op("Gather", seeds, b.ints(i), axis=1) for i in range(n_seeds)]
-    if one_image:
-        seed_of = [b.squeeze(seed, [0]) for seed in seed_of]
     targets = [mg.tensor(name) for name in layers]
     per_seed = [backward(b, targets, score_t, seed) for seed in seed_of]
     exposed = _expose(b, ([] if one_image else [score_t]) + targets, set(original_outputs))
     if one_image:  # the score as (1, R, C), one image's like every other score
-        extra_outputs.append(_renamed(b.unsqueeze(score_t, [0]), SCORE_VIEW, score_t.dtype or dtype, score_shape))
+        extra_outputs.append(_renamed(b.unsqueeze(score_t, [0]), SCORE_VIEW, score_t.dtype or dtype,
+                                      [1, "regions", score_shape[2]]))
         score = SCORE_VIEW
     act_outputs = {t.name: act_name(t.name) if not t.inputs else t.name for t in targets}
     taken = set()
@@ -192,7 +206,7 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     used = {t.name for t in model.graph.initializer}
     weights = {name: a for name, a in mg.weights.items() if name in used}
     return Rewritten(model, mg.input_name, score, layers, score_shape, has_ranking, n_seeds, mg.fixed_batch,
-                     original_outputs, weights, act_outputs, by_class)
+                     original_outputs, weights, act_outputs, by_class, one_image)
 
 
 # Ops whose outputs' sizes depend on the input's values (a detector's proposals per FPN level, its NMS results)
@@ -211,6 +225,28 @@ def _forget_data_dependent_shapes(model: onnx.ModelProto) -> None:
     for vi in graph.value_info:
         if vi.name in sized:
             vi.type.tensor_type.ClearField("shape")
+
+
+def _region_seeds(b: Builder, score_t: gs.Tensor, classes: int, n_seeds: int) -> list:
+    """The seeds of per-region scores (R, C), R being the run's: seed s holds row ROWS[s, k] (C weights) at region
+    REGIONS[s, k] and zeros elsewhere. Each region looks its row up (the first of equal regions), so a one-hot
+    seed costs a (1, R) comparison and a dense one R x K, never a product with the rows; a region outside 0..R-1
+    matches none (the Explainer checks the seed against the run)."""
+    regions = gs.Variable(REGIONS, dtype=np.int64, shape=[n_seeds, "rows"])
+    rows = gs.Variable(ROWS, dtype=b.dtype, shape=[n_seeds, "rows", classes])
+    b.graph.inputs.extend([regions, rows])
+    # one zero row more, at no region: ArgMax needs at least one row
+    regions = b.op("Concat", regions, b.ints(np.full((n_seeds, 1), -1)), axis=1)
+    rows = b.op("Concat", rows, b.const(np.zeros((n_seeds, 1, classes), b.dtype)), axis=1)
+    count = b.squeeze(b.slice(b.shape_of(score_t), [0], [1], [0]), [0])
+    every = b.op("Range", b.ints(0), count, b.ints(1))  # (R,)
+    seeds = []
+    for s in range(n_seeds):
+        hit = b.mask(b.op("Equal", b.unsqueeze(b.op("Gather", regions, b.ints(s), axis=0), [1]), every))  # (K, R)
+        row = b.op("ArgMax", hit, axis=0, keepdims=0)  # (R,): each region's row, 0 where none is (masked below)
+        found = b.unsqueeze(b.reduce("ReduceMax", hit, [0], keepdims=False), [1])  # (R, 1)
+        seeds.append(b.op("Mul", b.op("Gather", b.op("Gather", rows, b.ints(s), axis=0), row, axis=0), found))
+    return seeds
 
 
 def _one_image_shape(mg: ModelGraph, score: str, shape: tuple) -> tuple:

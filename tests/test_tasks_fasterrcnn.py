@@ -1,7 +1,7 @@
 """Faster R-CNN exported whole (torchvision's fasterrcnn_mobilenet_v3_large_320_fpn: the RPN's TopK and NMS inside
 If nodes, a RoiAlign per FPN level, the box head, per-class boxes and NMS again): the final detections are read
-from its outputs, the (R, C) region scores they were selected from are explained as one image's (1, R, C), the
-automatic layer is the neck's map feeding both FPN levels, and the gradient of a detection's score matches float64
+from its outputs, the (R, C) region scores they were selected from are explained as one image's (1, R, C) (R being
+the run's own count of proposals: images with other counts share one explainer), the automatic layer is the neck's map feeding both FPN levels, and the gradient of a detection's score matches float64
 torch autograd (forward hooks on the same model) through RoiAlign. The proposals are constants to the gradient, as
 torchvision detaches them."""
 
@@ -24,7 +24,7 @@ from torch import nn
 import onnxcam
 from onnxcam import rewrite
 from onnxcam.cli import main
-from onnxcam.errors import LayerError
+from onnxcam.errors import InputError, LayerError
 from onnxcam.graph.model import ModelGraph
 from onnxcam.runtime import cpu_session
 from onnxcam.tasks import choose, detect
@@ -53,7 +53,9 @@ class TinyBackbone(nn.Module):
 def _tiny() -> nn.Module:
     """torchvision's FasterRCNN (RPN, MultiScaleRoIAlign, box head, post-processing unchanged) on a small backbone.
     Anchors of 32 and 64 px at stride 8 and a canonical scale of 45 px send the regions to both FPN levels, split
-    by the image's data (a 256 px input of torch.rand seed 1 gives 1 region at the first level, 39 at the second)."""
+    by the image's data (a 256 px input of torch.rand seed 1 gives 1 region at the first level, 86 at the second).
+    Up to 100 proposals are kept after the RPN's NMS, which leaves fewer (a count per image: 87 for that input,
+    64 for _dim(), 89 for the shape probe's)."""
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -61,7 +63,7 @@ def _tiny() -> nn.Module:
                       rpn_anchor_generator=AnchorGenerator(((32, 64), (96, 128)), ((0.5, 1.0, 2.0),) * 2),
                       box_roi_pool=torchvision.ops.MultiScaleRoIAlign(["0", "1"], 7, 2, canonical_scale=45),
                       box_head=TwoMLPHead(16 * 49, 64), box_predictor=FastRCNNPredictor(64, CLASSES),
-                      rpn_pre_nms_top_n_test=60, rpn_post_nms_top_n_test=40, box_detections_per_img=20)
+                      rpn_pre_nms_top_n_test=60, rpn_post_nms_top_n_test=100, box_detections_per_img=20)
 
 
 def _mobilenet() -> nn.Module:
@@ -72,6 +74,11 @@ def _mobilenet() -> nn.Module:
 
 
 NETS = {"tiny": (_tiny, 256), "mobilenet": (_mobilenet, 320)}
+
+
+def _dim(x: torch.Tensor) -> torch.Tensor:
+    """A dark, faintly noisy image of x's size: the tiny net's RPN keeps fewer proposals for it than for x."""
+    return 0.05 * torch.rand(x.shape, generator=torch.Generator().manual_seed(9))
 
 
 @pytest.fixture(scope="module", params=["tiny", pytest.param("mobilenet", marks=pytest.mark.slow)])
@@ -94,8 +101,7 @@ def explained(fasterrcnn):
     _, onnx_model, x = fasterrcnn
     cam = onnxcam.GradCAM(model=onnx_model, device="cpu")
     selection = choose.selection_of(ModelGraph(onnx.load_from_string(onnx_model), tuple(x.shape)))
-    first = cam.explainer.run(x.numpy(), seed=np.zeros((1, selection.anchors, selection.classes), np.float32))
-    return cam, selection, first, detect.selected(selection, first.logits[0], first.outputs)
+    return (cam, selection, *_first_run(cam, selection, x))
 
 
 def test_region_scores_are_explained_at_the_neck(fasterrcnn, explained):
@@ -111,10 +117,10 @@ def test_region_scores_are_explained_at_the_neck(fasterrcnn, explained):
     assert choose.task_of(mg, score, strict=True) == "detect"
     assert mg.default_layer(score) == LAYER == cam.explainer.layers[0]
     assert mg.layer_rule == "detect: the last map feeding all 2 head outputs (the neck)"
-    assert first.logits.shape == (1, selection.anchors, CLASSES) and len(found) > 2
-    assert selection.describe()["score_layout"] == f"({selection.anchors} regions, {CLASSES}) after Softmax"
     levels = _regions_per_level(onnx_model, x)
-    assert sum(levels) == selection.anchors
+    assert first.logits.shape == (1, sum(levels), CLASSES) and len(found) > 2
+    assert selection.describe()["score_layout"] == f"(regions, {CLASSES}) after Softmax"
+    assert selection.describe()["regions"] == "per image" and "anchors" not in selection.describe()
     if isinstance(fasterrcnn[0].model.backbone, TinyBackbone):  # both RoiAligns read regions: both on the path
         assert len(levels) == 2 and min(levels) > 0
 
@@ -128,25 +134,36 @@ def _regions_per_level(onnx_model: bytes, x: torch.Tensor) -> list[int]:
     return [len(r) for r in sess.run(rois, {"images": x.numpy()})]
 
 
-def _torch_detection(model, x, box, label):
-    """float64 forward of the whole model: the layer's activation, the scores output's entry of the detection with
-    this label whose box matches `box` (IoU > 0.99), and the box head's pre-ReLU values of its region."""
+def _torch_forward(model, x) -> dict:
+    """float64 forward of the whole model: its outputs (boxes, scores, labels) and, by forward hooks, the layer's
+    activation (a), the box head's pre-ReLU values (fc6, fc7) and logits of every region, and the count of regions
+    (proposals) the box head read."""
     md = copy.deepcopy(model).double()
     seen, mods = {}, dict(md.named_modules())
     hooks = [mods[name].register_forward_hook(lambda m, i, o, key=key: seen.__setitem__(key, o))
              for key, name in (("a", LAYER_MODULE), ("fc6", "model.roi_heads.box_head.fc6"),
                                ("fc7", "model.roi_heads.box_head.fc7"),
                                ("logits", "model.roi_heads.box_predictor.cls_score"))]
-    boxes, scores, labels = md(x.double())
+    hooks.append(mods["model.roi_heads.box_roi_pool"].register_forward_hook(
+        lambda m, i, o: seen.__setitem__("regions", len(i[1][0]))))  # (features, proposals per image, sizes)
+    seen["boxes"], seen["scores"], seen["labels"] = md(x.double())
     for h in hooks:
         h.remove()
-    same = torch.nonzero(labels == label).flatten()
-    overlaps = detect.box_iou(boxes[same].detach().numpy(), box)[:, 0]
+    return seen
+
+
+def _torch_detection(model, x, box, label):
+    """float64: the layer's activation, the scores output's entry of the detection with this label whose box matches
+    `box` (IoU > 0.99), the box head's pre-ReLU values of its region, and the count of regions."""
+    seen = _torch_forward(model, x)
+    same = torch.nonzero(seen["labels"] == label).flatten()
+    overlaps = detect.box_iou(seen["boxes"][same].detach().numpy(), box)[:, 0]
     assert overlaps.max() > 0.99, "the float64 model lost the detection"
-    score = scores[same[int(overlaps.argmax())]]
+    score = seen["scores"][same[int(overlaps.argmax())]]
     probs = torch.softmax(seen["logits"], -1).detach()
     region = int(torch.argmin((probs[:, label] - score.detach()).abs()))  # the score is a copy of its entry
-    return seen["a"], score, [seen["fc6"][region].detach().numpy(), seen["fc7"][region].detach().numpy()]
+    return seen["a"], score, [seen["fc6"][region].detach().numpy(), seen["fc7"][region].detach().numpy()], \
+        seen["regions"]
 
 
 def test_detection_gradient_matches_float64_torch(fasterrcnn, explained):
@@ -156,15 +173,98 @@ def test_detection_gradient_matches_float64_torch(fasterrcnn, explained):
     error (float64 keeps their ranks and selection), and their regions' box-head ReLU inputs are clear of 0."""
     model, _, x = fasterrcnn
     cam, selection, first, found = explained
+    _check_two_detections(model, cam, selection, x, first, found)
+
+
+def _check_two_detections(model, cam, selection, x, first, found) -> int:
+    """test_detection_gradient_matches_float64_torch's check of x's best detection and one matched by box + class,
+    given x's first run; returns the count of regions, the same in float64 torch as in the run."""
     targets, k = two_targets(selection, first, found)
     layer = cam.explainer.layers[0]
     for target, d in zip(targets, (found[0], found[k])):
         maps = cam(x.numpy(), targets=[target])
-        act64, score64, relu_inputs = _torch_detection(model, x, d.box, d.label)
+        act64, score64, relu_inputs, regions = _torch_detection(model, x, d.box, d.label)
+        assert regions == first.logits.shape[1] == cam.result.logits.shape[1]
         assert all(np.abs(z).min() > 1e-4 * np.abs(z).max() for z in relu_inputs)
         assert abs(float(score64) - d.score) < 1e-5 and target(first.logits[0]) == d.score
         check_gradcam(cam, layer, act64, score64)
         assert maps.shape == (1, *x.shape[2:]) and np.ptp(cam.raw[layer]) > 0
+    return first.logits.shape[1]
+
+
+def _first_run(cam, selection, x: torch.Tensor):
+    """x's run with a zero seed (reading the score; laid out on the probe's regions, which fits any count) and
+    its detections."""
+    first = cam.explainer.run(x.numpy(), seed=np.zeros((1, selection.anchors, selection.classes), np.float32))
+    return first, detect.selected(selection, first.logits[0], first.outputs)
+
+
+def _tiny_only(fasterrcnn) -> None:
+    if not isinstance(fasterrcnn[0].model.backbone, TinyBackbone):
+        pytest.skip("the tiny net is the one set up to keep a count of regions that differs per image")
+
+
+def test_images_with_fewer_regions_share_the_explainer(fasterrcnn, explained):
+    """The region count is the run's: a dark image whose RPN keeps fewer proposals than x's (and than the shape
+    probe's) is explained by the same built explainer, its detections' gradients matching float64 autograd, the
+    selection checked equal, as for x (whose count differs from the probe's too)."""
+    _tiny_only(fasterrcnn)
+    model, onnx_model, x = fasterrcnn
+    cam, selection, first, found = explained
+    built = cam.explainer.compiled(tuple(x.shape), 1, by_class=False)
+    dim_first, dim_found = _first_run(cam, selection, _dim(x))
+    counts = [sum(_regions_per_level(onnx_model, x)), sum(_regions_per_level(onnx_model, _dim(x))),
+              selection.anchors]
+    assert len(set(counts)) == 3 and counts[1] < counts[0], counts
+    assert [_check_two_detections(model, cam, selection, xi, f, d)
+            for xi, f, d in ((_dim(x), dim_first, dim_found), (x, first, found))] == counts[1::-1]
+    assert cam.explainer.compiled(tuple(x.shape), 1, by_class=False) is built
+
+
+def test_a_seed_over_many_regions_matches_float64_torch(fasterrcnn, explained):
+    """A seed weighting every class of most of the dark image's regions (its rows enter the graph at their regions)
+    against float64 autograd of the same weighting of torch's (R, C) Softmax: each row must land on its own region.
+    By construction: the regions weighted are those whose box-head ReLU inputs are all clear of 0."""
+    _tiny_only(fasterrcnn)
+    model, _, x = fasterrcnn
+    cam, selection, _, _ = explained
+    first, _ = _first_run(cam, selection, _dim(x))
+    seen = _torch_forward(model, _dim(x))
+    assert seen["regions"] == first.logits.shape[1]
+    relu_inputs = torch.cat([seen["fc6"], seen["fc7"]], 1).detach().abs()
+    clear = (relu_inputs.min(1).values > 1e-4 * relu_inputs.max()).numpy()
+    assert clear.sum() > len(clear) // 2, clear.sum()
+    weights = np.random.default_rng(0).standard_normal((1, len(clear), selection.classes)) * clear[None, :, None]
+    dim = _dim(x).numpy()
+    cam.maps_for(dim, cam.explainer.run(dim, seed=np.float32(weights)))
+    score64 = (torch.from_numpy(weights[0]) * torch.softmax(seen["logits"], -1)).sum()
+    check_gradcam(cam, cam.explainer.layers[0], seen["a"], score64)
+
+
+def test_seeds_of_other_regions_and_bad_indices_are_refused(fasterrcnn, explained):
+    """One line each: a seed laid out on another run's regions, class targets (per-region scores need a seed), a
+    detection index beyond the run's detections, and ShapleyCAM (its second derivatives take a dense seed)."""
+    _tiny_only(fasterrcnn)
+    _, onnx_model, x = fasterrcnn
+    cam, selection, first, found = explained
+    dim = _dim(x).numpy()
+    seed = selection.seed(first.logits[0], found[0].anchor, found[0].label)[None]  # x's regions
+    with pytest.raises(InputError, match=rf"^the seed covers {seed.shape[1]} regions, but this run's per-region "
+                                         r"score has \d+ \(the count of regions is the run's\): build the seed from "
+                                         r"this run's score \(Result.logits, shape \(1, \d+, 5\)\)$"):
+        cam.explainer.run(dim, seed=seed)
+    with pytest.raises(InputError, match=r"^the score holds per-region scores \(1, regions, 5\), whose regions are "
+                                         r"the run's: give a seed shaped like one run's score"):
+        cam.explainer.run(dim, targets=1)
+    dim_first, dim_found = _first_run(cam, selection, _dim(x))
+    n = len(dim_found)
+    with pytest.raises(InputError, match=rf"^detection index {n} is out of range: the model returned {n} detections "
+                                         rf"\(index 0 to {n - 1}\) in output 'scores'$"):
+        detect.SelectedDetectionTarget(selection, dim_first.outputs, index=n)
+    with pytest.raises(LayerError, match=r"^the score tensor '/model/roi_heads/Softmax_output_0' holds per-region "
+                                         r"scores, seeded on each run's own regions: second derivatives "
+                                         r"\(ShapleyCAM\)"):
+        onnxcam.ShapleyCAM(model=onnx_model, device="cpu")(dim, targets=[seed[0]])
 
 
 def test_cli_explains_fasterrcnn_with_labelled_boxes_and_json(fasterrcnn, explained, tmp_path):
@@ -184,10 +284,43 @@ def test_cli_explains_fasterrcnn_with_labelled_boxes_and_json(fasterrcnn, explai
     assert res.exit_code == 0, res.output
     record = json.loads((out / "street.json").read_text())
     assert record["task"] == "detect" and record["decoding"]["decode"] == "selected"
-    assert record["decoding"]["score_layout"].startswith(f"({record['decoding']['anchors']} regions, {CLASSES})")
+    assert record["decoding"]["score_layout"] == f"(regions, {CLASSES}) after Softmax"
     dets = record["detections"]
     assert len(dets) == 2 and all(d["score"] > conf and len(d["box"]) == 4 for d in dets)
     assert (out / "street.detect.png").exists() and all((out / d["overlay"]).exists() for d in dets)
+
+
+def _write_picture(x: torch.Tensor, path) -> torch.Tensor:
+    """x as a PNG; returns the input the command line will read back from it (8-bit values)."""
+    pixels = np.uint8(np.round(x[0].permute(1, 2, 0).numpy() * 255))
+    cv2.imwrite(str(path), pixels[:, :, ::-1])
+    return torch.from_numpy(np.float32(pixels / 255.0)).permute(2, 0, 1)[None]
+
+
+def test_cli_explains_an_image_with_fewer_regions(fasterrcnn, explained, tmp_path):
+    """The command line on the dark image, whose RPN keeps fewer regions than the shape probe's: its pictures and
+    JSON are written; a method making runs of its own is refused in one line naming the option."""
+    _tiny_only(fasterrcnn)
+    _, onnx_model, x = fasterrcnn
+    _, selection, _, _ = explained
+    model_path = tmp_path / "fasterrcnn.onnx"
+    model_path.write_bytes(onnx_model)
+    read = _write_picture(_dim(x), tmp_path / "dark.png")
+    assert sum(_regions_per_level(onnx_model, read)) < selection.anchors
+    out = tmp_path / "out"
+    args = ["explain", str(model_path), str(tmp_path / "dark.png"), "--task", "detect", "--mean", "0,0,0", "--std",
+            "1,1,1", "--out", str(out), "--device", "cpu", "--conf", "0.01", "--top", "3"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "dark.json").read_text())
+    dets = record["detections"]
+    assert len(dets) == 3 and (out / "dark.detect.png").exists()
+    assert all((out / d["overlay"]).exists() if d["zero_map"] is None else "overlay" not in d for d in dets)
+    assert any(d["zero_map"] is None for d in dets)
+    res = CliRunner().invoke(main, [*args, "--method", "scorecam"])
+    assert res.exit_code != 0 and res.output.count("\n") == 1, res.output
+    assert res.output.startswith("Error: method scorecam makes runs of its own; the per-region scores "
+                                 f"{selection.score!r} are explained in the image's own run only"), res.output
 
 
 def test_region_scores_need_a_batch_of_one_image():

@@ -269,9 +269,8 @@ class DetectionTarget:
     anchor: the anchor index; or label with box (x1, y1, x2, y2, input pixels): the anchor whose box matches it
     best by IoU (at least iou_threshold) among those whose best class is `label` (pytorch-grad-cam's
     FasterRCNNBoxScoreTarget; no match gives a zero seed, as its zero score does). iou=True adds the matched box's
-    IoU to the score. label defaults to the anchor's best class."""
-
-    needs_output = True
+    IoU to the score. label defaults to the anchor's best class. Without the IoU term the CAM classes seed the
+    head's class scores alone where the output copies them (class_layout), as the command line does."""
 
     def __init__(self, layout: DetectionLayout, anchor: int | None = None, label: int | None = None,
                  box=None, iou: bool = False, iou_threshold: float = 0.5):
@@ -281,6 +280,20 @@ class DetectionTarget:
             raise InputError("DetectionTarget(iou=True) needs box=: the IoU is the detection's with that box")
         self.layout, self.anchor, self.label, self.iou, self.iou_threshold = layout, anchor, label, iou, iou_threshold
         self.box = None if box is None else tuple(float(v) for v in box)
+
+    @property
+    def needs_output(self) -> bool:
+        """Whether the seed depends on the output's values (the CAM classes then read them by a first run): a box
+        to match, the anchor's best class to find, an IoU term, or objectness x class (the product rule). An
+        anchor and a label of a head without objectness give a constant one-hot seed."""
+        return self.anchor is None or self.label is None or self.iou or self.layout.objectness
+
+    @property
+    def class_layout(self) -> DetectionLayout | None:
+        """The head's layout when this target's seed weights only its class rows (and objectness): no IoU term.
+        The CAM classes then seed the head's class-score tensor instead of the output where the output is a pure
+        copy of it (class_rows), keeping the box branch off the gradient path. None: seed the output itself."""
+        return None if self.iou else self.layout
 
     def match(self, sample: np.ndarray) -> tuple[int, int] | None:
         """(anchor, label) this target explains in one sample's output; None when no box matches."""
@@ -427,7 +440,8 @@ class Selection:
     classes: int
     activation: str   # "Softmax" or "Sigmoid"
     logits: bool = False  # the activation is applied after the selection (per level), not before
-    regions: bool = False  # Faster R-CNN: `score` is (R, C), one image's regions (anchors = R), seen as (1, R, C)
+    regions: bool = False  # Faster R-CNN: `score` is (R, C), one image's regions, seen as (1, R, C); R is each
+    # run's own (its proposals), anchors only the count the shape probe saw
 
     def probabilities(self, sample: np.ndarray) -> np.ndarray:
         """One image's (A, C) values the detections' scores are copies of: the sample itself, or (logits) its
@@ -448,10 +462,12 @@ class Selection:
     def describe(self) -> dict:
         where = f"logits, {self.activation} per level after the selection" if self.logits else \
             f"after {self.activation}"
+        # per-region scores: as many regions as each image's run proposes (anchors is only the probe's count)
+        count = {"regions": "per image"} if self.regions else {"anchors": self.anchors}
         return {"decode": "selected", "layout": "boxes (D, 4), scores (D,), labels (D,) after NMS",
-                "score_tensor": self.score, "score_layout": f"({self.anchors} regions, {self.classes}) {where}"
+                "score_tensor": self.score, "score_layout": f"(regions, {self.classes}) {where}"
                 if self.regions else f"(N, {self.anchors}, {self.classes}) {where}",
-                "anchors": self.anchors, "classes": self.classes,
+                **count, "classes": self.classes,
                 "box": "x1, y1, x2, y2 in input pixels", "recognised_from": "outputs"}
 
 

@@ -131,11 +131,22 @@ class TaskRunner:
         seeded = self.rows.tensor if self.rows is not None else self.score
         self.seed_shape = mg.shape(mg.tensor(seeded))[1:]
         if self.selection is not None and self.selection.regions:  # Faster R-CNN: (R, C), explained as (1, R, C)
-            self.seed_shape = (self.selection.anchors, self.selection.classes)
+            self.seed_shape = (self.selection.anchors, self.selection.classes)  # the probe's R: a zero seed fits any
+            self._refuse_own_runs()
         self.explainer = Explainer(loaded, layers=self.layers, score=seeded, device=device,
                                    input_shape=self.pre.input_shape(1))
         self.layers = self.explainer.layers
         self.cam = method_object(self.explainer, self.method)
+
+    def _refuse_own_runs(self) -> None:
+        """Per-region scores have each run's own regions (its proposals): their seeds are laid out on the regions of
+        the image's own run, which a method making runs of its own (perturbed inputs, noise, a guided copy) does not
+        share."""
+        if not REGISTRY[self.method].shared_run:
+            shared = ", ".join(m for m, info in REGISTRY.items() if info.shared_run)
+            raise InputError(f"method {self.method} makes runs of its own; the per-region scores {self.score!r} are "
+                             f"explained in the image's own run only (their regions are that run's): choose from "
+                             f"{shared}", option="method")
 
     def _refuse_unused(self, **given) -> None:
         """An option that means nothing for this task is refused, never ignored: conf and decode read detections,
@@ -303,8 +314,16 @@ class TaskRunner:
         items, seeds = self._targets(sample, rgb, first.outputs)
         if self.rows is not None:
             seeds = [self.rows.slice(s) for s in seeds]
-        maps, zero, raws = self._in_runs(x, len(seeds), lambda xs, lo, hi: self.cam(xs, targets=seeds[lo:hi]))
+        maps, zero, raws = self._in_runs(x, len(seeds), lambda xs, lo, hi: self._seeded(xs, seeds[lo:hi]))
         return items, maps, zero, {"_logits": sample, "_raws": raws}
+
+    def _seeded(self, xs: np.ndarray, seeds: list) -> np.ndarray:
+        """The maps of one image (repeated) for these seeds. Per-region scores (Faster R-CNN) have as many regions
+        as this image's run proposed, so their seeds go straight to the explainer (the CAM's seed targets would be
+        checked against a score shape of another run)."""
+        if self.selection is None or not self.selection.regions:
+            return self.cam(xs, targets=seeds)
+        return self.cam.maps_for(xs, self.explainer.run(xs, seed=np.stack(seeds)))
 
     def _ocr(self, x: np.ndarray, rgb: np.ndarray) -> tuple[list[dict], np.ndarray, list, dict]:
         """The decoded string and its first `top` characters: items (the string first), their maps, and the
