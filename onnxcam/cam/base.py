@@ -28,8 +28,9 @@ from ..errors import InputError, NumericalError
 from ..explainer import Explainer, Result
 from ..graph import inputs as graph_inputs
 from ..graph.load import LoadedModel
+from ..graph.model import ModelGraph
 from ..runtime import SESSION_CONFIG
-from ..tasks import ocr
+from ..tasks import detect, ocr
 from ..tasks.layout import tokens_to_maps
 from .postprocess import aggregate_layers, layer_map
 from .targets import ClassifierOutputTarget, as_target, seeds
@@ -103,6 +104,13 @@ class BaseCAM:
     @result.setter
     def result(self, value) -> None:
         self._call.result = value
+
+    @property
+    def explainer_used(self) -> Explainer:
+        """The Explainer this thread's last call ran: `explainer`, or for detection targets without an IoU term one
+        on the same layers seeding the head's class-score tensor (its score_name), the box branch off the gradient
+        path (run's results read as the score's own either way)."""
+        return self._call.explainer or self.explainer
 
     @property
     def raw(self) -> dict[str, np.ndarray]:
@@ -192,6 +200,8 @@ class BaseCAM:
                 r = ex.run(x, [t.category for t in targets])
             elif any(ocr.is_sequence_target(t) for t in targets):  # CTC targets: each sample's (T, C) scores,
                 r = ocr.run_sequence(ex, x, targets)  # whichever axis of the score holds the batch
+            elif (rows := self._class_rows(x, targets)) is not None:
+                ex, r = self._run_on_rows(x, targets, rows)
             else:
                 shape = self._score_shape(x)
                 outputs = np.zeros((n, *shape), np.float32)
@@ -201,8 +211,43 @@ class BaseCAM:
                     self._call.known_outputs = None
                 r = ex.run(x, seed=seeds(targets, outputs))
         self._score_shapes[x.shape[1:]] = r.logits.shape[1:]
-        self.outputs, self.result = r.logits, r
+        self.outputs, self.result, self._call.explainer = r.logits, r, ex
         return r
+
+    def _class_rows(self, x: np.ndarray, targets: list) -> detect.ClassRows | None:
+        """The head's class-score tensor to seed instead of the score, when every target weights only the class
+        rows of one head (class_layout: a DetectionTarget without IoU) and the score, a model output, is a pure
+        copy of them (detect.class_rows, once per model and size); None: seed the score itself."""
+        layouts = {getattr(t, "class_layout", None) for t in targets}
+        if len(layouts) != 1 or None in layouts:
+            return None
+        ex, layout, a = self.explainer, layouts.pop(), self.explainer.analysis
+        if a.build_shape is None:  # the graph is read at x's size: a bad x is refused first, as the run would
+            ex.check_input(x)
+        shape = a.build_shape or (a.fixed_batch or 1, *x.shape[1:])
+        key = (ex.digest, "class rows", ex.input_name, ex.score_name, tuple(shape[1:]), layout)
+        return CACHE.get_or_build("analyses", key, lambda: (_class_rows_at(ex, shape, layout),))[0]
+
+    def _run_on_rows(self, x: np.ndarray, targets: list, rows: detect.ClassRows) -> tuple[Explainer, Result]:
+        """(the Explainer used, its Result) for targets whose seeds on the score lie in `rows`: each seed is made
+        from the score's values as always, then sliced to rows.tensor, which a derived Explainer on the same layers
+        seeds. The Result reads as the score's own (logits the score, seed the score-shaped seeds)."""
+        ex = self.explainer
+        n, shape = x.shape[0], self._score_shape(x)
+        sub = _derived(ex, ex.choose_layers(x.shape), ex.guided, ex.analysis.build_shape, score=rows.tensor,
+                       build=False)
+        outputs = np.zeros((n, *shape), np.float32)
+        if any(getattr(t, "needs_output", False) for t in targets):
+            known = self._call.known_outputs  # score_outputs(x) just read them
+            self._call.known_outputs = None
+            if known is not None and known[0] is x:
+                outputs = known[1]
+            else:  # the score's values from a first run of the cheaper graph (a zero seed)
+                outputs = sub.run(x, seed=rows.slice(outputs)).outputs[ex.score_name]
+        seed = seeds(targets, outputs)
+        r = sub.run(x, seed=rows.slice(seed))
+        return sub, Result(r.outputs[ex.score_name], r.targets, r.activations, r.gradients, r.outputs, seed,
+                           r.quantized)
 
     def score_outputs(self, x: np.ndarray) -> np.ndarray:
         """The score (logits) for x by a run with a zero seed (no target), remembered for this thread's next run
@@ -289,6 +334,7 @@ class _PerCall(threading.local):
     raw: dict = {}  # noqa: RUF012 - only ever replaced, never mutated
     degenerate: list = []  # noqa: RUF012 - only ever replaced, never mutated
     known_outputs: tuple | None = None  # (x, its logits) from score_outputs
+    explainer: Explainer | None = None  # the Explainer the last call ran (BaseCAM.explainer_used)
 
 
 def degenerate_maps(maps: np.ndarray, r: Result, layers: list[str], gradient_free: bool = False) -> list[str | None]:
@@ -318,18 +364,30 @@ def degenerate_maps(maps: np.ndarray, r: Result, layers: list[str], gradient_fre
     return reasons
 
 
-def _derived(ex: Explainer, layers: list | None, guided: bool, input_shape) -> Explainer:
-    """An Explainer on ex's model for other layers or guided gradients (CAM, input gradients, guided methods), kept
-    in onnxcam.cache (table "derived"), so that explain(explainer, ...) in a loop analyses once.
-    layers None: the explainer's own automatic choice (not made yet)."""
-    if guided == ex.guided and (layers is None or layers == ex._layers):
+def _derived(ex: Explainer, layers: list | None, guided: bool, input_shape, score: str | None = None,
+             build: bool = True) -> Explainer:
+    """An Explainer on ex's model for other layers, guided gradients or another score tensor (CAM, input gradients,
+    guided methods, a detection head's class scores), kept in onnxcam.cache (table "derived"), so that
+    explain(explainer, ...) in a loop analyses once. layers None: the explainer's own automatic choice (not made
+    yet). build=False: its session is built at its first run (the constructor's by-class build is not needed)."""
+    score = ex.score_name if score is None else score
+    if guided == ex.guided and score == ex.score_name and (layers is None or layers == ex._layers):
         return ex
     if ex.extra_inputs:  # side inputs are values, not a cache key: a fresh Explainer (its sessions are cached)
-        return Explainer(ex, layers, ex.score_name, ex.device, input_shape=input_shape, guided=guided)
-    key = (ex.digest, ex.input_name, ex.score_name, ex.device, None if layers is None else tuple(layers), guided,
+        return Explainer(ex, layers, score, ex.device, input_shape=input_shape, guided=guided, build=build)
+    key = (ex.digest, ex.input_name, score, ex.device, None if layers is None else tuple(layers), guided,
            None if input_shape is None else tuple(input_shape), tuple(sorted(SESSION_CONFIG.items())))
-    return CACHE.get_or_build("derived", key, lambda: Explainer(ex, layers, ex.score_name, ex.device,
-                                                                input_shape=input_shape, guided=guided))
+    return CACHE.get_or_build("derived", key, lambda: Explainer(ex, layers, score, ex.device, input_shape=input_shape,
+                                                                guided=guided, build=build))
+
+
+def _class_rows_at(ex: Explainer, shape: tuple, layout: detect.DetectionLayout) -> detect.ClassRows | None:
+    """detect.class_rows for ex's score in its model shaped at `shape`; None when the score is no model output
+    (the run then could not read the score's values to make the seeds)."""
+    mg = ModelGraph(ex.proto, shape, ex.weights, ex.input_name)
+    if ex.score_name not in {t.name for t in mg.graph.outputs}:
+        return None
+    return detect.class_rows(mg, ex.score_name, layout)
 
 
 def as_numpy_input(value) -> np.ndarray:
