@@ -42,7 +42,8 @@ class _Group(click.Group):
 
 # The library names the parameter that fixes an error (OnnxCamError.option); the command line names its flag.
 _FLAGS = {"size": "--size HxW", "layout": "--layout", "bgr": "--bgr", "out": "--out DIR", "method": "--method",
-          "labels": "--labels FILE", "target": "--target", "conf": "--conf", "decode": "--decode", "report": "--report"}
+          "labels": "--labels FILE", "target": "--target", "conf": "--conf", "decode": "--decode", "report": "--report",
+          "heatmap": "--heatmap"}
 
 
 def _message(exc: Exception) -> str:
@@ -270,6 +271,8 @@ def demo(out: Path, methods: list[str], device: str):
 @click.option("--bare", is_flag=True,
               help="Overlays without their caption (the class and its score, the method and layer above the image).")
 @click.option("--report", is_flag=True, help="Also write DIR/report.html, a contact sheet of every overlay.")
+@click.option("--heatmap", is_flag=True,
+              help="Also write the heatmap alone, <name>.<method>.<class>.heatmap.png, at the image's resolution.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Explain on a Ray cluster (host:port or ray://host:port) [default: RAY_ADDRESS, else Ray on this "
                    "machine]; --out must be a folder every node shares. Also writes onnxcam-results.parquet there.")
@@ -285,12 +288,13 @@ def demo(out: Path, methods: list[str], device: str):
                    "read from the output's shape].")
 @debug_option
 def explain(model, inputs, methods, layers, target, output, out, size, mean, std, layout, bgr, labels, device,
-            batch_size, max_pixels, save_raw, resume, bare, report, ray_address, task="auto", conf=0.25, top=5, decode=None):
+            batch_size, max_pixels, save_raw, resume, bare, report, heatmap, ray_address, task="auto", conf=0.25, top=5,
+            decode=None):
     """Explain MODEL's predictions on INPUTS (image files, or folders searched recursively).
 
     Writes, per image and method: an overlay PNG (the heatmap on the image, at its original resolution, with a
-    caption above it unless --bare), the heatmap alone, and one JSON per image with the top classes, target,
-    layer, method, model hash and timings. Reading, the model and writing overlap; results are printed in input
+    caption above it unless --bare), with --heatmap the heatmap alone, and one JSON per image with the top
+    classes, target, layer, method, model hash and timings. Reading, the model and writing overlap; results are printed in input
     order, with a progress bar on a terminal (else a progress line per batch) when there are several batches.
     Preprocessing comes from the model's metadata (onnxcam.preprocess) where present; options override it.
     With --layer, the file names carry the layer; class-agnostic methods (eigencam, kpca_cam) write one map.
@@ -320,7 +324,7 @@ def explain(model, inputs, methods, layers, target, output, out, size, mean, std
                          top=task_top, decode=decode, layers=list(layers) or None, size=size, mean=mean, std=std,
                          layout=layout, bgr=bgr, labels=labels, device=device, output=output, max_pixels=max_pixels,
                          resume=resume, target=task_target, save_raw=save_raw, caption=not bare,
-                         batch_size=batch_size, report=report)
+                         batch_size=batch_size, report=report, heatmap=heatmap)
         if status is not None:
             sys.exit(status)
     unused = sorted(given & {"conf", "top", "decode"})
@@ -337,7 +341,7 @@ def explain(model, inputs, methods, layers, target, output, out, size, mean, std
                           layers=list(layers) or None, save_raw=save_raw, batch_size=batch_size, size=size, mean=mean,
                           std=std, layout=layout, bgr=bgr, labels=labels, device=device, output=output,
                           max_pixels=max_pixels, caption=not bare, resume=resume, task=task, conf=task_conf, top=task_top,
-                          decode=decode)
+                          decode=decode, heatmap=heatmap)
         for error in s.failed.values():
             click.echo(f"Error: {error}", err=True)
         tasks = ", ".join(sorted(s.tasks - {"classify"}))
@@ -350,7 +354,8 @@ def explain(model, inputs, methods, layers, target, output, out, size, mean, std
     share_cores(workers)  # undone with configure_process's settings when the command ends
     runner = Runner(model, methods=methods, layers=list(layers) or None, target=target, size=size, mean=mean,
                     std=std, layout=layout, bgr=bgr, labels=labels, device=device, out=out, save_raw=save_raw,
-                    output=output, max_pixels=max_pixels, resume=resume, caption=not bare, model_workers=workers)
+                    output=output, max_pixels=max_pixels, resume=resume, caption=not bare, model_workers=workers,
+                    heatmap=heatmap)
     if runner.quantized:
         click.echo(f"Note: {runner.differentiated_as}")
     start, failed, written, entries = time.perf_counter(), 0, 0, []

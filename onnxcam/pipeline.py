@@ -6,7 +6,7 @@ with layers chosen by name, base is followed by .<layer tag> (layer_tag), so run
 these files; class-agnostic methods (EigenCAM, KPCA-CAM) have no .<class>: their map is written once):
 
     <base>.<method>.<class>.overlay.png   the heatmap blended on the image, at the image's original resolution
-    <base>.<method>.<class>.heatmap.png   the heatmap alone, same resolution
+    <base>.<method>.<class>.heatmap.png   with heatmap: the heatmap alone, same resolution
     <base>.<method>.<class>.npz           with save_raw: maps, activations, gradients, logits
     <base>.json                           predictions, targets, layers, model hash, preprocessing, timings
 
@@ -222,6 +222,8 @@ class Runner:
 
     resume: skip images whose JSON already records this model (hash), methods, layers, target and preprocessing.
     caption: label each overlay picture with its class, score, method and layer (a band of text above it).
+    heatmap: also write the heatmap alone (a second PNG per map; off by default: the overlay is the picture people
+    look at, the .npz of save_raw holds the map's values, and the second PNG costs as much as a tenth of the run).
     workers: threads for decoding and for writing pictures [default: up to 4, at most the CPU count].
     model_workers: batches run through the model at once (see `model_workers()`; sessions made with
     `configure_process(model_workers=...)` then run on a share of the cores each)."""
@@ -230,7 +232,7 @@ class Runner:
                  mean=None, std=None, layout: str = "auto", bgr: bool = False, labels=None, device: str = "auto",
                  out: str | Path = "onnxcam-out", save_raw: bool = False, output: str | None = None,
                  max_pixels: int | None = image.MAX_PIXELS, resume: bool = False, caption: bool = False,
-                 workers: int | None = None, model_workers: int = 1):
+                 workers: int | None = None, model_workers: int = 1, heatmap: bool = False):
         start = time.perf_counter()
         unknown = [m for m in methods if m not in REGISTRY]
         if unknown or not methods:
@@ -252,6 +254,7 @@ class Runner:
         self.max_pixels = max_pixels
         self.resume = resume
         self.caption = caption
+        self.heatmap = heatmap
         self.workers = max(1, workers or min(4, os.cpu_count() or 1))
         # Layers chosen by name go into the file names: a run on other layers never replaces these files.
         self.tag = layer_tag(self.explainer.layers) if layers else ""
@@ -420,6 +423,7 @@ class Runner:
             same = (record["model_hash"] == self.explainer.digest and record["layers"] == self.layers
                     and record["target"] == str(target) and record["preprocess"] == _as_json(self.pre.describe())
                     and record.get("captioned", False) == self.caption
+                    and all(bool(e.get("heatmap")) == self.heatmap for e in entries if e.get("overlay"))
                     and sorted({e["method"] for e in entries}) == sorted(self.methods))
             files = [e[k] for e in entries for k in ("overlay", "heatmap", "raw") if e.get(k)]
             raw = all("raw" in e for e in entries) or not self.save_raw
@@ -557,14 +561,16 @@ class Runner:
             stem = f"{base.name}.{m.method}" + ("" if m.agnostic else f".{m.target}")
             files = {}
             if m.zero is None:  # a zero map would be a uniform picture that looks like an answer: none is written
-                files = {"overlay": base.with_name(f"{stem}.overlay.png"),
-                         "heatmap": base.with_name(f"{stem}.heatmap.png")}
+                files = {"overlay": base.with_name(f"{stem}.overlay.png")}
+                if self.heatmap:
+                    files["heatmap"] = base.with_name(f"{stem}.heatmap.png")
             if self.save_raw:
                 files["raw"] = base.with_name(f"{stem}.npz")
             _refuse_inputs(files.values(), inputs)
             if m.zero is None:
                 picture, heat = image.pictures(rgb, m.mask)
-                atomic_write(files["heatmap"], image.encode_png(heat, HEATMAP_PNG_LEVEL))
+                if self.heatmap:
+                    atomic_write(files["heatmap"], image.encode_png(heat, HEATMAP_PNG_LEVEL))
                 del heat
                 if self.caption:
                     picture = image.caption(picture, self.caption_lines(m))

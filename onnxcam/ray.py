@@ -354,13 +354,18 @@ def _job(model, out: Path | None, options: dict):
     task = task_options.get("task", "classify")
     batch_size = options.pop("batch_size", 8)  # the actor's batch is Ray Data's; a task's items per run
     if task != "classify":
+        heatmap = options.pop("heatmap", False)
         shared = {k: v for k, v in options.items() if k in ("layers", "size", "mean", "std", "layout", "bgr",
                                                             "labels", "device", "output", "max_pixels", "target",
                                                             "save_raw", "caption")}
         runner = TaskRunner(model, method=list(options["methods"]), out=out or ".", batch_size=batch_size, **shared,
                             **task_options)
         if runner.task != "classify":
+            if heatmap:  # as locally (tasks/run.py run_cli)
+                raise InputError(f"heatmap writes a classifier's maps alone; task {runner.task} writes its own "
+                                 "pictures", option="heatmap")
             return _TaskJob(runner, out)
+        options["heatmap"] = heatmap
     unused = [k for k in ("conf", "top", "decode") if task_options.get(k) is not None]
     if unused:  # as locally: a classifier has no detections, class maps or characters
         raise InputError(f"{', '.join(unused)}: for task detect, segment or ocr; the model is explained as a "
@@ -414,6 +419,7 @@ class _ClassifyJob:
                     and record["target"] == str(r.target) and record["layers"] == r.layers
                     and record["preprocess"] == json.loads(json.dumps(r.pre.describe()))
                     and record.get("captioned", False) == getattr(r, "caption", False)
+                    and all(bool(e.get("heatmap")) == getattr(r, "heatmap", False) for e in entries if e.get("overlay"))
                     and sorted({e["method"] for e in entries}) == sorted(r.methods)
                     and all(("raw" in e) == r.save_raw for e in entries))
             files = [path.parent / e[k] for e in entries for k in ("overlay", "heatmap", "raw") if e.get(k)]

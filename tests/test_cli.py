@@ -104,7 +104,8 @@ def test_python_dash_m_runs_the_cli():
 # ---- explain -----------------------------------------------------------------------------------------------------
 def test_explain_writes_overlays_heatmaps_json_and_raw(photos, tmp_path):
     out = tmp_path / "out"
-    result = run("explain", LITE0, photos / "chelsea.png", "--method", "gradcam,hirescam", "--out", out, "--save-raw")
+    result = run("explain", LITE0, photos / "chelsea.png", "--method", "gradcam,hirescam", "--out", out, "--save-raw",
+                 "--heatmap")
     assert result.exit_code == 0, result.output + result.stderr
     assert "285 Egyptian cat (0.78)" in result.output
     assert result.output.splitlines()[-1].startswith("Explained 1 of 1 images with gradcam, hirescam in ")
@@ -121,8 +122,9 @@ def test_explain_writes_overlays_heatmaps_json_and_raw(photos, tmp_path):
     assert record["layers"] == ["/_swish_1/Clip_output_0"]
     from onnxcam import Explainer
     assert record["model_hash"] == Explainer(LITE0).digest
-    assert [(e["method"], e["class"], e["overlay"]) for e in record["explanations"]] == [
-        ("gradcam", 285, "chelsea.gradcam.285.overlay.png"), ("hirescam", 285, "chelsea.hirescam.285.overlay.png")]
+    assert [(e["method"], e["class"], e["overlay"], e["heatmap"]) for e in record["explanations"]] == [
+        ("gradcam", 285, "chelsea.gradcam.285.overlay.png", "chelsea.gradcam.285.heatmap.png"),
+        ("hirescam", 285, "chelsea.hirescam.285.overlay.png", "chelsea.hirescam.285.heatmap.png")]
     assert set(record["timings"]) == {"read_s", "explain_s", "write_s"}
     assert set(record["timings"]["explain_s"]) == {"gradcam", "hirescam"}
     assert record["preprocess"]["size"] == [224, 224] and record["preprocess"]["sources"]["mean"] == "metadata"
@@ -131,6 +133,22 @@ def test_explain_writes_overlays_heatmaps_json_and_raw(photos, tmp_path):
     assert raw["activations_0"].shape == raw["gradients_0"].shape == (1280, 7, 7)
     assert raw["logits"].shape == (1000,) and int(raw["target"]) == 285
     assert not list(out.glob(".*"))  # no temp files left behind
+
+
+def test_without_heatmap_the_overlay_and_json_alone_and_resume_tells_them_apart(photos, tmp_path):
+    """The heatmap alone is opt-in: by default an overlay per map and the JSON. --resume takes an image as done only
+    when its files were made with the same choice (with heatmaps or without)."""
+    out = tmp_path / "out"
+    assert run("explain", LITE0, photos / "chelsea.png", "--out", out).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["chelsea.gradcam.285.overlay.png", "chelsea.json"]
+    assert "heatmap" not in json.loads((out / "chelsea.json").read_text())["explanations"][0]
+    again = run("explain", LITE0, photos / "chelsea.png", "--out", out, "--resume", "--heatmap")
+    assert again.exit_code == 0 and "skipped" not in again.output
+    assert (out / "chelsea.gradcam.285.heatmap.png").exists()
+    same = run("explain", LITE0, photos / "chelsea.png", "--out", out, "--resume", "--heatmap")
+    assert "1 skipped (explained before)" in same.output
+    without = run("explain", LITE0, photos / "chelsea.png", "--out", out, "--resume")
+    assert "skipped" not in without.output
 
 
 def test_explain_targets_by_rank_number_and_name(photos, tmp_path):
@@ -150,8 +168,7 @@ def test_explain_a_chosen_layer(photos, tmp_path):
     assert result.exit_code == 0, result.stderr
     # a layer chosen by name is in the file names (sanitized, with a hash of the real name)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f"coffee.conv_head_Conv_output_0-3e674f.{kind}" for kind in ("gradcam.967.heatmap.png",
-                                                                     "gradcam.967.overlay.png", "json")]
+        f"coffee.conv_head_Conv_output_0-3e674f.{kind}" for kind in ("gradcam.967.overlay.png", "json")]
     record = json.loads((tmp_path / "coffee.conv_head_Conv_output_0-3e674f.json").read_text())
     assert record["layers"] == [layer] and record["top"][0]["class"] == 967
 

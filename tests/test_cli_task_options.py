@@ -193,6 +193,9 @@ def test_segment_target_explains_the_classes_given(tmp_path):
                                                       "does not use it; leave it out (option --decode)")),
     ("detect", ("--report",), ("Error: report draws a classifier's maps per class; task detect has none (its pictures "
                                "are <name>.detect.png and one overlay per item) (option --report)")),
+    ("segment", ("--heatmap",), ("Error: heatmap writes a classifier's maps alone; task segment writes "
+                                 "<name>.segment.png and one overlay per item (save_raw keeps each item's map values) "
+                                 "(option --heatmap)")),
 ])
 def test_options_a_task_has_no_use_for_are_one_line(task, extra, message, tmp_path):
     model, picture = _files(task, tmp_path)

@@ -267,7 +267,7 @@ def outputs(out: Path) -> dict[str, int]:
 
 def test_resume_explains_only_what_is_missing_or_made_otherwise(photos, tmp_path):
     out = tmp_path / "out"
-    args = ("explain", LITE0, photos, "--out", out, "--batch-size", "2", "--resume")
+    args = ("explain", LITE0, photos, "--out", out, "--batch-size", "2", "--resume", "--heatmap")
     assert "Explained 4 of 4 images" in summary(run(*args))
     before = outputs(out)
     for p in out.glob("p01.*"):
@@ -331,8 +331,8 @@ def test_a_killed_run_picks_up_where_it_stopped(tmp_path):
 # ---- labelled pictures and the contact sheet -------------------------------------------------------------------
 def test_overlays_carry_a_caption_unless_bare(tmp_path):
     chelsea = onnxcam.SAMPLE_IMAGES[1]
-    assert run("explain", LITE0, chelsea, "--out", tmp_path / "c").exit_code == 0
-    assert run("explain", LITE0, chelsea, "--out", tmp_path / "b", "--bare").exit_code == 0
+    assert run("explain", LITE0, chelsea, "--out", tmp_path / "c", "--heatmap").exit_code == 0
+    assert run("explain", LITE0, chelsea, "--out", tmp_path / "b", "--bare", "--heatmap").exit_code == 0
     captioned = image.read_image(tmp_path / "c" / "chelsea.gradcam.285.overlay.png")
     bare = image.read_image(tmp_path / "b" / "chelsea.gradcam.285.overlay.png")
     assert bare.shape == (300, 451, 3)  # the image's own size

@@ -98,8 +98,7 @@ def test_an_image_with_non_finite_numbers_fails_alone_and_the_json_stays_strict(
     line = one_line_error(result)
     assert line.startswith(f"Error: image {dark}: the activation of layer 'relu' holds Inf"), line
     assert "Explained 1 of 2 images" in result.output and "; 1 failed;" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["grey.gradcam.1.heatmap.png", "grey.gradcam.1.overlay.png",
-                                                     "grey.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["grey.gradcam.1.overlay.png", "grey.json"]
     record = strict_json(out / "grey.json")
     assert record["top"][0]["class"] == 1 and record["explanations"][0]["zero_map"] is None
 
@@ -263,7 +262,7 @@ def test_runs_on_two_layers_into_one_folder_keep_both(tmp_path):
     assert run("explain", path, grey, "--out", out, "--target", "0").exit_code == 0  # the automatic layer: relu
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"grey{tag}.{kind}" for tag in (".conv", ".relu", "")
-        for kind in ("gradcam.0.heatmap.png", "gradcam.0.overlay.png", "json"))
+        for kind in ("gradcam.0.overlay.png", "json"))
     assert strict_json(out / "grey.conv.json")["layers"] == ["conv"]
     assert strict_json(out / "grey.relu.json")["layers"] == ["relu"]
 

@@ -525,11 +525,12 @@ def _plain(d):
     return d
 
 
-def run_cli(model, inputs, *, out, echo, report: bool = False, **options) -> int | None:
+def run_cli(model, inputs, *, out, echo, report: bool = False, heatmap: bool = False, **options) -> int | None:
     """`onnxcam explain --task ...` for detectors, segmenters and recognizers: None when the model reads as a
     classifier (the caller then runs the classifier pipeline), else the exit status (1 when an image failed).
     Failed images are `Error:` lines on stderr, as in the classifier pipeline. report (the classifier's contact
-    sheet of one overlay per class) is refused: a task's items are no classes of one image."""
+    sheet of one overlay per class) and heatmap (the classifier's heatmap-alone PNGs) are refused: a task's items
+    are no classes of one image, and its pictures are its own."""
     from ..pipeline import find_images
 
     runner = TaskRunner(model, out=out, **options)
@@ -538,6 +539,9 @@ def run_cli(model, inputs, *, out, echo, report: bool = False, **options) -> int
     if report:
         raise InputError(f"report draws a classifier's maps per class; task {runner.task} has none (its pictures "
                          f"are <name>.{runner.task}.png and one overlay per item)", option="report")
+    if heatmap:
+        raise InputError(f"heatmap writes a classifier's maps alone; task {runner.task} writes <name>.{runner.task}.png "
+                         "and one overlay per item (save_raw keeps each item's map values)", option="heatmap")
     found = find_images(inputs, exclude=[out])
     kept = "" if runner.target is None else f"; target {', '.join(runner.label(c) for c in runner.target)}"
     echo(f"Task {runner.task} ({', '.join(f'{k} {v}' for k, v in runner.decoding().items())}){kept}; layer "
