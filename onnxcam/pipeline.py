@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -37,7 +38,6 @@ import queue
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -225,8 +225,8 @@ class Runner:
     heatmap: also write the heatmap alone (a second PNG per map; off by default: the overlay is the picture people
     look at, the .npz of save_raw holds the map's values, and the second PNG costs as much as a tenth of the run).
     workers: threads for decoding and for writing pictures [default: up to 4, at most the CPU count].
-    model_workers: batches run through the model at once (see `model_workers()`; sessions made with
-    `configure_process(model_workers=...)` then run on a share of the cores each)."""
+    model_workers: each batch runs through the model as this many parts at once, in threads (see `model_workers()`;
+    sessions made after `share_cores(model_workers)` run on a share of the cores each)."""
 
     def __init__(self, model, *, methods=("gradcam",), layers=None, target: str | Target = "top1", size=None,
                  mean=None, std=None, layout: str = "auto", bgr: bool = False, labels=None, device: str = "auto",
@@ -291,14 +291,13 @@ class Runner:
         self._inputs |= {_real(f.path) for f in files if f.rgb is None}
         stop = threading.Event()
         loaded, explained, written = (queue.Queue(maxsize=1) for _ in range(3))
-        # taken by the loader per batch, given back once written
-        alive = threading.BoundedSemaphore(_BATCHES_ALIVE + self.model_workers - 1)
+        alive = threading.BoundedSemaphore(_BATCHES_ALIVE)  # taken by the loader per batch, given back once written
         with ThreadPoolExecutor(self.workers, thread_name_prefix="onnxcam-io") as pool, \
                 ThreadPoolExecutor(self.model_workers, thread_name_prefix="onnxcam-model") as model:
             batches = self._batches(files, max(1, batch_size), target, pool, stop, alive)
-            in_order = _in_order(_drain(loaded, stop), self._explain_loaded, model, self.model_workers)
             stages = [_start("load", batches, None, loaded, stop),
-                      _start("model", in_order, None, explained, stop),
+                      _start("model", _drain(loaded, stop), partial(self._explain_loaded, pool=model), explained,
+                             stop),
                       _start("write", _drain(explained, stop), partial(self._write_batch, pool=pool, alive=alive),
                              written, stop)]
             try:
@@ -387,8 +386,14 @@ class Runner:
             return exc
         return rgb, image.to_input(rgb, self.pre), time.perf_counter() - t
 
-    def _explain_loaded(self, batch: _Batch) -> _Batch:
-        self._explain_images(batch.reports, batch.images, batch.timings, batch.target)
+    def _explain_loaded(self, batch: _Batch, pool=None) -> _Batch:
+        """The batch's maps: in model_workers parts at once in the pool's threads when given. onnxruntime releases
+        the GIL: two runs of half a batch, on one core each, do more work per second than one run of the batch whose
+        threads wait for each other at every node (tools/bench_folder.py), for the memory of one batch's run."""
+        parts = _split(batch.images, self.model_workers if pool is not None else 1)
+        explain = partial(self._explain_images, batch.reports, timings=batch.timings, target=batch.target)
+        for _ in (pool.map if len(parts) > 1 else map)(explain, parts):  # consumed: an exception is raised here
+            pass
         for i, (rgb, _) in batch.images.items():  # the model inputs are done with: only the pictures need the image
             batch.images[i] = rgb, None
         return batch
@@ -649,16 +654,16 @@ class Progress:
 
 
 def model_workers(images: int, batch_size: int, cpus: int | None = None) -> int:
-    """How many batches the command line runs through the model at once: two when there are two batches or more
-    and two cores or more (each session run then gets half the cores: share_cores), else one (a single batch
-    keeps every core on it)."""
+    """In how many parts at once the command line runs each batch through the model: two when there are two batches
+    or more and two cores or more (each part's run then gets half the cores: share_cores), else one (a single
+    batch keeps every core on one run: its latency, not the throughput, is what counts there)."""
     cpus = cpus or os.cpu_count() or 1
     return 2 if cpus >= 2 and images > batch_size else 1
 
 
 def share_cores(workers: int) -> None:
-    """Sessions made from now on run on cpus // workers intra-op threads each, for a Runner running `workers`
-    batches at once (process-wide, like configure_process, whose returned function undoes this too)."""
+    """Sessions made from now on run on cpus // workers intra-op threads each, for a Runner running each batch in
+    `workers` parts at once (process-wide, like configure_process, whose returned function undoes this too)."""
     if workers > 1:
         runtime.SESSION_CONFIG[runtime.INTRA_OP_THREADS] = str(max(1, (os.cpu_count() or 1) // workers))
     else:
@@ -671,7 +676,7 @@ def configure_process() -> Callable[[], None]:
     line calls it when the command ends: a host process, or tests calling it repeatedly, keep their sessions).
 
     - runtime.PIPELINE_SESSION_CONFIG for the sessions made from now on (no spinning onnxruntime threads, no memory
-      pattern: see there); share_cores then divides the cores between the batches a Runner runs at once;
+      pattern: see there); share_cores then divides the cores between the parts of a batch run at once;
     - glibc's malloc limited to one arena. Each thread that allocates (decoding, the model, the writers, the I/O
       pool) otherwise gets an arena of its own, and the freed full-size images and PNG buffers stay mapped in each:
       peak RSS on 64 photos with resnet50 went from 444 to 386 MB, for no measured CPU time (the threads spend it in
@@ -708,26 +713,6 @@ def _start(name: str, items, work, sink: queue.Queue, stop: threading.Event) -> 
     t = threading.Thread(target=_stage, name=f"onnxcam-{name}", args=(items, work, sink, stop), daemon=True)
     t.start()
     return t
-
-
-def _in_order(items, work, executor: ThreadPoolExecutor, depth: int) -> Iterator:
-    """work(item) for each item, up to `depth` of them at once in the executor's threads, yielded in the items'
-    order (a _Failed item is passed on after the results before it). onnxruntime releases the GIL: two batches
-    run on one core each do more work per second than one batch on two cores, whose threads wait for each other
-    at every node (tools/bench_folder.py)."""
-    pending: deque = deque()
-    for item in items:
-        if isinstance(item, _Failed):
-            break
-        pending.append(executor.submit(work, item))
-        if len(pending) >= depth:
-            yield pending.popleft().result()
-    else:
-        item = None
-    while pending:
-        yield pending.popleft().result()
-    if item is not None:
-        yield item
 
 
 def _stage(items, work, sink: queue.Queue, stop: threading.Event) -> None:
@@ -778,6 +763,13 @@ def _get(q: queue.Queue, stop: threading.Event):
         except queue.Empty:
             continue
     return _END
+
+
+def _split(items: dict, parts: int) -> list[dict]:
+    """items in up to `parts` dicts of consecutive entries, sizes differing by one at most (no empty part)."""
+    keys = list(items)
+    bounds = np.linspace(0, len(keys), min(parts, len(keys)) + 1).round().astype(int)
+    return [{k: items[k] for k in keys[a:b]} for a, b in itertools.pairwise(bounds)] or [items]
 
 
 def _as_json(value):

@@ -28,7 +28,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # Keys starting "onnxcam." are onnxcam's own session options, not passed on: "onnxcam.mem_pattern": "0" turns
 # onnxruntime's memory pattern off (SessionOptions.enable_mem_pattern: no block planned for the largest run's
 # intermediates, which are then allocated per tensor from the arena); "onnxcam.intra_op_threads": "N" gives each run
-# N threads (SessionOptions.intra_op_num_threads; the pipeline runs batches at once, each on a share of the cores).
+# N threads (SessionOptions.intra_op_num_threads; the pipeline runs parts of a batch at once, each on a share of the
+# cores).
 SESSION_CONFIG: dict[str, str] = {}
 # What the command line's pipeline sets (cli.py): its sessions share the cores with decoding and writing threads,
 # where spinning onnxruntime threads would burn CPU time those need (measured: 2.5 s CPU less of 14 s on 64 photos;

@@ -131,37 +131,39 @@ def test_a_caller_that_stops_early_stops_the_stages(tmp_path, model_workers):
 
 
 class Overlapping(Runner):
-    """Records how many batches are at the model at once; the first batch waits (up to 60 s) for a second one to
-    arrive, which happens only when batches really run at once."""
+    """Records how many parts of a batch are at the model at once; the part holding p00 waits (up to 60 s) for a
+    second part to arrive, which happens only when the parts really run at once."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.inside, self.most, self.lock = 0, 0, threading.Lock()
+        self.inside, self.most, self.parts, self.lock = 0, 0, [], threading.Lock()
         self.second = threading.Event()
 
-    def _explain_loaded(self, batch):
+    def _explain_images(self, reports, images, timings, target):
         with self.lock:
             self.inside += 1
             self.most = max(self.most, self.inside)
+            self.parts.append(sorted(images))
             if self.inside == 2:
                 self.second.set()
-        if batch.reports[0].image.path.name == "p00.png":
+        if 0 in images and reports[0].image.path.name == "p00.png":
             self.second.wait(60)
         try:
-            return super()._explain_loaded(batch)
+            return super()._explain_images(reports, images, timings, target)
         finally:
             with self.lock:
                 self.inside -= 1
 
 
-def test_batches_run_on_the_model_at_once_come_out_in_order_with_the_same_maps(tmp_path):
+def test_a_batch_runs_on_the_model_in_two_parts_at_once_with_the_same_maps(tmp_path):
     folder = make_photos(tmp_path / "in", 10)
     files = find_images([folder])
     serial = Runner(LITE0, out=tmp_path / "one", device="cpu", save_raw=True, target="top2")
     together = Overlapping(LITE0, out=tmp_path / "two", device="cpu", save_raw=True, target="top2", model_workers=2)
-    one = [rep for batch in serial.run(files, batch_size=2) for rep in batch]
-    two = [rep for batch in together.run(files, batch_size=2) for rep in batch]
-    assert together.most == 2  # two batches were at the model at the same time
+    one = [rep for batch in serial.run(files, batch_size=4) for rep in batch]
+    two = [rep for batch in together.run(files, batch_size=4) for rep in batch]
+    assert together.most == 2  # two parts were at the model at the same time
+    assert sorted(together.parts) == [[0], [0, 1], [0, 1], [1], [2, 3], [2, 3]]  # 4 + 4 + 2 images, halved
     assert [r.image.path.name for r in two] == [f"p{k:02d}.png" for k in range(10)]  # input order
     for a, b in zip(one, two):
         assert [(m.method, m.target) for m in a.maps] == [(m.method, m.target) for m in b.maps]
@@ -170,28 +172,16 @@ def test_batches_run_on_the_model_at_once_come_out_in_order_with_the_same_maps(t
     assert onnxcam_threads() == []
 
 
-def test_in_order_passes_results_in_order_then_a_failure_and_raises_a_worker_error():
-    from concurrent.futures import ThreadPoolExecutor
+def test_split_makes_parts_of_consecutive_entries_differing_by_one_at_most():
+    from onnxcam.pipeline import _split
 
-    from onnxcam.pipeline import _Failed, _in_order
-
-    def slow_first(k):
-        time.sleep(0.2 if k == 0 else 0)  # the second finishes first
-        if k == 3:
-            raise InputError("item 3")
-        return k * 10
-
-    failed = _Failed(InputError("upstream"))
-    with ThreadPoolExecutor(2) as pool:
-        got = list(_in_order(iter([0, 1, 2, failed, 5]), slow_first, pool, 2))
-        assert got == [0, 10, 20, failed]  # nothing after an upstream failure
-        results = _in_order(iter([0, 1, 2, 3, 4]), slow_first, pool, 2)
-        assert [next(results) for _ in range(3)] == [0, 10, 20]
-        with pytest.raises(InputError, match="item 3"):
-            next(results)
+    assert _split({k: k for k in range(5)}, 2) == [{0: 0, 1: 1}, {2: 2, 3: 3, 4: 4}]
+    assert _split({7: "a"}, 2) == [{7: "a"}]  # never an empty part
+    assert _split({}, 2) == [{}]
+    assert [len(p) for p in _split({k: k for k in range(8)}, 3)] == [3, 2, 3]
 
 
-def test_the_command_line_runs_two_batches_at_once_each_on_half_the_cores(monkeypatch):
+def test_the_command_line_runs_batches_in_two_parts_each_on_half_the_cores(monkeypatch):
     from onnxcam import pipeline, runtime
 
     assert pipeline.model_workers(16, 8, cpus=2) == 2
