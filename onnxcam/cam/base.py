@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -33,7 +34,7 @@ from ..runtime import SESSION_CONFIG
 from ..tasks import detect, ocr
 from ..tasks.layout import tokens_to_maps
 from .postprocess import aggregate_layers, layer_map
-from .targets import ClassifierOutputTarget, as_target, seeds
+from .targets import ClassifierOutputTarget, _SeedTarget, as_target, seeds
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,22 @@ class BaseCAM:
         Explainer (the last two: the image input among side inputs, and the side inputs' values).
     channels_last: whether the input is (N, H, W, C); None guesses it from its shape. Each activation's layout is
         guessed from how its dims scale with the input's.
+
+    targets=None explains each sample's top class; for a text recognizer's CTC scores ((N, T, C) or (T, N, C)
+    behind an LSTM/GRU/RNN) it explains each sample's greedily decoded string (ocr.StringTarget: every decoded
+    character's score at its time steps, the command line's map of the whole text line). A two-stage detector's
+    per-region scores (Faster R-CNN's (R, C), R the run's own count of proposals) take a seed array laid out on
+    that image's own run (one image per call), or a tasks.detect.SelectedDetectionTarget; methods whose runs of
+    their own change the regions (perturbed inputs, aug_smooth) are refused for them.
     """
 
     method: Callable = None
     guided = False
     gradient_free = False  # EigenCAM, KPCA-CAM: a zero map never comes from a zero gradient
     builds_gradients = True  # False: the method never runs the gradient graph (Score-CAM, Ablation-CAM)
+    # what the method's runs of its own change besides the caller's input: "input" (noise, masks), "layers"
+    # (ablated activations, the model after them rerun) or None (every run is of the caller's input)
+    perturbs: str | None = None
     # the score's shape per input shape, learnt from the runs (for targets whose seed needs it)
     _score_shapes: dict
 
@@ -151,6 +162,8 @@ class BaseCAM:
         """
         x = as_numpy_input(input_tensor)
         if aug_smooth:
+            self.refuse_moved_regions(x, "aug_smooth explains flipped and brightened copies of the input", "input",
+                                      "leave aug_smooth off", "aug_smooth")
             maps = self.forward_augmentation_smoothing(x, targets, eigen_smooth)
             self._call.degenerate = degenerate_maps(maps, self.result, self._gradient_layers, self.gradient_free)
             return maps
@@ -192,6 +205,11 @@ class BaseCAM:
         """One explain run for the targets (two when a target's seed needs the outputs); sets self.outputs."""
         ex = self.explainer
         n = x.shape[0]
+        if self.perturbs is not None:
+            self.refuse_moved_regions(x, f"{type(self).__name__} makes runs of its own on changed copies of the input",
+                                      "input")
+        if targets is None:
+            targets = self.default_targets(x)
         if targets is None:
             r = ex.run(x)
         else:
@@ -202,6 +220,8 @@ class BaseCAM:
                 r = ocr.run_sequence(ex, x, targets)  # whichever axis of the score holds the batch
             elif (rows := self._class_rows(x, targets)) is not None:
                 ex, r = self._run_on_rows(x, targets, rows)
+            elif self._per_region(x):
+                r = self._run_on_regions(x, targets)
             else:
                 shape = self._score_shape(x)
                 outputs = np.zeros((n, *shape), np.float32)
@@ -213,6 +233,79 @@ class BaseCAM:
         self._score_shapes[x.shape[1:]] = r.logits.shape[1:]
         self.outputs, self.result, self._call.explainer = r.logits, r, ex
         return r
+
+    def default_targets(self, x: np.ndarray) -> list | None:
+        """What targets=None explains: None (each sample's top class), or for a text recognizer's sequence scores
+        each sample's greedily decoded string (ocr.StringTarget, blank class 0), as the command line's text-line
+        map does. A score with no decoded character is then refused in one line (StringTarget's)."""
+        ex = self.explainer
+        if not has_op(ex, ocr.RECURRENT):  # no recognizer: skip shaping the graph
+            return None
+        shape = self._analysis_shape(x)
+        key = (ex.digest, "recognizer", ex.input_name, ex.score_name, tuple(shape[1:]))
+        found = CACHE.get_or_build("analyses", key, lambda: (ocr.is_recognizer(
+            ModelGraph(ex.proto, shape, ex.weights, ex.input_name), ex.score_name),))[0]
+        return [ocr.StringTarget()] * len(x) if found else None
+
+    def refuse_moved_regions(self, x: np.ndarray, what: str, perturbed: str,
+                             fix: str = "use a method that explains the image's own run (GradCAM, HiResCAM, ...)",
+                             option: str = "method") -> None:
+        """InputError when the score holds per-region scores (Faster R-CNN's (R, C)) whose regions (RoiAlign's
+        rois) are computed from what a run of the method's own changes (perturbed: "input", or "layers"): that run
+        proposes other regions, so a row's score there is another region's, a silent wrong answer. Regions that
+        provably stay (computed from nothing the method changes) are no reason to refuse."""
+        ex = self.explainer
+        starts = [ex.input_name] if perturbed == "input" else ex.choose_layers(self._analysis_shape(x))
+        for start in starts:
+            roi = moved_regions(ex, start)
+            if roi is None or not self._per_region_graph(x):
+                continue
+            changed = "the input" if start == ex.input_name else f"layer {start!r}"
+            raise InputError(f"{what}, but the per-region scores {ex.score_name!r} are rows of the regions each run "
+                             f"proposes ({roi} reads regions computed from {changed}): a row's score in another run "
+                             f"would be another region's; {fix}", option=option)
+
+    def _analysis_shape(self, x: np.ndarray) -> tuple:
+        """The input shape the graph is read at: the one built for, else x's (checked first, as the run would)."""
+        ex = self.explainer
+        if ex.analysis.build_shape is None:
+            ex.check_input(x)
+        return ex.analysis.build_shape or (ex.analysis.fixed_batch or 1, *x.shape[1:])
+
+    def _per_region_graph(self, x: np.ndarray) -> bool:
+        """The score is per-region ((R, C) computed from RoiAlign's regions, no batch axis), read from the graph."""
+        ex, shape = self.explainer, self._analysis_shape(x)
+
+        def find() -> tuple:
+            mg = ModelGraph(ex.proto, shape, ex.weights, ex.input_name)
+            t = mg.tensor(ex.score_name)
+            return (len(mg.shape(t) or ()) == 2 and mg.per_region(t),)
+
+        return CACHE.get_or_build("analyses", (ex.digest, "per region", ex.input_name, ex.score_name,
+                                               tuple(shape[1:])), find)[0]
+
+    def _per_region(self, x: np.ndarray) -> bool:
+        """The score is per-region, as the explainable model a dense seed runs (built once; the run reuses it)."""
+        ex = self.explainer
+        self._analysis_shape(x)  # a bad x is refused first, as the run would
+        return ex.compiled(ex.analysis.build_shape or x.shape, 1, by_class=False).rewritten.regions
+
+    def _run_on_regions(self, x: np.ndarray, targets: list) -> Result:
+        """Per-region scores (R, C), R being this image's own count of proposals: seed arrays go to the run as they
+        are (checked there against this run's regions); other targets are seeded on this run's own scores, read by
+        a first run (a zero seed fits any count of regions)."""
+        ex = self.explainer
+        if len(x) != 1:
+            raise InputError(f"the per-region scores {ex.score_name!r} are one image's regions, a count of their "
+                             f"own per image: explain one image per call, not {len(x)}")
+        if all(isinstance(t, _SeedTarget) for t in targets):
+            seed = np.stack([t.weights for t in targets])
+        else:
+            known = self._call.known_outputs  # score_outputs(x) just read them
+            self._call.known_outputs = None
+            outputs = known[1] if known is not None and known[0] is x else self.score_outputs(x)
+            seed = seeds(targets, outputs)
+        return ex.run(x, seed=seed)
 
     def _class_rows(self, x: np.ndarray, targets: list) -> detect.ClassRows | None:
         """The head's class-score tensor to seed instead of the score, when every target weights only the class
@@ -388,6 +481,72 @@ def _class_rows_at(ex: Explainer, shape: tuple, layout: detect.DetectionLayout) 
     if ex.score_name not in {t.name for t in mg.graph.outputs}:
         return None
     return detect.class_rows(mg, ex.score_name, layout)
+
+
+def moved_regions(ex: Explainer, start: str) -> str | None:
+    """The RoiAlign behind ex's score whose regions (rois, batch indices) are computed from tensor `start` (the
+    input or a layer), named for messages; None when there is none. Read from the graph's data flow, including
+    what subgraphs (If branches) read from outside; kept in onnxcam.cache per model."""
+    key = (ex.digest, "regions from", ex.score_name, start)
+    return CACHE.get_or_build("analyses", key, lambda: (_moved_regions(ex.proto.graph, ex.score_name, start),))[0]
+
+
+def _moved_regions(graph: onnx.GraphProto, score: str, start: str) -> str | None:
+    nodes = list(graph.node)
+    reads = [_reads(node) for node in nodes]
+    made_by = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    behind, todo = set(), [score]
+    while todo:
+        i = made_by.get(todo.pop())
+        if i is not None and i not in behind:
+            behind.add(i)
+            todo.extend(reads[i])
+    readers = defaultdict(list)
+    for i, names in enumerate(reads):
+        for name in names:
+            readers[name].append(i)
+    moved, todo = {start}, [start]
+    while todo:
+        for i in readers.get(todo.pop(), ()):
+            fresh = [out for out in nodes[i].output if out and out not in moved]
+            moved.update(fresh)
+            todo.extend(fresh)
+    for i in sorted(behind):
+        node = nodes[i]
+        # a RoiAlign's regions are its inputs 1 and 2; a node whose subgraphs hold one: anything it reads
+        regions = node.input[1:] if node.op_type == "RoiAlign" else reads[i] if _holds(node, "RoiAlign") else ()
+        if any(name in moved for name in regions):
+            return f"{node.op_type} {node.name or node.output[0]!r}"
+    return None
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors a node reads: its inputs and whatever its subgraphs' nodes read (names made inside them too:
+    more than needed, never less)."""
+    names = [name for name in node.input if name]
+    for g in _subgraphs(node):
+        for inner in g.node:
+            names += _reads(inner)
+    return names
+
+
+def _holds(node: onnx.NodeProto, op: str) -> bool:
+    return any(inner.op_type == op or _holds(inner, op) for g in _subgraphs(node) for inner in g.node)
+
+
+def has_op(ex: Explainer, ops) -> bool:
+    """Whether ex's model holds one of `ops` (subgraphs included): a cheap test before shaping the graph, kept in
+    onnxcam.cache per model."""
+    ops = frozenset(ops)
+
+    def find() -> tuple:
+        return (any(node.op_type in ops or any(_holds(node, op) for op in ops) for node in ex.proto.graph.node),)
+
+    return CACHE.get_or_build("analyses", (ex.digest, "holds ops", ops), find)[0]
 
 
 def as_numpy_input(value) -> np.ndarray:

@@ -8,7 +8,11 @@ Both start from one plain forward (the score, the layers' activations); neither 
   the model is cut at the layer (graph/cut.py) and the ablated activations are fed to that tail in batches (at a
   last stage, the pooling and the classifier). pytorch-grad-cam reruns the whole model for each ablation batch.
 
-Targets are read off the explainer's score (the logits, as for the gradient methods), one target per sample.
+Targets are read off the explainer's score (the logits, as for the gradient methods), one target per sample;
+targets=None on a text recognizer is its decoded string (BaseCAM.default_targets). A two-stage detector's per-region
+scores (Faster R-CNN's (R, C)) are refused when the method's runs would read other regions (Score-CAM's masked
+inputs change the proposals; Ablation-CAM's rerun of the model after a layer does when the regions are computed from
+that layer); with regions provably kept, each target is frozen to its weighting of the image's own scores.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from ..graph.evaluate import runtime_failure
 from ..runtime import session
 from ..tasks import ocr
 from . import methods
-from .base import BaseCAM
+from .base import BaseCAM, has_op
 from .projection import get_2d_projection
-from .targets import ClassifierOutputTarget, per_sample
+from .targets import ClassifierOutputTarget, _SeedTarget, per_sample
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ class _ForwardCAM(BaseCAM):
 
     gradient_free = True
     builds_gradients = False  # plain forwards only: the gradient graph is never built
+    perturbs = "input"  # Score-CAM and its kin run masked copies of the input
 
     def __init__(self, model, target_layers=None, reshape_transform=None, *, batch_size: int = 32, **options):
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -84,15 +89,23 @@ class _ForwardCAM(BaseCAM):
             except Exception as exc:  # onnxruntime's own error types
                 raise ModelError(f"onnxruntime failed on input {self.explainer.input_name!r} of shape {x.shape}: "
                                  f"{runtime_failure(exc)}") from exc
-        return [np.concatenate(chunk) for chunk in zip(*parts)]
+        # one image's per-region scores have no batch axis: each run's are stacked (one row per input)
+        stack = getattr(self._call, "per_region", False) and len(parts) > 1
+        return [np.stack(chunk) if stack and name == self.explainer.score_name else np.concatenate(chunk)
+                for name, chunk in zip(names, zip(*parts))]
 
-    def _scores(self, outputs: np.ndarray, samples: np.ndarray) -> np.ndarray:
-        """float32 target score of each output row, row i read by sample samples[i]'s target."""
+    def _scores(self, outputs: np.ndarray, samples: np.ndarray, as_rows: bool = False) -> np.ndarray:
+        """float32 target score of each output row, row i read by sample samples[i]'s target. as_rows: outputs
+        are already one row per sample (_rows)."""
         targets = self._call.numpy_targets
-        return np.float32([np.asarray(targets[n](o)).item() for n, o in zip(samples, self._rows(outputs))])
+        rows = outputs if as_rows else self._rows(outputs)
+        return np.float32([np.asarray(targets[n](o)).item() for n, o in zip(samples, rows)])
 
     def _rows(self, outputs: np.ndarray) -> np.ndarray:
-        """A batch's score with one row per sample: a recognizer's (T, N, C) read as (N, T, C)."""
+        """A batch's score with one row per sample: a recognizer's (T, N, C) read as (N, T, C), one image's
+        per-region (R, C) as (1, R, C)."""
+        if getattr(self._call, "per_region", False):
+            return outputs[None] if outputs.ndim == 2 else outputs
         return outputs.transpose(1, 0, 2) if getattr(self._call, "sequence_first", False) else outputs
 
     def run(self, x: np.ndarray, targets=None) -> Result:
@@ -100,17 +113,28 @@ class _ForwardCAM(BaseCAM):
         ex = self.explainer
         x = ex.check_input(x)
         ex.choose_layers(x.shape)
+        done = "makes runs of its own on changed copies of the input" if self.perturbs == "input" else \
+            "reruns the model after its layers with channels ablated"
+        self.refuse_moved_regions(x, f"{type(self).__name__} {done}", self.perturbs)
+        # per-region scores whose regions stay (refused above otherwise): one image's (R, C), no batch axis
+        self._call.per_region = has_op(ex, ["RoiAlign"]) and self._per_region_graph(x)
+        if self._call.per_region and len(x) != 1:
+            raise InputError(f"the per-region scores {ex.score_name!r} are one image's regions: explain one image "
+                             f"per call, not {len(x)}")
         layers = self.target_layers
         names = list(dict.fromkeys([ex.score_name, *layers, *self._extra_outputs()]))
         values = dict(zip(names, self._forward(x, names)))
         logits = values[ex.score_name]
-        targets = None if targets is None else per_sample(targets, len(x))
+        targets = self.default_targets(x) if targets is None else per_sample(targets, len(x))
         # CTC targets on a (T, N, C) score: the samples are its axis 1 (ocr.sequence_layout)
         self._call.sequence_first = targets is not None and any(ocr.is_sequence_target(t) for t in targets) and \
             ocr.sequence_layout(logits.shape, len(x), declared=_declared(ex.proto, ex.score_name)) == "TNC"
         rows = self._rows(logits)
-        # per thread, as the other results; CTC targets keep the input's own decoding on the perturbed copies
-        self._call.numpy_targets = [ocr.frozen(t, row) for t, row in zip(_numpy_targets(targets, rows), rows)]
+        logits = rows if self._call.per_region else logits  # (1, R, C), as the gradient methods give it
+        # per thread, as the other results; CTC targets keep the input's own decoding on the perturbed copies, and
+        # targets of per-region scores their weighting of the image's own regions (a detection's entry)
+        freeze = _frozen_weights if self._call.per_region else ocr.frozen
+        self._call.numpy_targets = [freeze(t, row) for t, row in zip(_numpy_targets(targets, rows), rows)]
         classes = [t.category if type(t) is ClassifierOutputTarget else -1 for t in self._call.numpy_targets]
         r = Result(logits, np.int64(classes), {layer: values[layer] for layer in layers}, {},
                    {name: values[name] for name in names if name not in layers})
@@ -210,6 +234,7 @@ class AblationCAM(_ForwardCAM):
     """
 
     ABLATION_VALUE = 1e7
+    perturbs = "layers"  # the model after the layer reruns on ablated activations
 
     def __init__(self, model, target_layers=None, reshape_transform=None, *, batch_size: int = 32,
                  ratio_channels_to_ablate: float = 1.0, **options):
@@ -275,7 +300,8 @@ class AblationCAM(_ForwardCAM):
             except Exception as exc:  # onnxruntime's own error types
                 raise ModelError(f"onnxruntime failed on the model after layer {layer!r}: "
                                  f"{runtime_failure(exc)}") from exc
-            ablated[samples[:count], channels[:count]] = self._scores(out[:count], samples[:count])
+            # one row per ablated copy (a recognizer's (T, B, C) has them on axis 1) before the padding is cut
+            ablated[samples[:count], channels[:count]] = self._scores(self._rows(out)[:count], samples[:count], True)
         return methods.ablation_weights(original, ablated)
 
     def _channel_axis(self, raw: np.ndarray, layer: str, x: np.ndarray, channels: int) -> int:
@@ -291,6 +317,12 @@ class AblationCAM(_ForwardCAM):
             raise LayerError(f"layer {layer!r} {raw.shape}: its axis {axis} has {raw.shape[axis]} channels but the "
                              f"reshaped activations have {channels}")
         return axis
+
+
+def _frozen_weights(target, row: np.ndarray):
+    """A target of per-region scores as the fixed weighting it gives the image's own (R, C) scores: its value on
+    another run's scores of the same regions is that weighted sum (a detection's entry, for a detection target)."""
+    return _SeedTarget(np.asarray(target.seed(row), np.float32))
 
 
 def _per_sample(value: np.ndarray, n: int) -> bool:

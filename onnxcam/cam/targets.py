@@ -331,7 +331,6 @@ _FROM_TORCH = {
 }
 
 
-
 def per_sample(targets, n: int) -> list:
     """One target object per sample of a batch of n (an int: that class for every sample), in onnxcam errors."""
     if isinstance(targets, (int, np.integer)):
@@ -343,6 +342,7 @@ def per_sample(targets, n: int) -> list:
         return [as_target(t) for t in targets]
     except TypeError as exc:  # an object that is no target: the API speaks in onnxcam errors
         raise InputError(str(exc)) from None
+
 
 def as_target(target):
     """An onnxcam target for `target`: onnxcam's own, a seed array, an int class, or pytorch-grad-cam's target of the
@@ -373,16 +373,22 @@ def seeds(targets: list, outputs: np.ndarray) -> np.ndarray:
 
 
 class _SeedTarget:
+    """A seed array given as a target: the weighting of one sample's output whose gradient is taken, and whose
+    weighted sum is the target's value (what the gradient-free methods score their perturbed runs by)."""
+
     needs_output = False
 
     def __init__(self, seed: np.ndarray):
         self.weights = np.asarray(seed, np.float32)
 
     def seed(self, output: np.ndarray) -> np.ndarray:
-        if self.weights.shape != output.shape:
-            raise InputError(f"a seed target must have one sample's output shape {output.shape}, "
+        if self.weights.shape != np.shape(output):
+            raise InputError(f"a seed target must have one sample's output shape {np.shape(output)}, "
                              f"not {self.weights.shape}")
         return self.weights
+
+    def __call__(self, output: np.ndarray) -> float:
+        return float((np.asarray(output, np.float64) * self.seed(output)).sum())
 
     def __repr__(self) -> str:
         return f"seed array of shape {self.weights.shape}"

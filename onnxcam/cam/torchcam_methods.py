@@ -82,6 +82,8 @@ class SmoothGradCAMpp(BaseCAM):
     replaces the draws (e.g. torch's, to reproduce torchcam's maps exactly).
     """
 
+    perturbs = "input"  # its noisy copies: refused for per-region scores (BaseCAM.refuse_moved_regions)
+
     def __init__(self, model, target_layers=None, reshape_transform=None, *, num_samples: int = 4, std: float = 0.3,
                  rng: np.random.Generator | int | None = None, noise: Callable | None = None, **options):
         self.num_samples = _positive_int("num_samples", num_samples)
@@ -92,8 +94,8 @@ class SmoothGradCAMpp(BaseCAM):
     def forward(self, x: np.ndarray, targets=None, eigen_smooth: bool = False) -> np.ndarray:
         r = self.run(x, targets)
         n = len(x)
-        if targets is None:
-            targets = [int(t) for t in r.targets]
+        if targets is None:  # each sample's top class; a recognizer's decoded string (BaseCAM.default_targets)
+            targets = self.default_targets(x) or [int(t) for t in r.targets]
         elif isinstance(targets, (int, np.integer)):
             targets = [int(targets)] * n
         noisy = np.concatenate([x + self._noise(x.shape) for _ in range(self.num_samples)])

@@ -13,7 +13,8 @@ Explainer.run(x, seed=...) differentiates it):
 Scores are read as they are (logits or log-probabilities, whatever the score tensor holds). The CAM classes take
 these targets too (`GradCAM(model)(x, targets=[CharacterTarget(1)] * len(x))`): a target with `sequence = True`
 is seeded through run_sequence, on each sample's (T, C) scores whichever axis holds the batch, so a (T, N, C)
-score is never cut along its time axis as if that were the batch. A DBNet text detector's
+score is never cut along its time axis as if that were the batch; with no targets a recognizer's CAM explains
+StringTarget() (BaseCAM.default_targets: the command line's map of the whole text line). A DBNet text detector's
 (N, 1, H, W) probability map is a single-map segmentation output: segment.ClassMaskTarget(0) already sums it over the
 pixels above DBNet's 0.3 threshold (text_region_target below only names it).
 
