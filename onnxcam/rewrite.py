@@ -245,7 +245,9 @@ def _region_seeds(b: Builder, score_t: gs.Tensor, classes: int, n_seeds: int) ->
         hit = b.mask(b.op("Equal", b.unsqueeze(b.op("Gather", regions, b.ints(s), axis=0), [1]), every))  # (K, R)
         row = b.op("ArgMax", hit, axis=0, keepdims=0)  # (R,): each region's row, 0 where none is (masked below)
         found = b.unsqueeze(b.reduce("ReduceMax", hit, [0], keepdims=False), [1])  # (R, 1)
-        seeds.append(b.op("Mul", b.op("Gather", b.op("Gather", rows, b.ints(s), axis=0), row, axis=0), found))
+        given = b.op("Gather", rows, b.ints(s), axis=0)
+        seeds.append(b.op("Mul", b.op("Gather", given, row, axis=0), found))
+        b.region_seeds[seeds[-1].name] = (row, found, given)  # the seeded rows alone: passes_regions.region_rows
     return seeds
 
 

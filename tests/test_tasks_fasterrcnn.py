@@ -23,13 +23,15 @@ from torch import nn
 
 import onnxcam
 from onnxcam import rewrite
+from onnxcam.autodiff import builder
+from onnxcam.autodiff.passes_regions import ROI_RULE, RULE
 from onnxcam.cli import main
 from onnxcam.errors import InputError, LayerError
 from onnxcam.graph.model import ModelGraph
 from onnxcam.runtime import cpu_session
 from onnxcam.tasks import choose, detect
 
-from .detectors import check_gradcam, conv_stage, export_whole, seed_batchnorm, two_targets
+from .detectors import check_gradcam, close, conv_stage, export_whole, seed_batchnorm, two_targets
 
 CLASSES = 5  # background + 4 classes
 LAYER_MODULE = "model.backbone.fpn.inner_blocks.1.0"  # the FPN's lateral conv on the last stage: feeds both levels
@@ -239,6 +241,44 @@ def test_a_seed_over_many_regions_matches_float64_torch(fasterrcnn, explained):
     cam.maps_for(dim, cam.explainer.run(dim, seed=np.float32(weights)))
     score64 = (torch.from_numpy(weights[0]) * torch.softmax(seen["logits"], -1)).sum()
     check_gradcam(cam, cam.explainer.layers[0], seen["a"], score64)
+
+
+def _gradient_at_layer(onnx_model: bytes, x: torch.Tensor, seed: np.ndarray, passes: tuple) -> tuple:
+    """(the gradient at LAYER of <seed, (R, C) score> for x, the explainable model built with `passes` only, fed
+    the seed's nonzero rows as the Explainer does; how many of its nodes passes_regions.region_rows and roi_rows
+    emitted)."""
+    every = builder.PASSES
+    builder.PASSES = passes
+    try:
+        mg = ModelGraph(onnx.load_from_string(onnx_model), tuple(x.shape))
+        rw = rewrite.build(mg, [LAYER], mg.default_score())
+    finally:
+        builder.PASSES = every
+    regions = np.flatnonzero(np.any(seed, axis=1))
+    feeds = {"images": x.numpy(), rewrite.REGIONS: regions[None], rewrite.ROWS: np.float32(seed[regions][None])}
+    grad = cpu_session(rw.model.SerializeToString(), rw.weights).run([rewrite.grad_name(LAYER)], feeds)[0]
+    rules = [json.loads(n.doc_string)[rewrite.ORIGIN]["rule"] for n in rw.model.graph.node
+             if n.doc_string.startswith("{")]
+    return grad, rules.count(RULE), rules.count(ROI_RULE)
+
+
+def test_box_head_gradient_runs_on_the_seeded_rows_only(fasterrcnn, explained):
+    """passes_regions.region_rows: the box head's gradient (Flatten, fc6, fc7, their ReLUs, the class Gemm, the
+    Softmax) runs on the seeded regions' rows, gathered from the run's R, and is added back into RoiAlign's R crops;
+    roi_rows: RoiAlign's gradient runs on the regions whose crops carry one. For x's best detection and for a seed
+    over every region, the gradient at the layer is the one of the model built without either pass (float32 alike
+    up to summation order), whose values the tests above hold to float64 torch (as they do the default build)."""
+    _, onnx_model, x = fasterrcnn
+    _, selection, first, found = explained
+    probs = first.logits[0]
+    seeds = [selection.seed(probs, found[0].anchor, found[0].label),
+             np.random.default_rng(1).standard_normal(probs.shape)]
+    without = tuple(p for p in builder.PASSES if p not in ("region_rows", "roi_rows"))
+    for seed in seeds:
+        got, *emitted = _gradient_at_layer(onnx_model, x, seed, builder.PASSES)
+        want, *none = _gradient_at_layer(onnx_model, x, seed, without)
+        assert min(emitted) > 0 and none == [0, 0] and np.abs(want).max() > 0
+        close(got, want, 1e-5)
 
 
 def test_seeds_of_other_regions_and_bad_indices_are_refused(fasterrcnn, explained):

@@ -36,7 +36,7 @@ def _onnx_dtype(dtype) -> int:
 
 
 PASSES = ("fold_silu", "pool_indices", "take_class_rows", "fold_crops", "split_conv_channels", "crop_seed_windows",
-          "skip_zero_slabs")
+          "skip_zero_slabs", "region_rows", "roi_rows")
 
 
 class Builder:
@@ -65,6 +65,8 @@ class Builder:
         self._emitted: set[str] = set()  # names of tensors this builder made (everything else is forward graph)
         self._widened: dict[str, gs.Variable] = {}
         self._one_hots: dict[str, gs.Tensor] = {}  # name of a one-hot seed -> its (N,) class indices
+        # name of a per-region seed -> how rewrite._region_seeds laid out its rows (passes_regions.region_rows)
+        self.region_seeds: dict[str, tuple] = {}
         self.targets: set[str] = set()  # names of the tensors whose gradients are wanted (set by the walk)
         self.grad_shapes: dict[str, tuple] = {}  # gradient name -> the broadcast shape a rule declared for it
         # id(gradient tensor) -> (it, the forward tensor it is a gradient of, hence shaped like): set by the walk

@@ -11,6 +11,7 @@ import onnx_graphsurgeon as gs
 from ..errors import UnsupportedOpError
 from .builder import Builder
 from .passes import fold_silu, pool_indices, pool_indices_gradient, silu_gradient
+from .passes_regions import ROI_RULE, region_rows, roi_rows, roi_rows_gradient
 from .rules import find_rule, load_all
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,12 @@ def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Te
     nodes, on_path = b.model.path_nodes(targets, score)
     check_supported(b, nodes)
     b.targets = {t.name for t in targets}
+    rois = roi_rows(b, nodes, seed)  # before region_rows, which replaces the seed by its rows
+    nodes, on_path, top, seed = region_rows(b, nodes, on_path, score, seed)  # the passes below see its row views
     silu = fold_silu(b, nodes)
     pools = pool_indices(b, nodes)
     on_path = on_path - {s.name for s in silu.values()}  # a folded Sigmoid's output gets no gradient of its own
-    grads: dict[str, list[gs.Tensor]] = {score.name: [seed]}
+    grads: dict[str, list[gs.Tensor]] = {top.name: [seed]}
     for node in reversed(nodes):
         b.node = node  # set first: the Sum of the outputs' fan-in is named after (and blamed on) this node
         gy = [_total(b, grads, o.name) if o.name in on_path else None for o in node.outputs]
@@ -48,6 +51,9 @@ def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Te
         elif id(node) in pools:
             b.rule = "passes.pool_indices"
             makers = pool_indices_gradient(b, node, gy)
+        elif id(node) in rois:
+            b.rule = ROI_RULE
+            makers = roi_rows_gradient(b, node, gy, r)
         else:
             b.rule = rule_name(r)
             makers = r.fn(b, node, gy)
