@@ -11,6 +11,8 @@ branch's map).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import pytest
@@ -92,9 +94,9 @@ def ifs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def crops(model: onnx.ModelProto) -> int:
-    """How many branches crop_seed_windows cropped: each finds its window's bounds with 4 ArgMax nodes."""
+    """How many boxes crop_seed_windows finds at run time: one ReduceMin (of the rows' and columns' starts) each."""
     branches = [a.g.node for n in ifs(model) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
-    return sum(m.op_type == "ArgMax" for m in [*model.graph.node, *(m for g in branches for m in g)]) // 4
+    return sum(m.op_type == "ReduceMin" for m in [*model.graph.node, *(m for g in branches for m in g)])
 
 
 SEEDS = {"stride-1 scale only": one_hot([10, 37]), "stride-2 scale only": one_hot([A0 + 3, A0 + 15]),
@@ -116,7 +118,7 @@ def test_seed_passes_match_the_graph_without_them_and_autograd(case, monkeypatch
     for name, left_out in WITHOUT.items():
         passes = tuple(p for p in every if p not in left_out)
         got[name], models[name] = gradients(["f", "d"], seed, passes, monkeypatch)
-    assert [(len(ifs(m)), crops(m)) for m in models.values()] == [(2, 1), (2, 0), (0, 1), (0, 0)]
+    assert [(len(ifs(m)), crops(m) > 0) for m in models.values()] == [(2, True), (2, False), (0, True), (0, False)]
     want = autograd(seed)
     for name, values in got.items():
         for t in ("f", "d"):
@@ -170,3 +172,231 @@ def test_hessian_builds_without_the_seed_passes(monkeypatch):
     without = hvp(tuple(p for p in every if p not in ("crop_seed_windows", "skip_zero_slabs")))
     assert np.abs(without).max() > 0
     np.testing.assert_allclose(hvp(every), without, rtol=1e-6, atol=1e-6 * np.abs(without).max())
+
+
+# ---- a YOLO-like neck: the windows carried through nearest Upsamples, Concats and strided convolutions ----------
+# x (64x48) -> c1 (32x24) -> c2 (16x12) -> c3 (8x6), strided 3x3 convs (maps not square: rows and columns apart); top-down: Resize x2 of c3, Concat with c2,
+# conv -> n2; Resize x2 of n2, Concat with c1, conv -> p3 (32x24); bottom-up: strided conv of p3, Concat with n2,
+# conv -> p4 (16x12); strided conv of p4, Concat with c3, conv -> p5 (8x6); a 3x3 + 1x1 class head per scale, the
+# (N, K, A) maps concatenated along the anchors (768 + 192 + 48) and squashed by a Sigmoid, as YOLOv8's are.
+NECK_X = rng.standard_normal((N, 3, 64, 48))
+GRIDS = {2: (32, 24), 4: (16, 12), 8: (8, 6)}  # stride: grid's rows and columns
+A3, A4, A5 = 32 * 24, 16 * 12, 8 * 6
+
+
+def _conv(name, x, w, stride=1, act=True) -> list:
+    pads = [w.shape[2] // 2] * 4
+    out = [helper.make_node("Conv", [x, f"w_{name}"], [f"{name}_c" if act else name], pads=pads,
+                            strides=[stride, stride])]
+    if act:
+        out += [helper.make_node("Sigmoid", [f"{name}_c"], [f"{name}_s"]),
+                helper.make_node("Mul", [f"{name}_c", f"{name}_s"], [name])]
+    return out
+
+
+def neck_model(opset: int = 17) -> tuple[onnx.ModelProto, dict]:
+    """The YOLO-like model and its weights (float32, seeded)."""
+    r = np.random.default_rng(11)
+    shapes = {"c1": (4, 3, 3, 3), "c2": (4, 4, 3, 3), "c3": (4, 4, 3, 3), "n2": (4, 8, 3, 3), "p3": (4, 8, 3, 3),
+              "d3": (4, 4, 3, 3), "p4": (4, 8, 3, 3), "d4": (4, 4, 3, 3), "p5": (4, 8, 3, 3)}
+    for s in ("3", "4", "5"):
+        shapes[f"h{s}"], shapes[f"k{s}"] = (4, 4, 3, 3), (CLASSES, 4, 1, 1)
+    w = {f"w_{k}": (r.standard_normal(v) / np.sqrt(np.prod(v[1:]))).astype(np.float32) for k, v in shapes.items()}
+    up = [helper.make_node("Resize", [src, "", "two"], [dst], mode="nearest") for src, dst in (("c3", "u3"),
+                                                                                               ("n2", "u2"))]
+    nodes = [*_conv("c1", "x", w["w_c1"], 2), *_conv("c2", "c1", w["w_c2"], 2), *_conv("c3", "c2", w["w_c3"], 2),
+             up[0], helper.make_node("Concat", ["u3", "c2"], ["t2"], axis=1), *_conv("n2", "t2", w["w_n2"]),
+             up[1], helper.make_node("Concat", ["u2", "c1"], ["t1"], axis=1), *_conv("p3", "t1", w["w_p3"]),
+             *_conv("d3", "p3", w["w_d3"], 2), helper.make_node("Concat", ["d3", "n2"], ["t3"], axis=1),
+             *_conv("p4", "t3", w["w_p4"]), *_conv("d4", "p4", w["w_d4"], 2),
+             helper.make_node("Concat", ["d4", "c3"], ["t4"], axis=1), *_conv("p5", "t4", w["w_p5"])]
+    for s, anchors in (("3", A3), ("4", A4), ("5", A5)):
+        nodes += [*_conv(f"h{s}", f"p{s}", w[f"w_h{s}"]), *_conv(f"k{s}", f"h{s}", w[f"w_k{s}"], act=False),
+                  helper.make_node("Reshape", [f"k{s}", f"shape{s}"], [f"r{s}"])]
+        w[f"shape{s}"] = np.array([N, CLASSES, anchors])
+    nodes += [helper.make_node("Concat", ["r3", "r4", "r5"], ["cat"], axis=2),
+              helper.make_node("Sigmoid", ["cat"], ["y"])]
+    w["two"] = np.array([1, 1, 2, 2], np.float32)
+    graph = helper.make_graph(nodes, "neck", [helper.make_tensor_value_info("x", TensorProto.FLOAT, NECK_X.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in w.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 8
+    return proto, w
+
+
+def _float64(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model in float64, for onnx's reference evaluator (onnxruntime has no float64 Conv)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    f32, f64 = TensorProto.FLOAT, TensorProto.DOUBLE
+
+    def tensor(t):
+        if t.data_type == f32:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+
+    def graph(g):
+        del g.value_info[:]
+        for vi in [*g.input, *g.output]:
+            if vi.type.tensor_type.elem_type == f32:
+                vi.type.tensor_type.elem_type = f64
+        for t in g.initializer:
+            tensor(t)
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    tensor(a.t)
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    graph(a.g)
+                elif n.op_type == "Cast" and a.name == "to" and a.i == f32:
+                    a.i = f64
+    graph(model.graph)
+    return model
+
+
+@functools.cache
+def neck_build(layers: tuple, passes: tuple, opset: int = 17, worth: float | None = None) -> tuple:
+    """(the explainable neck model in float64 with its weights inside, what crop_seed_windows logged). worth: the
+    pass's cost guard (passes._WORTH); None windows every node the table of op kinds allows, so that the windows
+    cross the whole small neck (its maps are too small for the guard to let them)."""
+    import logging
+
+    from onnxcam.autodiff import passes as seed_passes
+
+    every, guard = builder.PASSES, seed_passes._WORTH
+    builder.PASSES, seed_passes._WORTH = passes, worth
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: records.append(rec.getMessage())
+    log = logging.getLogger("onnxcam.autodiff.passes")
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.DEBUG)
+    try:
+        proto, _ = neck_model(opset)
+        rw = build(ModelGraph(proto, NECK_X.shape), list(layers), "y")
+    finally:
+        builder.PASSES, seed_passes._WORTH = every, guard
+        log.removeHandler(handler)
+        log.setLevel(level)
+    model = rw.model
+    for init in model.graph.initializer:
+        if init.name in rw.weights:
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(rw.weights[init.name]), init.name))
+    return _float64(model), [m for m in records if m.startswith("crop_seed_windows")]
+
+
+def neck_gradients(layers: tuple, seed: np.ndarray, passes: tuple, probe: bool = False, opset: int = 17) -> dict:
+    """{name: value} of the layers' gradients (float64, onnx's reference evaluator); probe: also the input and
+    output of every Slice that crops a forward map or a region's entering gradient to its box (run-time bounds,
+    not a Pad's output), as (input shape, output shape) under the Slice's name."""
+    from onnx.reference import ReferenceEvaluator
+
+    model, _ = neck_build(layers, passes, opset)
+    names = [grad_name(t) for t in layers]
+    probes = {}
+    if probe:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        padded = {o for n in model.graph.node if n.op_type == "Pad" for o in n.output}
+        bounds = {o for n in model.graph.node for o in n.output}  # a crop's starts are computed, not constant
+        for n in model.graph.node:
+            if n.op_type == "Slice" and n.input[0] not in padded and n.input[1] in bounds:
+                probes[n.name] = (n.input[0], n.output[0])
+        model.graph.output.extend(helper.make_empty_tensor_value_info(t) for pair in probes.values() for t in pair)
+    ev = ReferenceEvaluator(model)
+    wanted = names + [t for pair in probes.values() for t in pair]
+    values = dict(zip(wanted, ev.run(wanted, {"x": NECK_X, SEED: seed[:, None]})))
+    out = {t: values[grad_name(t)] for t in layers}
+    out.update({k: (values[i].shape, values[o].shape) for k, (i, o) in probes.items()})
+    return out
+
+
+def neck_seed(cells: list[tuple]) -> np.ndarray:
+    """A seed on class 1 at one anchor per sample, given as (stride, row, column) of its scale's grid."""
+    seed = np.zeros((N, CLASSES, A3 + A4 + A5))
+    offsets = {2: 0, 4: A3, 8: A3 + A4}
+    for i, (stride, row, col) in enumerate(cells):
+        seed[i, 1, offsets[stride] + row * GRIDS[stride][1] + col] = 1.0
+    return seed
+
+
+NECK_SEEDS = {"stride 8 centre": [(8, 3, 4), (8, 5, 2)], "stride 8 corners": [(8, 0, 0), (8, 7, 5)],
+              "stride 4 centre and edge": [(4, 8, 6), (4, 0, 9)], "stride 2 corners": [(2, 0, 23), (2, 31, 0)],
+              "stride 2 edge and stride 8": [(2, 15, 0), (8, 7, 3)]}
+WITHOUT_CROPS = tuple(p for p in builder.PASSES if p != "crop_seed_windows")
+NECK_LAYERS = ("c1", "p3")  # the backbone's stride-2 map (every path reaches it) and the neck's
+
+
+@pytest.mark.parametrize("case", list(NECK_SEEDS))
+def test_windows_cross_the_neck_and_match_the_dense_gradients(case):
+    """Wherever the anchors lie (each stride, the grids' corners and edges, two scales in one batch), the gradients
+    at c1 and p3 with the windows carried through the Upsamples' gradients, the Concats' slabs and the strided
+    convolutions' gradients are the dense graph's, in float64 within 1e-10; and the neck ran on windows (some
+    map cropped in the main graph, outside the heads' Ifs: a scale without anchors gives 1x1 boxes)."""
+    seed = neck_seed(NECK_SEEDS[case])
+    got = neck_gradients(NECK_LAYERS, seed, builder.PASSES, probe=True)
+    want = neck_gradients(NECK_LAYERS, seed, WITHOUT_CROPS)
+    assert any(i != o for k, (i, o) in got.items() if k not in NECK_LAYERS)
+    for t in NECK_LAYERS:
+        assert np.abs(want[t]).max() > 1e-5  # not a degenerate map
+        np.testing.assert_allclose(got[t], want[t], rtol=1e-10, atol=1e-10 * np.abs(want[t]).max(), err_msg=t)
+
+
+def test_coarsest_anchor_runs_the_neck_on_windows():
+    """The pass applies beyond the head: the neck's and backbone's gradients run on windows, those inside
+    skip_zero_slabs' Ifs (reached from some scales) with their boxes found inside them (every If stays), and at
+    run time a seed at anchors of the coarsest scale (stride 8
+    here, YOLOv8's stride 32) near the grid's corner crops maps of every
+    size (a Slice smaller than its input at 32x24, 16x12 and 8x6 in the main graph, outside the heads' Ifs)."""
+    model, logged = neck_build(NECK_LAYERS, builder.PASSES)
+    assert len(logged) == 1 and int(logged[0].split(":")[1].split()[0]) > 0
+    assert len(ifs(model)) == len(ifs(neck_build(NECK_LAYERS, WITHOUT_CROPS)[0])) > 1  # no If lost to the boxes
+    shapes = neck_gradients(NECK_LAYERS, neck_seed([(8, 0, 0), (8, 1, 0)]), builder.PASSES, probe=True)
+    cropped = {i[2:] for k, (i, o) in shapes.items() if k not in NECK_LAYERS and o[2:] != i[2:]}
+    assert {(32, 24), (16, 12), (8, 6)} <= cropped
+
+
+def test_dense_seed_crops_nothing():
+    """A dense seed (every anchor of every scale) reaches every row and column: every box is the whole map, and the
+    gradients are the dense graph's."""
+    seed = rng.standard_normal((N, CLASSES, A3 + A4 + A5))
+    shapes = neck_gradients(NECK_LAYERS, seed, builder.PASSES, probe=True)
+    probes = {k: v for k, v in shapes.items() if k not in NECK_LAYERS}
+    assert probes and all(i == o for i, o in probes.values())
+    want = neck_gradients(NECK_LAYERS, seed, WITHOUT_CROPS)
+    for t in NECK_LAYERS:
+        np.testing.assert_allclose(shapes[t], want[t], rtol=1e-10, atol=1e-10 * np.abs(want[t]).max(), err_msg=t)
+
+
+@pytest.mark.parametrize("opset", [11, 12, 13, 18])
+def test_windows_at_other_opsets(opset):
+    """The boxes' arithmetic changes with the opset (reduction axes as attributes or inputs; Min and Max of int64
+    from opset 12, so no windows before) and the Ifs with them: the gradients stay the dense graph's, no If is lost
+    and the graph has no cycle (the boxes of a region inside an If are found inside it)."""
+    seed = neck_seed(NECK_SEEDS["stride 2 edge and stride 8"])
+    got = neck_gradients(NECK_LAYERS, seed, builder.PASSES, probe=True, opset=opset)
+    want = neck_gradients(NECK_LAYERS, seed, WITHOUT_CROPS, opset=opset)
+    assert any(i != o for k, (i, o) in got.items() if k not in NECK_LAYERS) == (opset >= 12)
+    assert len(ifs(neck_build(NECK_LAYERS, builder.PASSES, opset)[0])) == \
+        len(ifs(neck_build(NECK_LAYERS, WITHOUT_CROPS, opset)[0])) > 1
+    for t in NECK_LAYERS:
+        np.testing.assert_allclose(got[t], want[t], rtol=1e-10, atol=1e-10 * np.abs(want[t]).max(), err_msg=t)
+
+
+def test_cost_guard_keeps_the_heads_windows_and_stops_the_wide_ones():
+    """With the pass's cost guard (windows over 35% of their map for one anchor, or from gradients other than the
+    seed's maps, are left dense), the small neck's heads still run on windows, fewer nodes than without the guard,
+    and the gradients are the dense graph's."""
+    from onnxcam.autodiff import passes as seed_passes
+
+    guarded = neck_build(NECK_LAYERS, builder.PASSES, worth=seed_passes._WORTH)[1]
+    everything = neck_build(NECK_LAYERS, builder.PASSES)[1]
+    count = [int(m.split(":")[1].split()[0]) for m in (*guarded, *everything)]
+    assert len(count) == 2 and 0 < count[0] < count[1]
+    seed = neck_seed(NECK_SEEDS["stride 8 corners"])
+    model, _ = neck_build(NECK_LAYERS, builder.PASSES, worth=seed_passes._WORTH)
+    from onnx.reference import ReferenceEvaluator
+
+    got = ReferenceEvaluator(model).run([grad_name(t) for t in NECK_LAYERS], {"x": NECK_X, SEED: seed[:, None]})
+    want = neck_gradients(NECK_LAYERS, seed, WITHOUT_CROPS)
+    for t, g in zip(NECK_LAYERS, got):
+        np.testing.assert_allclose(g, want[t], rtol=1e-10, atol=1e-10 * np.abs(want[t]).max(), err_msg=t)

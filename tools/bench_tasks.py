@@ -15,6 +15,8 @@ scores alone (the box branch then carries no gradient) and `--without` leaves pa
     PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --size 320 --layers auto,model.4 --reps 30
     PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --size 320 --layers model.4 --profile --reps 0
     PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --layers auto --class-score /model.22/Sigmoid_output_0 --profile
+    # one anchor per stride at 320 px, each its grid's centre (passes.crop_seed_windows: the windows it reaches)
+    for a in 820 1810 2055; do PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --profile --reps 0 --anchor $a; done
     # A/B against another onnxcam tree (e.g. `git archive HEAD | tar -x -C /tmp/head`): save there, time here
     PYTHONPATH=/tmp/head:/tmp/ulib python tools/bench_tasks.py --layers model.4 --save /tmp/head-m4.onnx --reps 0
     PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --layers model.4 --compare head=/tmp/head-m4.onnx --reps 30

@@ -9,9 +9,10 @@ A rule sees one forward node while the walk is under way and writes its formula 
 - take_class_rows, fold_crops and split_conv_channels run once every gradient node exists, so they see every
   reader of a tensor and can change a node that other branches might read (Add, Sum, Identity and Expand hand one
   gradient tensor to several rules);
-- crop_seed_windows and skip_zero_slabs, last, use where a detection's seed is zero: each scale's head branch runs
-  on the window its one anchor reaches, and only for the scales the seed touches (an If). Their nodes have no
-  gradient rules: a graph that will be differentiated again (hessian.py) is built without them (SEED_PASSES).
+- crop_seed_windows and skip_zero_slabs, last, use where a detection's seed is zero: each scale's head branch and
+  the neck and backbone after it run on the windows its anchors reach (windows.py), and only for the scales the
+  seed touches (an If). Their nodes have no gradient rules: a graph that will be differentiated again
+  (hessian.py) is built without them (SEED_PASSES).
 Builder.passes names the passes that run (all by default); tests switch one off to compare the graphs.
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .builder import Builder
+from .windows import Region, window_region
 
 __all__ = ["SEED_PASSES", "crop_seed_windows", "fold_crops", "fold_silu", "pool_indices", "pool_indices_gradient",
            "silu_gradient", "skip_zero_slabs", "split_conv_channels", "take_class_rows"]
@@ -364,21 +366,9 @@ def _slab_groups(b: Builder, outermost: bool) -> tuple[dict[str, gs.Tensor], dic
     (outermost) the slabs of the outermost Concat they come from, which keeps every group convex (no path leaves
     it and comes back: a node's outermost slabs only grow along the gradient's flow). A node reached from every
     slab of one Concat is in no group (it always runs)."""
-    b.graph.toposort()
-    nodes = [n for n in b.graph.nodes if n.name in b.origins and n.outputs]  # not the ones other passes emptied
-    slabs = _seed_slabs(b, nodes)
+    nodes, slabs, reached = _slab_reach(b, outermost)
     if len(slabs) < 2:
         return {}, {}
-    reached: dict[int, frozenset] = {}  # id(node) -> names of the (outermost) slabs its gradient inputs come from
-    producer = {id(t): n for n in nodes for t in n.outputs}
-    for n in nodes:
-        names = set()
-        for t in n.inputs:
-            if id(t) not in producer:
-                continue  # a forward tensor or constant
-            above = reached[id(producer[id(t)])]
-            names |= ({t.name} if not (outermost and above) else above) if t.name in slabs else above
-        reached[id(n)] = frozenset(names)
     siblings: dict[str, frozenset] = {}
     for name, (concat, _) in slabs.items():
         siblings[concat] = siblings.get(concat, frozenset()) | {name}
@@ -390,46 +380,111 @@ def _slab_groups(b: Builder, outermost: bool) -> tuple[dict[str, gs.Tensor], dic
     return {name: t for name, (_, t) in slabs.items()}, groups
 
 
-# Gradient ops a cropped window passes through: same-padded stride-1 convolutions, elementwise products and
-# Slices of channels.
-_WINDOW_OPS = {"Conv", "Mul", "Add", "Sub", "Div", "Neg", "Sum", "Identity", "Slice"}
+def _slab_reach(b: Builder, outermost: bool) -> tuple[list[gs.Node], dict, dict[int, frozenset]]:
+    """(the gradient nodes in graph order, _seed_slabs, {id(node): names of the (outermost) slabs its gradient
+    inputs come from}). The nodes that find a region's boxes (_BOUNDS_RULE) read gradients made in other groups:
+    they are reached from the slabs of their region's group (_window_homes; every slab for a region outside the
+    groups), so that they and what reads them stay where the region's nodes are."""
+    b.graph.toposort()
+    homes = _window_homes(b)
+    nodes = [n for n in b.graph.nodes if n.name in b.origins and n.outputs]  # not the ones other passes emptied
+    slabs = _seed_slabs(b, nodes)
+    reached: dict[int, frozenset] = {}
+    producer = {id(t): n for n in nodes for t in n.outputs}
+    for n in nodes:
+        if n.name in homes:
+            reached[id(n)] = homes[n.name]
+            continue
+        names = set()
+        for t in n.inputs:
+            if id(t) not in producer:
+                continue  # a forward tensor or constant
+            above = reached[id(producer[id(t)])]
+            names |= ({t.name} if not (outermost and above) else above) if t.name in slabs else above
+        reached[id(n)] = frozenset(names)
+    return nodes, slabs, reached
+
+
+def _window_homes(b: Builder) -> dict[str, frozenset]:
+    """{name of a node that finds a box of a skip_zero_slabs group's region: the group's outermost slab names},
+    kept on the builder between crop_seed_windows and skip_zero_slabs."""
+    return b.window_homes
+
+
+# The rule recorded for the nodes that find the boxes of a region beyond the heads (windows.window_region): they
+# read gradients made in other skip_zero_slabs groups, so _slab_reach puts them in their region's group.
+_BOUNDS_RULE = "passes.crop_seed_windows.bounds"
+# Windows that cover more than this share of their map on average (for one anchor), or that come from gradients
+# other than the seed's maps, cost more in crops, pads and small nodes than they save (YOLOv8n at 320 px, class
+# scores seeded, a stride-32 anchor: 5.8 ms of gradient kernels without the neck's windows, 7.0 ms with them).
+# None: window every node the table of op kinds allows (tests).
+_WORTH: float | None = 0.35
 
 
 def crop_seed_windows(b: Builder) -> int:
-    """Run each scale's head branch on the window of its seed slab that holds nonzeros; return how many.
+    """Run the gradient nodes that a sparse seed reaches on the windows of their maps that hold nonzeros; return
+    how many nodes run on windows.
 
     A detection's seed is nonzero at one anchor: through a head branch of k same-padded 3x3 convolutions its
-    gradient is nonzero on a (2k+1) x (2k+1) window of the scale's map, while the adjoint convolutions compute
-    the whole map (YOLOv8n at 320 px: 4.9 ms of the stride-8 class branch per run). The pass finds the rows and
-    columns of the slab (reshaped to its (N, C, H, W) map) that hold a nonzero, widens that box by the branch's
-    total padding, crops the branch's input and the forward tensors it multiplies to it, and pads the gradients
-    that leave the branch back to (H, W) with zeros. Exact: at every step the gradient outside the widened box is
-    zero (each same-padded stride-1 convolution widens the nonzeros by its padding), so a convolution's zero
-    padding at the crop's border reads the values that are there; a dense seed crops nothing, and a batch crops
-    to the box holding every sample's nonzeros. With skip_zero_slabs, YOLOv8n at 320 px, class scores seeded at
-    one anchor, kernel time against a plain inference: the neck (model.15) 1.35x -> 1.10x / 1.13x / 1.21x for a
-    stride-8 / 16 / 32 anchor, model.4 1.77x -> 1.52x / 1.56x / 1.66x (tools/bench_tasks.py --profile).
-    Preconditions: the branch reads a single slab, 4-D or reshaped to 4-D by the node reading it; every other node
-    is a Conv with stride 1 and equal begin/end pads, elementwise, or a Slice of channels (_WINDOW_OPS); every
-    tensor it reads or makes besides the slab is 4-D with the map's (H, W) (then cropped) or broadcasts over it
-    (size 1 on both axes); opset 13 or later (ArgMax's select_last_index).
-    """
-    if "crop_seed_windows" not in b.passes or b.opset < 13:
+    gradient is nonzero on a (2k+1) x (2k+1) window of the scale's map, and from a stride-32 anchor on through the
+    neck (strided convolutions' gradients widen the window by their stride, nearest Upsamples' gradients shrink
+    it, Concats and C2f blocks keep it), while the dense adjoints compute every map whole. The windows propagate
+    through a table of op kinds (windows.py: elementwise ops and channel Slices/Pads/Concats, stride-1 'same'
+    Convs, strided Convs with span < stride, ConvTransposes); at run time each region's entering gradients give
+    the rows and columns that hold a nonzero, every tensor runs on the box its table gives, and the tensors that
+    leave are padded back with zeros. Exact: nothing outside a box is nonzero, so convolutions' zero padding at a
+    box's border reads the values that are there (a zero seed slab gives 1x1 boxes of zeros, a dense seed boxes
+    of the whole map). Regions: each scale's head branch, the rest of each skip_zero_slabs group, and the nodes
+    that always run; their boxes are found where their nodes run (inside the group's If, or outside every If).
+    Cost guard (_WORTH): a region keeps the nodes fed by the seed's maps whose windows, for one anchor, cover at
+    most 35% of their map on average; beyond, crops, pads and the boxes' small nodes cost more than they save.
+    YOLOv8n at 320 px, one anchor at the grid's centre, gradient kernel ms against HEAD (tools/bench_tasks.py
+    --profile, medians of 3, loaded machine), stride 8 / 16 / 32: the output seeded, model.15 8.9 / 11.7 / 12.5 ->
+    6.6 / 7.4 / 6.2, model.4 18.9 / 21.8 / 22.1 -> 16.4 / 16.6 / 15.9; class scores seeded (as the CLI does: the
+    scales are Ifs already) model.15 1.7 / 3.6 / 6.4 -> 1.7 / 4.1 / 6.8, model.4 11.0 / 13.3 / 15.7 -> 10.9 /
+    12.8 / 15.4 (at 320 px a stride-32 window covers its whole neck map after two 3x3 convolutions).
+    Preconditions (a node that fails one keeps its dense map: its gradient inputs are padded back to it and its
+    output measured again): every map it reads or writes is a static 4-D (N, C, H, W); a Conv or ConvTranspose
+    has no bias, explicit pads and 2-D kernels, and a Conv keeps its map (stride 1, pads summing to (k-1)d) or has
+    a kernel span below its stride; Add, Sub, Sum, Concat (of batch or channels) read gradients only, Mul and Div
+    one gradient (Div's numerator) and forward tensors that are maps of the same (H, W) (then cropped) or
+    broadcast over them; Slices and Pads touch batch or channels only, with constant bounds; opset 12 or later
+    (Min and Max of int64 boxes)."""
+    if "crop_seed_windows" not in b.passes or b.opset < 12:
         return 0
-    slabs, groups = _slab_groups(b, outermost=False)
-    chains = [(slabs[next(iter(names))], group) for names, group in groups.items()
-              if len(names) == 1 and any(n.op == "Conv" for n in group)]
-    if not chains:
+    nodes, slabs, reached = _slab_reach(b, outermost=False)
+    if len(slabs) < 2:
         return 0
+    _, nearest = _slab_groups(b, outermost=False)
+    _, outer = _slab_groups(b, outermost=True)  # skip_zero_slabs' groups
+    heads = [g for names, g in nearest.items() if len(names) == 1]
+    in_heads = {id(n) for g in heads for n in g}
+    grouped = in_heads | {id(n) for g in outer.values() for n in g}
+    rest = [n for n in nodes if reached[id(n)] and id(n) not in grouped]
     shapes = _inferred_shapes(b)
+    gradients = {id(t) for n in nodes if reached[id(n)] for t in n.outputs} | {id(t) for t in slabs.values()}
+    # Regions: each head branch (its own boxes: a neck's wider windows at the same map size would widen them), the
+    # rest of each skip_zero_slabs group and the nodes that always run; their boxes are found where the region's
+    # nodes are: in the group's If, or outside every If (reached from every slab). Each stops where its windows
+    # grow large (_WORTH).
+    regions = []
+    for names, group in outer.items():
+        member = {id(n) for n in group}
+        regions += [(names, g) for g in heads if all(id(n) in member for n in g)]
+        regions.append((names, [n for n in group if id(n) not in in_heads]))
+    placed = {id(n) for _, g in regions for n in g}
+    regions += [(frozenset(slabs), g) for g in heads if not any(id(n) in placed for n in g)]
+    regions.append((frozenset(slabs), rest))
+    points = {id(t) for t in slabs.values()} | {id(n.outputs[0]) for n in nodes if n.op == "Reshape"
+                                                 and n.inputs[0].name in slabs}  # the seed's maps
+    homes = _window_homes(b)
     done = 0
-    for slab, group in chains:
-        plan = _window_plan(b, slab, group, shapes)
-        if plan is not None:
-            _crop(b, group, *plan)
-            done += 1
+    for names, group in regions:
+        region = Region(group, gradients, shapes, points=points)
+        done += window_region(b, region, bounds_rule=_BOUNDS_RULE, worth=_WORTH)
+        homes.update({k: names for k, o in b.origins.items() if o[2] == _BOUNDS_RULE and k not in homes})
     if done:
-        log.debug("%d head branches run on the window of their seed slab", done)
+        log.debug("crop_seed_windows: %d gradient nodes run on windows", done)
     return done
 
 
@@ -455,99 +510,6 @@ def _inferred_shapes(b: Builder) -> dict[str, tuple]:
         if isinstance(t, gs.Constant):
             shapes[t.name] = tuple(t.shape)
     return shapes
-
-
-def _window_plan(b: Builder, slab: gs.Tensor, group: list[gs.Node], shapes: dict):
-    """(the branch's 4-D map of the slab, its (H, W), the margins (rows, columns), the outside tensors to crop,
-    the tensors that leave it), or None when a precondition fails."""
-    readers = [n for n in group if any(t is slab for t in n.inputs)]
-    first = readers[0] if len(readers) == 1 and readers[0].op == "Reshape" and readers[0].inputs[0] is slab else None
-    grid = slab if first is None else first.outputs[0]
-    shape = shapes.get(grid.name)
-    if shape is None or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
-        return None
-    hw = tuple(shape[2:])
-    made = {id(t) for n in group for t in n.outputs}
-    inside = {id(n) for n in group}
-    margin, crop, leaving = [0, 0], {}, []
-    for n in group:
-        if n is first:
-            continue
-        if n.op not in _WINDOW_OPS or (n.op == "Slice" and not _channel_slice(n)):
-            return None
-        if n.op == "Conv":
-            pads = [int(p) for p in n.attrs.get("pads", [0, 0, 0, 0])]
-            if len(pads) != 4 or pads[:2] != pads[2:] or any(int(s) != 1 for s in n.attrs.get("strides", [1, 1])) \
-                    or n.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-                return None
-            margin = [margin[0] + pads[0], margin[1] + pads[1]]
-        for i, t in enumerate(n.inputs):
-            if id(t) in made or t is grid or (n.op in ("Conv", "Slice") and i > 0):
-                continue  # weights, bias and bounds are no maps
-            shape = shapes.get(t.name)
-            if shape is None or len(shape) > 4:
-                return None
-            spatial = ((1, 1) + tuple(shape))[-2:]  # what meets (H, W) when broadcast
-            if len(shape) == 4 and spatial == hw:
-                crop[id(t)] = t
-            elif spatial != (1, 1):
-                return None
-    for n in group:
-        for t in n.outputs:
-            shape = shapes.get(t.name)
-            if n is not first and (shape is None or len(shape) != 4 or tuple(shape[2:]) != hw):
-                return None
-            if any(id(r) not in inside for r in t.outputs) or any(o is t for o in b.graph.outputs):
-                leaving.append(t)
-    if any(t is grid for t in leaving):
-        return None
-    return grid, hw, margin, list(crop.values()), leaving
-
-
-def _channel_slice(n: gs.Node) -> bool:
-    """A Slice of the batch or channel axes only, with constant bounds."""
-    if len(n.inputs) < 4 or not all(isinstance(t, gs.Constant) for t in n.inputs[1:]):
-        return False
-    return all(int(a) in (0, 1) for a in np.asarray(n.inputs[3].values).reshape(-1))
-
-
-def _crop(b: Builder, group: list[gs.Node], grid: gs.Tensor, hw: tuple, margin: list, outside: list,
-          leaving: list) -> None:
-    """Emit the window of `grid`'s nonzeros widened by `margin`, crop `grid` and `outside` to it, and pad the
-    `leaving` tensors back to `hw`."""
-    origin = b.origins[group[0].name]
-    before = b.node, b.rule
-    b.node, b.rule = gs.Node(origin[1], name=origin[0]), "passes.crop_seed_windows"
-    try:
-        size = b.op("Abs", grid)
-        bounds = []
-        for axis, (extent, m) in enumerate(zip(hw, margin)):
-            other = [a for a in (0, 1, 2, 3) if a != 2 + axis]
-            hit = b.cast(b.op("Not", b.op("Equal", b.reduce("ReduceMax", size, other, keepdims=False), 0.0)),
-                         np.int32)  # a NaN holds a nonzero too
-            first = b.op("ArgMax", hit, axis=0, keepdims=1)
-            last = b.op("ArgMax", hit, axis=0, keepdims=1, select_last_index=1)
-            start = b.op("Max", b.op("Sub", first, b.ints([m])), b.ints([0]))
-            end = b.op("Min", b.op("Add", last, b.ints([m + 1])), b.ints([extent]))
-            bounds.append((start, end, b.op("Sub", b.ints([extent]), end)))
-        starts = b.op("Concat", bounds[0][0], bounds[1][0], axis=0)
-        ends = b.op("Concat", bounds[0][1], bounds[1][1], axis=0)
-        axes = b.ints([2, 3])
-        pads = b.op("Concat", b.ints([0, 0]), starts, b.ints([0, 0]), bounds[0][2], bounds[1][2], axis=0)
-        inside = {id(n) for n in group}
-        for t in [grid, *outside]:
-            cropped = b.op("Slice", t, starts, ends, axes, widen=False)
-            for n in group:
-                _replace(n.inputs, t, cropped)
-        for t in leaving:  # its producer writes the window; a Pad writes t, which the readers outside keep
-            inner = gs.Variable(f"{t.name}__onnxcam_window", dtype=b.dtype)
-            _replace(t.inputs[0].outputs, t, inner)
-            for r in [r for r in t.outputs if id(r) in inside]:
-                _replace(r.inputs, t, inner)
-            padded = b.op("Pad", inner, pads, b.const(np.asarray(0.0, b.dtype)))
-            _replace(padded.inputs[0].outputs, padded, t)
-    finally:
-        b.node, b.rule = before
 
 
 def _seed_slabs(b: Builder, nodes: list[gs.Node]) -> dict[str, tuple[str, gs.Tensor]]:
