@@ -166,7 +166,8 @@ class Explainer:
                score, output, None if input_shape is None else tuple(input_shape))
 
         def analyse() -> Analysis:
-            mg = ModelGraph(self.proto, input_shape, self.weights, input_name)
+            mg = self._model.take_graph(input_shape, input_name) or ModelGraph(self.proto, input_shape, self.weights,
+                                                                                input_name)
             found = _analyse(mg, layers, score, output)
             if found.build_shape is not None and build:
                 self._graph_for_build = mg  # reused by the first build, so the analysis is not done twice

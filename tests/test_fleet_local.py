@@ -368,3 +368,27 @@ def test_a_resumed_run_reports_the_images_done_as_it_goes(photos, tmp_path, monk
     assert [[r.skipped for r in b] for b in runner.run(files, batch_size=2)] == [[False] * 2] * 2
     monkeypatch.setattr("onnxcam.pipeline._SKIPPED_PER_BATCH", 3)
     assert [[r.skipped for r in b] for b in runner.run(files, batch_size=2)] == [[True] * 3, [True]]
+
+
+def test_the_command_line_analyses_a_classifier_once(tmp_path, monkeypatch):
+    """explain reads the task from the model's output (tasks/run.py) on a ModelGraph, then the classifier's Explainer
+    builds on that same graph: one analysis per command, not two; and a graph handed over for another input shape
+    is not used."""
+    from onnxcam.graph import model as graph_model
+    from onnxcam.graph.load import LoadedModel
+
+    made = []
+    real = graph_model.ModelGraph.__init__
+
+    def counted(self, *args, **kwargs):
+        made.append(args[1] if len(args) > 1 else kwargs.get("input_shape"))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(graph_model.ModelGraph, "__init__", counted)
+    onnxcam.cache.clear()
+    result = run("explain", LITE0, onnxcam.SAMPLE_IMAGES[1], "--out", tmp_path / "o", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert made == [(1, 3, 224, 224)]
+    loaded = LoadedModel.of(LITE0)
+    loaded.hand_over(object(), (1, 3, 224, 224))
+    assert loaded.take_graph((1, 3, 240, 240)) is None and loaded.take_graph((1, 3, 224, 224)) is None  # taken once

@@ -170,6 +170,7 @@ class LoadedModel:
         self._offsets: dict = {}  # name -> (offset, length) of weights held as they are in the model file
         self._stat: tuple | None = None  # the file's stat key when it was read
         self._lock = threading.Lock()
+        self._handed: tuple | None = None  # (input shape, input name, ModelGraph): hand_over / take_graph
         self.digest: str = ""
         if isinstance(source, (str, os.PathLike)):
             known = CACHE.get("digests", _stat_key(source))
@@ -183,6 +184,21 @@ class LoadedModel:
                 CACHE.put("digests", key, (self.digest, tuple((f, _stat_key(f)) for f in files)))
         else:
             self.digest = self._read()
+
+    def hand_over(self, graph, input_shape: tuple, input_name: str | None = None) -> None:
+        """Keep `graph`, a ModelGraph of this model pinned to input_shape, for the next Explainer that would make the
+        same one (the command line's task detection, then the classifier's build: one analysis instead of two).
+        One graph at a time; the Explainer that takes it builds on it (take_graph)."""
+        with self._lock:
+            self._handed = (tuple(input_shape), input_name, graph)
+
+    def take_graph(self, input_shape: tuple | None, input_name: str | None = None):
+        """The graph handed over for this input shape and input (then no longer kept), or None."""
+        with self._lock:
+            handed, self._handed = self._handed, None
+        if handed is None or input_shape is None or handed[:2] != (tuple(input_shape), input_name):
+            return None
+        return handed[2]
 
     @classmethod
     def of(cls, source, base_dir: str | os.PathLike | None = None) -> LoadedModel:

@@ -103,6 +103,7 @@ class TaskRunner:
         self.score_shape = mg.shape(mg.tensor(self.score))
         self.input_hw = input_hw(mg) or tuple(self.pre.size)
         if self.task == "classify":
+            self._classifier_graph = loaded, mg  # for the classifier pipeline that follows (run_cli)
             return
         if len(methods) > 1:
             raise InputError(f"task {self.task} explains with one method at a time (one picture per item); got "
@@ -535,6 +536,10 @@ def run_cli(model, inputs, *, out, echo, report: bool = False, heatmap: bool = F
 
     runner = TaskRunner(model, out=out, **options)
     if runner.task == "classify":
+        handed = getattr(runner, "_classifier_graph", None)
+        if handed is not None:  # the classifier's Explainer builds on the graph read here: one analysis, not two
+            loaded, mg = handed
+            loaded.hand_over(mg, runner.pre.input_shape(1))
         return None
     if report:
         raise InputError(f"report draws a classifier's maps per class; task {runner.task} has none (its pictures "
