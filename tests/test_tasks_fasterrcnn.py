@@ -8,6 +8,7 @@ torchvision detaches them."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from collections import OrderedDict
 
@@ -83,11 +84,11 @@ def _dim(x: torch.Tensor) -> torch.Tensor:
     return 0.05 * torch.rand(x.shape, generator=torch.Generator().manual_seed(9))
 
 
-@pytest.fixture(scope="module", params=["tiny", pytest.param("mobilenet", marks=pytest.mark.slow)])
-def fasterrcnn(request):
+@functools.cache
+def _exported(name: str):
     """A seeded Faster R-CNN (no weights), BatchNorm statistics and the class predictor made non-trivial (its
     fresh init scores every region alike), exported once: (torch model, ONNX bytes, input)."""
-    build, size = NETS[request.param]
+    build, size = NETS[name]
     torch.manual_seed(0)
     net = build()
     seed_batchnorm(net)
@@ -97,13 +98,33 @@ def fasterrcnn(request):
     return export_whole(net, size)
 
 
+@pytest.fixture(scope="module", params=["tiny", pytest.param("mobilenet", marks=pytest.mark.slow)])
+def fasterrcnn(request):
+    return _exported(request.param)
+
+
 @pytest.fixture(scope="module")
-def explained(fasterrcnn):
-    """One GradCAM on the export, its selection and the first run's detections."""
+def tiny_fasterrcnn():
+    """The tiny net alone: the one set up to keep a count of regions that differs per image."""
+    return _exported("tiny")
+
+
+def _explained(fasterrcnn):
     _, onnx_model, x = fasterrcnn
     cam = onnxcam.GradCAM(model=onnx_model, device="cpu")
     selection = choose.selection_of(ModelGraph(onnx.load_from_string(onnx_model), tuple(x.shape)))
     return (cam, selection, *_first_run(cam, selection, x))
+
+
+@pytest.fixture(scope="module")
+def explained(fasterrcnn):
+    """One GradCAM on the export, its selection and the first run's detections."""
+    return _explained(fasterrcnn)
+
+
+@pytest.fixture(scope="module")
+def tiny_explained(tiny_fasterrcnn):
+    return _explained(tiny_fasterrcnn)
 
 
 def test_region_scores_are_explained_at_the_neck(fasterrcnn, explained):
@@ -201,16 +222,11 @@ def _first_run(cam, selection, x: torch.Tensor):
     return first, detect.selected(selection, first.logits[0], first.outputs)
 
 
-def _tiny_only(fasterrcnn) -> None:
-    if not isinstance(fasterrcnn[0].model.backbone, TinyBackbone):
-        pytest.skip("the tiny net is the one set up to keep a count of regions that differs per image")
-
-
-def test_images_with_fewer_regions_share_the_explainer(fasterrcnn, explained):
+def test_images_with_fewer_regions_share_the_explainer(tiny_fasterrcnn, tiny_explained):
     """The region count is the run's: a dark image whose RPN keeps fewer proposals than x's (and than the shape
     probe's) is explained by the same built explainer, its detections' gradients matching float64 autograd, the
     selection checked equal, as for x (whose count differs from the probe's too)."""
-    _tiny_only(fasterrcnn)
+    fasterrcnn, explained = tiny_fasterrcnn, tiny_explained
     model, onnx_model, x = fasterrcnn
     cam, selection, first, found = explained
     built = cam.explainer.compiled(tuple(x.shape), 1, by_class=False)
@@ -223,11 +239,11 @@ def test_images_with_fewer_regions_share_the_explainer(fasterrcnn, explained):
     assert cam.explainer.compiled(tuple(x.shape), 1, by_class=False) is built
 
 
-def test_a_seed_over_many_regions_matches_float64_torch(fasterrcnn, explained):
+def test_a_seed_over_many_regions_matches_float64_torch(tiny_fasterrcnn, tiny_explained):
     """A seed weighting every class of most of the dark image's regions (its rows enter the graph at their regions)
     against float64 autograd of the same weighting of torch's (R, C) Softmax: each row must land on its own region.
     By construction: the regions weighted are those whose box-head ReLU inputs are all clear of 0."""
-    _tiny_only(fasterrcnn)
+    fasterrcnn, explained = tiny_fasterrcnn, tiny_explained
     model, _, x = fasterrcnn
     cam, selection, _, _ = explained
     first, _ = _first_run(cam, selection, _dim(x))
@@ -281,10 +297,10 @@ def test_box_head_gradient_runs_on_the_seeded_rows_only(fasterrcnn, explained):
         close(got, want, 1e-5)
 
 
-def test_seeds_of_other_regions_and_bad_indices_are_refused(fasterrcnn, explained):
+def test_seeds_of_other_regions_and_bad_indices_are_refused(tiny_fasterrcnn, tiny_explained):
     """One line each: a seed laid out on another run's regions, class targets (per-region scores need a seed), a
     detection index beyond the run's detections, and ShapleyCAM (its second derivatives take a dense seed)."""
-    _tiny_only(fasterrcnn)
+    fasterrcnn, explained = tiny_fasterrcnn, tiny_explained
     _, onnx_model, x = fasterrcnn
     cam, selection, first, found = explained
     dim = _dim(x).numpy()
@@ -337,10 +353,10 @@ def _write_picture(x: torch.Tensor, path) -> torch.Tensor:
     return torch.from_numpy(np.float32(pixels / 255.0)).permute(2, 0, 1)[None]
 
 
-def test_cli_explains_an_image_with_fewer_regions(fasterrcnn, explained, tmp_path):
+def test_cli_explains_an_image_with_fewer_regions(tiny_fasterrcnn, tiny_explained, tmp_path):
     """The command line on the dark image, whose RPN keeps fewer regions than the shape probe's: its pictures and
     JSON are written; a method making runs of its own is refused in one line naming the option."""
-    _tiny_only(fasterrcnn)
+    fasterrcnn, explained = tiny_fasterrcnn, tiny_explained
     _, onnx_model, x = fasterrcnn
     _, selection, _, _ = explained
     model_path = tmp_path / "fasterrcnn.onnx"
