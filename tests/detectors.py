@@ -22,6 +22,20 @@ class Whole(nn.Module):
         return found["boxes"], found["scores"], found["labels"]
 
 
+class HeadLogits(nn.Module):
+    """A whole torchvision detector (Whole) up to its heads' class logits: the part with kinks on the score's path
+    (the post-processing's clamps and TopK only choose boxes). SSDlite and RetinaNet alike."""
+
+    def __init__(self, model: Whole):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        net = self.model.model
+        images, _ = net.transform(list(x))
+        return net.head(list(net.backbone(images.tensors).values()))["cls_logits"]
+
+
 def seed_batchnorm(net: nn.Module) -> None:
     """Fresh BatchNorm layers are the identity: statistics seeded per layer (by its width) make the folded
     Conv+BN gradients non-trivial. In-place activations are turned off so forward hooks see what was computed."""

@@ -29,9 +29,9 @@ from onnxcam.errors import InputError
 from onnxcam.graph.model import ModelGraph
 from onnxcam.tasks import choose, detect, ocr
 
-from .detectors import check_gradcam, export_whole, seed_batchnorm
+from .detectors import check_gradcam
 from .test_cli_ocr import _float64_scores, _line, _raw_gradcam
-from .test_tasks_fasterrcnn import _dim, _first_run, _tiny, _torch_forward
+from .test_tasks_fasterrcnn import _dim, _exported, _first_run, _torch_forward
 from .test_tasks_ocr import _crnn, _export
 
 SCORE = "/model/roi_heads/Softmax_output_0"
@@ -42,13 +42,7 @@ SCORE = "/model/roi_heads/Softmax_output_0"
 def fasterrcnn():
     """test_tasks_fasterrcnn.py's tiny Faster R-CNN (seeded, exported once), its selection, and a GradCAM on it
     that has explained x's best detection (so it has seen x's count of regions)."""
-    torch.manual_seed(0)
-    net = _tiny()
-    seed_batchnorm(net)
-    g = torch.Generator().manual_seed(3)
-    for p in net.roi_heads.box_predictor.parameters():
-        p.data.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model, onnx_model, x = export_whole(net, 256)
+    model, onnx_model, x = _exported("tiny")
     selection = choose.selection_of(ModelGraph(onnx.load_from_string(onnx_model), tuple(x.shape)))
     cam = onnxcam.GradCAM(model=onnx_model, device="cpu")
     first, _ = _first_run(cam, selection, x)

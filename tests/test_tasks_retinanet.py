@@ -33,7 +33,7 @@ from onnxcam.errors import InputError
 from onnxcam.graph.model import ModelGraph
 from onnxcam.tasks import choose, detect
 
-from .detectors import Whole, check_gradcam, close, conv_stage, export_whole, seed_batchnorm, two_targets
+from .detectors import HeadLogits, Whole, check_gradcam, close, conv_stage, export_whole, seed_batchnorm, two_targets
 from .kinks import KinkMode, kink_inputs, onnx_kink_inputs
 
 SIZE, CLASSES = 160, 4  # P3-P7 at 20, 10, 5, 3, 2 cells; 9 anchors per cell: 4842 anchors
@@ -52,18 +52,6 @@ class Body(nn.Module):
     def forward(self, x):
         return self.layer4(self.layer3(self.layer2(self.stem(x))))
 
-
-class Network(nn.Module):
-    """The detector up to its heads' outputs (the part with kinks on the score's path)."""
-
-    def __init__(self, model: Whole):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        net = self.model.model
-        images, _ = net.transform(list(x))
-        return net.head(list(net.backbone(images.tensors).values()))["cls_logits"]
 
 
 @functools.cache
@@ -128,7 +116,7 @@ def _torch_run(model: Whole, x: torch.Tensor, follow: list) -> dict:
 @functools.cache
 def _follow() -> list:
     model, onnx_model, x = _retinanet()
-    follow, _ = onnx_kink_inputs(onnx_model, x, kink_inputs(Network(copy.deepcopy(model)).double(), x.double()))
+    follow, _ = onnx_kink_inputs(onnx_model, x, kink_inputs(HeadLogits(copy.deepcopy(model)).double(), x.double()))
     return follow
 
 

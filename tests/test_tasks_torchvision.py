@@ -15,7 +15,6 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
-from torch import nn
 
 import onnxcam
 from onnxcam.cli import main
@@ -23,7 +22,7 @@ from onnxcam.errors import InputError
 from onnxcam.graph.model import ModelGraph
 from onnxcam.tasks import choose, detect
 
-from .detectors import check_gradcam, export_whole, seed_batchnorm, two_targets
+from .detectors import HeadLogits, check_gradcam, export_whole, seed_batchnorm, two_targets
 from .kinks import KinkMode, kink_inputs, onnx_kink_inputs
 
 SIZE, CLASSES = 320, 4  # SSDlite's fixed input; background + 3 classes
@@ -47,19 +46,6 @@ def build_ssdlite():
         p.data.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return export_whole(net, SIZE)
 
-
-class Network(nn.Module):
-    """The detector up to its heads' outputs (the part with kinks on the score's path; the post-processing's
-    clamps and TopK only choose boxes)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        net = self.model.model
-        images, _ = net.transform(list(x))
-        return net.head(list(net.backbone(images.tensors).values()))["cls_logits"]
 
 
 @pytest.mark.slow
@@ -102,7 +88,7 @@ def test_ssdlite_detection_gradient_matches_float64_torch(ssdlite):
     matching: a box near another detection's) are explained at the automatic layer; the gradients of their
     scores, and the Grad-CAM maps, match float64 autograd through torchvision's own post-processing."""
     model, onnx_model, x = ssdlite
-    follow, _ = onnx_kink_inputs(onnx_model, x, kink_inputs(Network(copy.deepcopy(model)).double(), x.double()))
+    follow, _ = onnx_kink_inputs(onnx_model, x, kink_inputs(HeadLogits(copy.deepcopy(model)).double(), x.double()))
     cam = onnxcam.GradCAM(model=onnx_model, device="cpu")
     ex = cam.explainer
     selection = choose.selection_of(ModelGraph(onnx.load_from_string(onnx_model), (1, 3, SIZE, SIZE)))
