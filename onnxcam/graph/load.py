@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import onnx.inliner
@@ -15,6 +16,9 @@ from google.protobuf.message import DecodeError
 from ..errors import InputError, ModelError
 from . import external
 from .external import PLACEHOLDER_LOCATION, is_placeholder  # noqa: F401 (graph/model.py imports is_placeholder here)
+
+if TYPE_CHECKING:  # graph/model.py imports this module
+    from .model import ModelGraph
 
 log = logging.getLogger(__name__)
 ModelLike = "str | os.PathLike | bytes | onnx.ModelProto"
@@ -185,14 +189,14 @@ class LoadedModel:
         else:
             self.digest = self._read()
 
-    def hand_over(self, graph, input_shape: tuple, input_name: str | None = None) -> None:
+    def hand_over(self, graph: ModelGraph, input_shape: tuple, input_name: str | None = None) -> None:
         """Keep `graph`, a ModelGraph of this model pinned to input_shape, for the next Explainer that would make the
         same one (the command line's task detection, then the classifier's build: one analysis instead of two).
         One graph at a time; the Explainer that takes it builds on it (take_graph)."""
         with self._lock:
             self._handed = (tuple(input_shape), input_name, graph)
 
-    def take_graph(self, input_shape: tuple | None, input_name: str | None = None):
+    def take_graph(self, input_shape: tuple | None, input_name: str | None = None) -> ModelGraph | None:
         """The graph handed over for this input shape and input (then no longer kept), or None."""
         with self._lock:
             handed, self._handed = self._handed, None
