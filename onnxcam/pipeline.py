@@ -492,7 +492,7 @@ class Runner:
         passes through the part after the layer, not S inferences. Methods on the same layers share that run;
         those that need runs of their own (REGISTRY's shared_run False: Score-CAM's masked forwards, FullGrad's
         bias gradients, ...) are called once per rank with that rank's classes. runs: the batch's runs so far, by
-        explainer (batches run in several threads at once: no run state on self)."""
+        explainer (the parts of a batch run in several threads at once: no run state on self)."""
         obj = method_object(self.explainer, method, channels_last=self.pre.layout == "nhwc")
         if not REGISTRY[canonical(method)].shared_run:
             yield from self._explain_own(x, method, target, obj, runs)
