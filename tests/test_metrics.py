@@ -446,3 +446,15 @@ def test_the_float32_factorization_refined_gives_the_float64_answer(monkeypatch)
     np.testing.assert_allclose(got, want, atol=1e-10, rtol=0)
     monkeypatch.setattr(road, "_REFINED", np.inf)  # the float32 solve as it comes
     assert np.abs(solve() - want).max() > 1e-8
+
+
+def test_the_dissection_order_numbers_each_separator_after_both_its_sides():
+    """The imputation's unknowns are ordered by road._dissection_rank: a permutation of the grid's pixels where
+    the middle line of the grid comes after every pixel of the two sides it parts (what makes the factorization
+    cheap), recursively."""
+    h, w = 9, 13
+    rank = road._dissection_rank(h, w).reshape(h, w)
+    assert sorted(rank.ravel()) == list(range(h * w))
+    mid = w // 2  # the wider side is cut first: column 6
+    assert rank[:, mid].min() > max(rank[:, :mid].max(), rank[:, mid + 1:].max())
+    assert rank[:, :mid].max() < rank[:, mid + 1:].min()  # the left side, then the right
