@@ -400,3 +400,64 @@ def test_cost_guard_keeps_the_heads_windows_and_stops_the_wide_ones():
     want = neck_gradients(NECK_LAYERS, seed, WITHOUT_CROPS)
     for t, g in zip(NECK_LAYERS, got):
         np.testing.assert_allclose(g, want[t], rtol=1e-10, atol=1e-10 * np.abs(want[t]).max(), err_msg=t)
+
+
+def ssd_head(softmax_axis: int) -> onnx.ModelProto:
+    """An SSD-style head on the same f: per level a Conv to (N, anchors * classes, H, W), Reshape, Transpose and
+    Reshape to (N, H * W * anchors, classes) (torchvision's layout), the levels concatenated along the anchors and a
+    Softmax over `softmax_axis` (2: the classes, as SSD; 1: the anchors)."""
+    per = 2  # anchors per cell
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["a"], ["sa"]), helper.make_node("Mul", ["a", "sa"], ["f"]),
+             helper.make_node("Conv", ["f", "wd"], ["d"], pads=[1, 1, 1, 1], strides=[2, 2])]
+    inits = {"wa": WEIGHTS["wa"], "wd": WEIGHTS["wd"]}
+    for level, (src, side) in enumerate((("f", 8), ("d", 4))):
+        inits[f"k{level}"] = (0.3 * rng.standard_normal((per * CLASSES, 4, 3, 3))).astype(np.float32)
+        inits[f"v{level}"] = np.array([N, per, CLASSES, side, side])
+        inits[f"o{level}"] = np.array([N, side * side * per, CLASSES])
+        nodes += [helper.make_node("Conv", [src, f"k{level}"], [f"h{level}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Reshape", [f"h{level}", f"v{level}"], [f"r{level}"]),
+                  helper.make_node("Transpose", [f"r{level}"], [f"t{level}"], perm=[0, 3, 4, 1, 2]),
+                  helper.make_node("Reshape", [f"t{level}", f"o{level}"], [f"l{level}"])]
+    nodes += [helper.make_node("Concat", ["l0", "l1"], ["cat"], axis=1),
+              helper.make_node("Softmax", ["cat"], ["y"], axis=softmax_axis)]
+    graph = helper.make_graph(nodes, "ssd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, X.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto, inits
+
+
+@pytest.mark.parametrize("where", ["first level", "second level", "dense"])
+def test_skip_zero_slabs_follows_a_softmax_over_the_classes(where, monkeypatch):
+    """SSD's class scores: the Softmax over the classes sums each anchor's gradient along the classes only, so a
+    seed at one anchor still leaves the other level's slab zero: each level's branch becomes an If (a Softmax over
+    the anchors mixes them: no If). Gradients at f equal the build without the pass and float64 autograd."""
+    a0 = 8 * 8 * 2
+    seed = np.zeros((N, a0 + 4 * 4 * 2, CLASSES))
+    if where == "dense":
+        seed = rng.standard_normal(seed.shape)
+    else:
+        seed[:, 5 if where == "first level" else a0 + 7, 1] = 1.0
+    proto, inits = ssd_head(2)
+    got, every = {}, builder.PASSES
+    for passes in (every, tuple(p for p in every if p != "skip_zero_slabs")):
+        monkeypatch.setattr(builder, "PASSES", passes)
+        rw = build(ModelGraph(proto, X.shape), ["f"], "y")
+        sess = cpu_session(rw.model.SerializeToString(), rw.weights)
+        got[len(ifs(rw.model))] = sess.run([grad_name("f")], {"x": X, SEED: seed[:, None].astype(np.float32)})[0]
+    assert sorted(got) == [0, 2]  # two Ifs with the pass, none without
+    w = {k: torch.tensor(np.asarray(v, np.float64)) for k, v in inits.items() if k[0] in "wk"}
+    a = torch.nn.functional.conv2d(torch.tensor(X, dtype=torch.float64), w["wa"], padding=1)
+    f = (a * torch.sigmoid(a)).requires_grad_(True)
+    d = torch.nn.functional.conv2d(f, w["wd"], padding=1, stride=2)
+    levels = [torch.nn.functional.conv2d(m, w[f"k{i}"], padding=1).reshape(N, 2, CLASSES, *m.shape[2:])
+              .permute(0, 3, 4, 1, 2).reshape(N, -1, CLASSES) for i, m in enumerate((f, d))]
+    y = torch.softmax(torch.cat(levels, 1), 2)
+    (y * torch.tensor(seed)).sum().backward()
+    np.testing.assert_allclose(got[2], got[0], rtol=1e-6, atol=1e-6 * np.abs(got[0]).max())
+    np.testing.assert_allclose(got[2], f.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.abs(got[2]).max() > 0
+    monkeypatch.setattr(builder, "PASSES", every)
+    assert not ifs(build(ModelGraph(ssd_head(1)[0], X.shape), ["f"], "y").model)

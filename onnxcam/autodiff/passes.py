@@ -325,6 +325,10 @@ def _channel_slabs(b: Builder, conv: gs.Node, readers: dict, outputs: set) -> li
 # zero wherever the seed is, so a slab of it can be all zero (a detection's seed lies in one scale of the head).
 _LOCAL_OPS = {"Mul", "Div", "Add", "Sub", "Neg", "Sum", "Where", "Cast", "Equal", "Identity", "Reshape", "Transpose",
               "Squeeze", "Unsqueeze", "Slice", "Gather", "Expand", "Concat", "Shape", "ConstantOfShape"}
+# Of those, the ones that keep every axis's numbering (a sum along an axis stays a sum along that axis after them).
+_AXIS_KEEPING_OPS = {"Mul", "Div", "Add", "Sub", "Neg", "Sum", "Where", "Cast", "Equal", "Identity", "Slice"}
+# Reductions whose keepdims output keeps the other axes' positions apart (a Softmax rule's sum over the classes).
+_REDUCE_OPS = {"ReduceSum", "ReduceMean", "ReduceMax"}
 # Ops worth skipping: a group without any is cheaper to run than to test.
 _COSTLY_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
 
@@ -514,18 +518,66 @@ def _inferred_shapes(b: Builder) -> dict[str, tuple]:
 
 def _seed_slabs(b: Builder, nodes: list[gs.Node]) -> dict[str, tuple[str, gs.Tensor]]:
     """{slab name: (its Concat's name, the slab)} for the Concat rule's Slices of tensors made from the seed by
-    position-keeping ops alone."""
-    local: dict[int, bool] = {}  # id(emitted tensor) -> made by _LOCAL_OPS from non-emitted tensors only
+    position-keeping ops alone, or by reductions along other axes than the slab's (a Softmax over the classes of
+    an (N, anchors, classes) score: SSD, RetinaNet - each anchor's gradient stays its own)."""
+    mixed: dict[int, frozenset | None] = {}  # id(emitted tensor) -> the axes it was summed along; None: not local
     for n in nodes:
-        ok = n.op in _LOCAL_OPS and all(local.get(id(t), not b.made(t)) for t in n.inputs)
+        axes = [mixed.get(id(t)) if b.made(t) else frozenset() for t in n.inputs]
+        out = None
+        if all(a is not None for a in axes):
+            summed = frozenset().union(*axes)
+            if n.op in _LOCAL_OPS:
+                out = summed if not summed or n.op in _AXIS_KEEPING_OPS else None  # renumbered axes: unknown
+            elif n.op in _REDUCE_OPS:
+                reduced = _reduced_axes(b, n)
+                out = None if reduced is None else summed | reduced
         for t in n.outputs:
-            local[id(t)] = ok
+            mixed[id(t)] = out
     found = {}
     for n in nodes:
         origin = b.origins[n.name]
-        if origin[1] == "Concat" and origin[2] == "shape._concat" and n.op == "Slice" and local.get(id(n.inputs[0])):
-            found[n.outputs[0].name] = (origin[0], n.outputs[0])
+        if origin[1] == "Concat" and origin[2] == "shape._concat" and n.op == "Slice":
+            summed, axis = mixed.get(id(n.inputs[0])), _slice_axis(b, n)
+            if summed is not None and axis is not None and axis not in summed:
+                found[n.outputs[0].name] = (origin[0], n.outputs[0])
     return found
+
+
+def _reduced_axes(b: Builder, n: gs.Node) -> frozenset | None:
+    """The axes (non-negative) a keepdims reduction sums along; None when not known or not keepdims."""
+    if not int(n.attrs.get("keepdims", 1)):
+        return None
+    if "axes" in n.attrs:
+        axes = n.attrs["axes"]
+    elif len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant):
+        axes = np.asarray(n.inputs[1].values).reshape(-1).tolist()
+    else:
+        return None
+    if not axes:
+        return None
+    if min(axes) >= 0:
+        return frozenset(int(a) for a in axes)
+    rank = _rank(b, n.inputs[0])
+    return None if rank is None else frozenset(int(a) % rank for a in axes)
+
+
+def _rank(b: Builder, t: gs.Tensor) -> int | None:
+    shape = b.model.shape(t) if not b.made(t) else t.shape
+    return None if shape is None else len(shape)
+
+
+def _slice_axis(b: Builder, n: gs.Node) -> int | None:
+    """The one axis a gradient Slice cuts (the Concat rule's: constant axes of one entry), else None."""
+    if len(n.inputs) >= 4 and isinstance(n.inputs[3], gs.Constant):
+        axes = np.asarray(n.inputs[3].values).reshape(-1)
+    else:
+        axes = np.asarray(n.attrs.get("axes", []), np.int64).reshape(-1)
+    if axes.size != 1:
+        return None
+    if axes[0] >= 0:
+        return int(axes[0])
+    rank = _rank(b, n.inputs[0])
+    return None if rank is None else int(axes[0]) % rank
 
 
 def _as_if(b: Builder, group: list[gs.Node], slabs: list[gs.Tensor]) -> bool:
