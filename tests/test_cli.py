@@ -101,6 +101,25 @@ def test_python_dash_m_runs_the_cli():
     assert out.stdout.strip() == f"onnxcam, version {onnxcam.__version__}"
 
 
+def test_the_process_ends_with_the_commands_status_and_output(tmp_path, monkeypatch):
+    """cli.run (the console script, python -m onnxcam) leaves by os._exit after the command: its status, its
+    whole output through a pipe, the one-line error of a bad input, click's usage status, and the atexit handlers
+    (logging's, Ray's shutdown) still run."""
+    def onnxcam_cmd(*args):
+        return subprocess.run([sys.executable, "-m", "onnxcam", *args], capture_output=True, text=True)
+
+    done = onnxcam_cmd("explain", LITE0, str(tmp_path / "missing.png"), "--out", str(tmp_path / "out"))
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [f"Error: no such file or folder: "
+                                                                         f"{tmp_path / 'missing.png'}"]
+    assert onnxcam_cmd("explain").returncode == 2
+    done = onnxcam_cmd("layers", LITE0)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith(")") and "candidate layers" in done.stdout
+    code = ("import atexit, sys; from onnxcam import cli; atexit.register(lambda: print('atexit ran')); "
+            "sys.argv = ['onnxcam', '--version']; cli.run()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "atexit ran"
+
+
 # ---- explain -----------------------------------------------------------------------------------------------------
 def test_explain_writes_overlays_heatmaps_json_and_raw(photos, tmp_path):
     out = tmp_path / "out"
