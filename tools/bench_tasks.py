@@ -1,9 +1,9 @@
 """Benchmark: what explaining a detector costs at a given layer, against one plain inference of the same model.
 
 Builds ultralytics' YOLOv8n from its yaml with seeded weights (no download; ultralytics is not a dependency of
-onnxcam: put it on PYTHONPATH), exports it with torch's TorchScript exporter (opset 17, cached under /tmp), makes
-the explainable model at each asked layer (onnxcam.rewrite.build, one dense seed on one class score) and times, on
-one onnxruntime session per model with the same options (onnxruntime's graph optimizations, `--threads` intra-op
+onnxcam: put it on PYTHONPATH; or `--model ssdlite`: torchvision's SSDlite320 as the tests build it), exports it
+with torch's TorchScript exporter (opset 17, cached under /tmp), makes the explainable model at each asked layer
+(onnxcam.rewrite.build, one dense seed on one class score) and times, on one onnxruntime session per model with the same options (onnxruntime's graph optimizations, `--threads` intra-op
 threads, no spinning), interleaved in a new seeded order each repetition, one call after `--idle` seconds of
 sleep. It reports the median and fastest call per mode and their ratios to the plain inference. On a shared,
 loaded machine these wall times swing by 2x; `--profile` gives the steadier measure: each model under
@@ -17,6 +17,8 @@ scores alone (the box branch then carries no gradient) and `--without` leaves pa
     PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --layers auto --class-score /model.22/Sigmoid_output_0 --profile
     # one anchor per stride at 320 px, each its grid's centre (passes.crop_seed_windows: the windows it reaches)
     for a in 820 1810 2055; do PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --profile --reps 0 --anchor $a; done
+    # torchvision's SSDlite320 (seeded): its class Softmax is the score; one anchor per level of the head
+    for a in 1200 2700 3075; do python tools/bench_tasks.py --model ssdlite --layers auto --anchor $a --reps 30; done
     # A/B against another onnxcam tree (e.g. `git archive HEAD | tar -x -C /tmp/head`): save there, time here
     PYTHONPATH=/tmp/head:/tmp/ulib python tools/bench_tasks.py --layers model.4 --save /tmp/head-m4.onnx --reps 0
     PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --layers model.4 --compare head=/tmp/head-m4.onnx --reps 30
@@ -69,6 +71,18 @@ def export_yolov8n(size: int) -> bytes:
     return f.getvalue()
 
 
+def export_ssdlite(size: int) -> bytes:
+    """torchvision's SSDlite320 (MobileNetV3 backbone, background + 3 classes) exported whole with its
+    post-processing, seeded as the tests build it (tests/test_tasks_torchvision.py; its input is 320 px)."""
+    if size != 320:
+        sys.exit("SSDlite320's input is 320 px: --size 320")
+    from tests.test_tasks_torchvision import build_ssdlite
+    return build_ssdlite()[1]
+
+
+MODELS = {"yolov8n": export_yolov8n, "ssdlite": export_ssdlite}
+
+
 def explainable(model: bytes, size: int, layer: str, without: tuple = (), score: str | None = None,
                 anchor: int | None = None):
     """(onnx bytes with weights inside, the layer's tensor name, the dense seed) for one class score at `layer`;
@@ -99,6 +113,9 @@ def _explainable(mg, layer: str, score: str | None, anchor: int | None = None):
         if init.name in rw.weights:
             init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(rw.weights[init.name]), init.name))
     seed = np.zeros((1, 1, *rw.score_shape[1:]), np.float32)
+    if mg.producer(mg.tensor(score)).op == "Softmax":  # SSD's (N, anchors, classes): class 1 of one anchor
+        seed[0, 0, seed.shape[2] // 3 if anchor is None else anchor, 1] = 1.0
+        return proto.SerializeToString(), layers[0], seed
     row = 7 if rw.score_shape[1] == 80 else 4 + 7  # the class scores alone, or after the 4 box rows
     seed[0, 0, row, seed.shape[-1] // 3 if anchor is None else anchor] = 1.0  # one class score of one anchor
     return proto.SerializeToString(), layers[0], seed
@@ -224,6 +241,9 @@ def report_profile(name: str, times: dict, op_of: dict, origin: dict, plain_ms: 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=list(MODELS), default="yolov8n",
+                    help="yolov8n (ultralytics on PYTHONPATH) or ssdlite (torchvision; anchors 0-2399 are stride 16, "
+                    "2400-2999 stride 32, then 64, 107, 160, 320)")
     ap.add_argument("--size", type=int, default=320)
     ap.add_argument("--layers", default="auto,model.4", help="comma-separated: auto, or module paths / tensor names "
                     "(several target layers of one model joined by +)")
@@ -245,7 +265,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import onnxcam
     print(f"onnxcam from {os.path.dirname(onnxcam.__file__)}; size {args.size}; threads {args.threads}")
-    plain = export_yolov8n(args.size)
+    plain = MODELS[args.model](args.size)
     image = np.random.default_rng(1).random((1, 3, args.size, args.size), dtype=np.float32)
     sess = make_session(plain, args.threads)
     modes = {"plain": (sess, feeds_for(sess, image, None))}
