@@ -114,10 +114,13 @@ def test_the_process_ends_with_the_commands_status_and_output(tmp_path, monkeypa
     assert onnxcam_cmd("explain").returncode == 2
     done = onnxcam_cmd("layers", LITE0)
     assert done.returncode == 0 and done.stdout.rstrip().endswith(")") and "candidate layers" in done.stdout
-    code = ("import atexit, sys; from onnxcam import cli; atexit.register(lambda: print('atexit ran')); "
+    code = ("import atexit, sys, threading, time; from concurrent.futures import ThreadPoolExecutor; "
+            "from onnxcam import cli; atexit.register(lambda: print('atexit ran')); "
+            "ThreadPoolExecutor(1).submit(time.sleep, 0.2); "  # an idle pool left open: let go, not waited on
+            "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start(); "
             "sys.argv = ['onnxcam', '--version']; cli.run()")
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "atexit ran"
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.splitlines()[-2:] == ["thread done", "atexit ran"]
 
 
 # ---- explain -----------------------------------------------------------------------------------------------------
