@@ -80,7 +80,101 @@ def export_ssdlite(size: int) -> bytes:
     return build_ssdlite()[1]
 
 
-MODELS = {"yolov8n": export_yolov8n, "ssdlite": export_ssdlite}
+def export_yolox(size: int) -> bytes:
+    """A YOLOX-tiny-style detector (depth 0.33, width 0.375, 80 classes), seeded, built here in torch (no yolox
+    package): a CSP backbone with SPP (a stride-2 conv for YOLOX's Focus), the PAFPN neck, per-scale decoupled
+    heads whose regression, objectness and class outputs are concatenated to (N, A, 5 + C) as YOLOX exports them
+    (its box decoding, elementwise on the box columns, left out)."""
+    path = os.path.join(tempfile.gettempdir(), f"onnxcam-bench-yolox-{size}.onnx")
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            return f.read()
+    import io
+
+    import torch
+    from torch import nn
+
+    def conv(ci, co, k=1, s=1):
+        return nn.Sequential(nn.Conv2d(ci, co, k, s, k // 2, bias=False), nn.BatchNorm2d(co), nn.SiLU())
+
+    class Bottleneck(nn.Module):
+        def __init__(self, c, shortcut=True):
+            super().__init__()
+            self.a, self.b, self.add = conv(c, c), conv(c, c, 3), shortcut
+
+        def forward(self, x):
+            y = self.b(self.a(x))
+            return x + y if self.add else y
+
+    class CSP(nn.Module):
+        def __init__(self, ci, co, n, shortcut=True):
+            super().__init__()
+            h = co // 2
+            self.c1, self.c2, self.c3 = conv(ci, h), conv(ci, h), conv(2 * h, co)
+            self.m = nn.Sequential(*[Bottleneck(h, shortcut) for _ in range(n)])
+
+        def forward(self, x):
+            return self.c3(torch.cat([self.m(self.c1(x)), self.c2(x)], 1))
+
+    class SPP(nn.Module):
+        def __init__(self, ci, co):
+            super().__init__()
+            self.c1, self.c2 = conv(ci, ci // 2), conv(2 * ci, co)
+            self.pools = nn.ModuleList(nn.MaxPool2d(k, 1, k // 2) for k in (5, 9, 13))
+
+        def forward(self, x):
+            x = self.c1(x)
+            return self.c2(torch.cat([x] + [p(x) for p in self.pools], 1))
+
+    class YoloX(nn.Module):
+        def __init__(self, w=(24, 48, 96, 192, 384), classes=80):
+            super().__init__()
+            self.stem = conv(3, w[0], 3, 2)
+            self.dark2 = nn.Sequential(conv(w[0], w[1], 3, 2), CSP(w[1], w[1], 1))
+            self.dark3 = nn.Sequential(conv(w[1], w[2], 3, 2), CSP(w[2], w[2], 3))
+            self.dark4 = nn.Sequential(conv(w[2], w[3], 3, 2), CSP(w[3], w[3], 3))
+            self.dark5 = nn.Sequential(conv(w[3], w[4], 3, 2), SPP(w[4], w[4]), CSP(w[4], w[4], 1, False))
+            self.lateral, self.p4 = conv(w[4], w[3]), CSP(2 * w[3], w[3], 1, False)
+            self.reduce, self.p3 = conv(w[3], w[2]), CSP(2 * w[2], w[2], 1, False)
+            self.down3, self.n3 = conv(w[2], w[2], 3, 2), CSP(2 * w[2], w[3], 1, False)
+            self.down4, self.n4 = conv(w[3], w[3], 3, 2), CSP(2 * w[3], w[4], 1, False)
+            hid = w[2]
+            self.stems = nn.ModuleList(conv(c, hid) for c in w[2:])
+            self.cls = nn.ModuleList(nn.Sequential(conv(hid, hid, 3), conv(hid, hid, 3)) for _ in range(3))
+            self.reg = nn.ModuleList(nn.Sequential(conv(hid, hid, 3), conv(hid, hid, 3)) for _ in range(3))
+            self.cls_pred = nn.ModuleList(nn.Conv2d(hid, classes, 1) for _ in range(3))
+            self.reg_pred = nn.ModuleList(nn.Conv2d(hid, 4, 1) for _ in range(3))
+            self.obj_pred = nn.ModuleList(nn.Conv2d(hid, 1, 1) for _ in range(3))
+            self.up = nn.Upsample(scale_factor=2, mode="nearest")
+
+        def forward(self, x):
+            d3 = self.dark3(self.dark2(self.stem(x)))
+            d4 = self.dark4(d3)
+            d5 = self.dark5(d4)
+            f0 = self.lateral(d5)
+            f1 = self.reduce(self.p4(torch.cat([self.up(f0), d4], 1)))
+            p3 = self.p3(torch.cat([self.up(f1), d3], 1))
+            n3 = self.n3(torch.cat([self.down3(p3), f1], 1))
+            n4 = self.n4(torch.cat([self.down4(n3), f0], 1))
+            outs = []
+            for i, f in enumerate((p3, n3, n4)):
+                h = self.stems[i](f)
+                r = self.reg[i](h)
+                outs.append(torch.cat([self.reg_pred[i](r), self.obj_pred[i](r).sigmoid(),
+                                       self.cls_pred[i](self.cls[i](h)).sigmoid()], 1).flatten(2))
+            return torch.cat(outs, 2).permute(0, 2, 1)
+
+    torch.manual_seed(0)
+    model = YoloX().eval()
+    f = io.BytesIO()
+    torch.onnx.export(model, (torch.zeros(1, 3, size, size),), f, dynamo=False, opset_version=17,
+                      input_names=["images"], output_names=["output"])
+    with open(path, "wb") as out:
+        out.write(f.getvalue())
+    return f.getvalue()
+
+
+MODELS = {"yolov8n": export_yolov8n, "ssdlite": export_ssdlite, "yolox": export_yolox}
 
 
 def explainable(model: bytes, size: int, layer: str, without: tuple = (), score: str | None = None,
@@ -115,6 +209,9 @@ def _explainable(mg, layer: str, score: str | None, anchor: int | None = None):
     seed = np.zeros((1, 1, *rw.score_shape[1:]), np.float32)
     if mg.producer(mg.tensor(score)).op == "Softmax":  # SSD's (N, anchors, classes): class 1 of one anchor
         seed[0, 0, seed.shape[2] // 3 if anchor is None else anchor, 1] = 1.0
+        return proto.SerializeToString(), layers[0], seed
+    if rw.score_shape[1] > rw.score_shape[2]:  # YOLOX/YOLOv5's (N, anchors, 5 + classes): class 7 of one anchor
+        seed[0, 0, seed.shape[2] // 3 if anchor is None else anchor, 5 + 7] = 1.0
         return proto.SerializeToString(), layers[0], seed
     row = 7 if rw.score_shape[1] == 80 else 4 + 7  # the class scores alone, or after the 4 box rows
     seed[0, 0, row, seed.shape[-1] // 3 if anchor is None else anchor] = 1.0  # one class score of one anchor
@@ -242,8 +339,9 @@ def report_profile(name: str, times: dict, op_of: dict, origin: dict, plain_ms: 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=list(MODELS), default="yolov8n",
-                    help="yolov8n (ultralytics on PYTHONPATH) or ssdlite (torchvision; anchors 0-2399 are stride 16, "
-                    "2400-2999 stride 32, then 64, 107, 160, 320)")
+                    help="yolov8n (ultralytics on PYTHONPATH), yolox (a YOLOX-tiny-style net built here; anchors as "
+                    "YOLOv8's) or ssdlite (torchvision; anchors 0-2399 are stride 16, 2400-2999 stride 32, then 64, "
+                    "107, 160, 320)")
     ap.add_argument("--size", type=int, default=320)
     ap.add_argument("--layers", default="auto,model.4", help="comma-separated: auto, or module paths / tensor names "
                     "(several target layers of one model joined by +)")
