@@ -219,6 +219,32 @@ def test_no_targets_on_a_recognizer_with_methods_of_their_own_runs():
     np.testing.assert_allclose(cam.raw[cam.target_layers[0]][0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_smooth_gradcampp_scores_the_inputs_own_string_on_its_noisy_copies(monkeypatch):
+    """Smooth Grad-CAM++ with a CTC target: its noisy copies are seeded with the input's own decoded string (frozen
+    at the clean scores, as a class index stays the same class), not each copy's decoding, and take one run (no
+    decoding run): 3 runs in all (the clean run's decoding and seeded run, then the copies'). The noise here is
+    strong enough that some copies decode to other strings."""
+    _, model_bytes, _ = _crnn()
+    x = _line()[1]
+    smooth = SmoothGradCAMpp(model_bytes, device="cpu", rng=0, std=3.0, num_samples=4)
+    runs = []
+    real = type(smooth.explainer).run
+
+    def spy(self, inputs, *args, **kwargs):
+        out = real(self, inputs, *args, **kwargs)
+        runs.append((len(inputs), kwargs.get("seed"), out.logits))
+        return out
+
+    monkeypatch.setattr(type(smooth.explainer), "run", spy)
+    smooth(x, targets=[ocr.StringTarget()])
+    assert [n for n, _, _ in runs] == [1, 1, 4]
+    string = ocr.StringTarget().seed(runs[0][2][:, 0])
+    noisy_seed, noisy_scores = runs[2][1], runs[2][2]  # (T, copies, C)
+    for s in range(4):
+        np.testing.assert_array_equal(noisy_seed[:, s], string)
+    assert any(ocr.greedy_decode(noisy_scores[:, s]) != ocr.greedy_decode(runs[0][2][:, 0]) for s in range(4))
+
+
 def _ablation64(model, x: np.ndarray, seed: np.ndarray) -> np.ndarray:
     """float64 Ablation-CAM of sum(seed * scores) at the CRNN's pooled strip (forward hooks replace its output)."""
     md = copy.deepcopy(model).double()

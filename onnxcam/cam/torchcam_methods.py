@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..explainer import Result
+from ..tasks import ocr
 from . import methods
 from .base import BaseCAM
 from .gradient_free import ScoreCAM, masked_inputs, upsample_bilinear
@@ -98,6 +99,10 @@ class SmoothGradCAMpp(BaseCAM):
             targets = self.default_targets(x) or [int(t) for t in r.targets]
         elif isinstance(targets, (int, np.integer)):
             targets = [int(targets)] * n
+        # the noisy copies score what the input scored: a class stays a class, a CTC target keeps the input's own
+        # decoding (frozen at the clean scores; not each noisy copy's, and no decoding run per copy)
+        if any(ocr.is_sequence_target(t) for t in targets):
+            targets = ocr.frozen_per_sample(r.logits, list(targets), tuple(self.explainer_used.score_shape(x.shape)))
         noisy = np.concatenate([x + self._noise(x.shape) for _ in range(self.num_samples)])
         rn = self.run(noisy, list(targets) * self.num_samples)  # copy s is rows s*n .. s*n + n - 1
         self._call.smooth = {layer: self._noisy_arrays(r, rn, layer, x, n) for layer in self.target_layers}

@@ -37,8 +37,8 @@ from . import segment
 log = logging.getLogger(__name__)
 
 __all__ = ["BLANK", "LAYOUTS", "Character", "CharacterTarget", "StringTarget", "TimeStepTarget", "WeightedSteps",
-           "frozen", "greedy_decode", "is_recognizer", "is_sequence_target", "ocr_layer", "run_sequence",
-           "sequence_layout", "sequence_seed", "text_region_target"]
+           "frozen", "frozen_per_sample", "greedy_decode", "is_recognizer", "is_sequence_target", "ocr_layer",
+           "run_sequence", "sequence_layout", "sequence_seed", "text_region_target"]
 
 BLANK = 0  # the CTC blank class of most recognizers (PaddleOCR, CRNN ports, torch's CTCLoss default)
 LAYOUTS = ("auto", "NTC", "TNC")
@@ -215,6 +215,15 @@ def frozen(target, steps: np.ndarray):
     """A sequence target as the fixed weighting it gives one sample's (T, C) `steps` (its decoding fixed there);
     any other target as it is."""
     return WeightedSteps(target.seed(steps)) if is_sequence_target(target) else target
+
+
+def frozen_per_sample(scores: np.ndarray, targets: list, declared: tuple | None = None) -> list:
+    """Each sequence target frozen at its own sample's (T, C) scores of the batch's (N, T, C) or (T, N, C) `scores`
+    (the layout as sequence_seed finds it); other targets as they are."""
+    if not any(is_sequence_target(t) for t in targets):
+        return list(targets)
+    per_sample = _steps_first(np.asarray(scores), sequence_layout(np.shape(scores), len(targets), "auto", declared))
+    return [frozen(t, s) for t, s in zip(targets, per_sample)]
 
 
 def sequence_seed(scores: np.ndarray, targets, layout: str = "auto", declared: tuple | None = None) -> np.ndarray:
