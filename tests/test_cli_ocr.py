@@ -18,6 +18,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+import onnxcam
 from onnxcam import image, preprocess
 from onnxcam.cli import main
 from onnxcam.pipeline import ImageFile
@@ -169,8 +170,9 @@ def test_a_convolutional_ctc_head_needs_the_task(tmp_path):
                                "FILE)")),
     (("--method", "gradcam,hirescam"), ("Error: task ocr explains with one method at a time (one picture per item); "
                                         "got gradcam, hirescam: run once per method (option --method)")),
-    (("--method", "scorecam"), ("Error: method scorecam makes runs of its own, which do not read a recognizer's "
-                                "sequence scores; for task ocr choose from ")),
+    (("--method", "shapleycam"), ("Error: method shapleycam cannot explain a recognizer's sequence scores yet (its "
+                                  "Hessian-vector product has no rule for the recurrent layer's loop); choose another "
+                                  "method (option --method)")),
 ])
 def test_bad_options_are_one_line(files, tmp_path, extra, message):
     model, line = files
@@ -180,3 +182,23 @@ def test_bad_options_are_one_line(files, tmp_path, extra, message):
     assert result.exit_code == 1
     assert len(result.output.splitlines()) == 1 and result.output.startswith(message), result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_methods_with_runs_of_their_own_explain_the_decoded_string(files, tmp_path, method):
+    """Methods that run the model on changed copies of the line (Score-CAM's masked inputs, Ablation-CAM's ablated
+    layer) score the characters decoded from the line itself on every copy: the string's and each character's raw
+    map (--save-raw) equal the API's on the same input with the same targets."""
+    model, line = files
+    result = run("explain", model, line, "--out", tmp_path / "o", "--method", method, "--save-raw", "--top", "2")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "o" / "line.json").read_text())
+    x = _line()[1]
+    cls = {"scorecam": onnxcam.ScoreCAM, "ablationcam": onnxcam.AblationCAM}[method]
+    for target, item in zip(TARGETS[:3], [record["string"], *record["characters"][:2]]):
+        cam = cls(str(model), device="cpu")
+        cam(x, targets=[target])
+        want = cam.raw[cam.target_layers[0]][0]
+        got = np.load(tmp_path / "o" / item["raw"])["lowres_0"]
+        assert np.abs(want).max() > 0
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())

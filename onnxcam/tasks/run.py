@@ -193,10 +193,10 @@ class TaskRunner:
         if self.score_shape is None or len(self.score_shape) != 3:
             raise InputError(f"output {self.score!r} has shape {self.score_shape}: a text recognizer's is (N, T, C) "
                              "or (T, N, C) per-time-step scores; give the output holding them (output=)")
-        if not REGISTRY[self.method].shared_run:
-            shared = ", ".join(m for m, info in REGISTRY.items() if info.shared_run)
-            raise InputError(f"method {self.method} makes runs of its own, which do not read a recognizer's "
-                             f"sequence scores; for task ocr choose from {shared}", option="method")
+        if self.method == "shapleycam":
+            raise InputError("method shapleycam cannot explain a recognizer's sequence scores yet (its Hessian-vector "
+                             "product has no rule for the recurrent layer's loop); choose another method",
+                             option="method")
         k = self.score_shape[2]
         if self.names is not None and len(self.names) not in (k, k - 1):
             raise InputError(f"{len(self.names)} character names for a recognizer with {k} classes: give {k} names "
@@ -357,6 +357,9 @@ class TaskRunner:
 
         def run(xs: np.ndarray, lo: int, hi: int) -> np.ndarray:
             part = seed[lo:hi]
+            if not REGISTRY[self.method].shared_run:  # its own runs (masked, ablated, noisy or guided copies): the
+                # CAM class, each item's characters as decoded here (frozen: the copies do not decode again)
+                return self.cam(xs, targets=[ocr.WeightedSteps(s) for s in part])
             r = self.explainer.run(xs, seed=part if order == "NTC" else np.ascontiguousarray(part.transpose(1, 0, 2)))
             return self.cam.maps_for(xs, r)
 
