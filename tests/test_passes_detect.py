@@ -461,3 +461,81 @@ def test_skip_zero_slabs_follows_a_softmax_over_the_classes(where, monkeypatch):
     assert np.abs(got[2]).max() > 0
     monkeypatch.setattr(builder, "PASSES", every)
     assert not ifs(build(ModelGraph(ssd_head(1)[0], X.shape), ["f"], "y").model)
+
+
+def yolox_head() -> tuple[onnx.ModelProto, dict]:
+    """A YOLOX-style head on f: per scale a stem Conv, a box tower (Conv, then a 4-channel Conv) and a class tower
+    (Conv, then a CLASSES-channel Conv), concatenated [box | classes] along the channels, flattened, the scales
+    concatenated along the anchors and transposed to (N, A, 4 + CLASSES)."""
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["a"], ["sa"]), helper.make_node("Mul", ["a", "sa"], ["f"]),
+             helper.make_node("Conv", ["f", "wd"], ["d"], pads=[1, 1, 1, 1], strides=[2, 2])]
+    inits = {"wa": WEIGHTS["wa"], "wd": WEIGHTS["wd"]}
+    for s, (src, side) in enumerate((("f", 8), ("d", 4))):
+        for name, shape in (("stem", (4, 4, 1, 1)), ("boxt", (4, 4, 3, 3)), ("box", (4, 4, 1, 1)),
+                            ("clst", (4, 4, 3, 3)), ("cls", (CLASSES, 4, 1, 1))):
+            inits[f"{name}{s}"] = (0.4 * rng.standard_normal(shape)).astype(np.float32)
+        inits[f"flat{s}"] = np.array([N, 4 + CLASSES, side * side])
+        nodes += [helper.make_node("Conv", [src, f"stem{s}"], [f"h{s}"]),
+                  helper.make_node("Conv", [f"h{s}", f"boxt{s}"], [f"bt{s}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Conv", [f"bt{s}", f"box{s}"], [f"b{s}"]),
+                  helper.make_node("Conv", [f"h{s}", f"clst{s}"], [f"ct{s}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Conv", [f"ct{s}", f"cls{s}"], [f"c{s}"]),
+                  helper.make_node("Concat", [f"b{s}", f"c{s}"], [f"bc{s}"], axis=1),
+                  helper.make_node("Reshape", [f"bc{s}", f"flat{s}"], [f"r{s}"])]
+    nodes += [helper.make_node("Concat", ["r0", "r1"], ["cat"], axis=2),
+              helper.make_node("Transpose", ["cat"], ["y"], perm=[0, 2, 1])]
+    graph = helper.make_graph(nodes, "yolox", [helper.make_tensor_value_info("x", TensorProto.FLOAT, X.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto, inits
+
+
+def _yolox_autograd(inits: dict, seed: np.ndarray) -> np.ndarray:
+    w = {k: torch.tensor(np.asarray(v, np.float64)) for k, v in inits.items() if not k.startswith("flat")}
+    conv = torch.nn.functional.conv2d
+    a = conv(torch.tensor(X, dtype=torch.float64), w["wa"], padding=1)
+    f = (a * torch.sigmoid(a)).requires_grad_(True)
+    d = conv(f, w["wd"], padding=1, stride=2)
+    scales = []
+    for s, m in enumerate((f, d)):
+        h = conv(m, w[f"stem{s}"])
+        box = conv(conv(h, w[f"boxt{s}"], padding=1), w[f"box{s}"])
+        cls = conv(conv(h, w[f"clst{s}"], padding=1), w[f"cls{s}"])
+        scales.append(torch.cat([box, cls], 1).flatten(2))
+    y = torch.cat(scales, 2).transpose(1, 2)
+    (y * torch.tensor(seed)).sum().backward()
+    return f.grad.numpy()
+
+
+@pytest.mark.parametrize("where", ["a class", "a box", "both scales", "dense", "zero"])
+def test_skip_zero_slabs_splits_a_scales_box_and_class_branches(where, monkeypatch):
+    """A seed on one class score of one anchor is zero on that scale's box rows too: the box tower gets an If of its
+    own (on the box slab), the class tower another, and the scale's stem a third (after the two meet; on the
+    scale's slab), besides the other scale's. Whatever the seed touches, the gradients at f equal the build
+    without the pass and float64 autograd; a class seed leaves the box tower's If unrun (its gradient is exactly
+    what the class tower alone gives)."""
+    a0, a1 = 8 * 8, 4 * 4
+    seed = np.zeros((N, a0 + a1, 4 + CLASSES))
+    if where == "a class":
+        seed[:, 9, 4 + 2] = 1.0
+    elif where == "a box":
+        seed[:, 9, 1] = 1.0
+    elif where == "both scales":
+        seed[0, 9, 4 + 1], seed[1, a0 + 3, 2] = 1.0, 1.0
+    elif where == "dense":
+        seed = rng.standard_normal(seed.shape)
+    proto, inits = yolox_head()
+    got, every = {}, builder.PASSES
+    for passes in (every, tuple(p for p in every if p != "skip_zero_slabs")):
+        monkeypatch.setattr(builder, "PASSES", passes)
+        rw = build(ModelGraph(proto, X.shape), ["f"], "y")
+        sess = cpu_session(rw.model.SerializeToString(), rw.weights)
+        got[len(ifs(rw.model))] = sess.run([grad_name("f")], {"x": X, SEED: seed[:, None].astype(np.float32)})[0]
+    assert sorted(got) == [0, 6]  # per scale: the box tower, the class tower, the stem
+    want = _yolox_autograd(inits, seed)
+    np.testing.assert_allclose(got[6], got[0], rtol=1e-6, atol=1e-6 * max(np.abs(got[0]).max(), 1e-30))
+    np.testing.assert_allclose(got[6], want, rtol=1e-5, atol=1e-6)
+    assert (np.abs(got[6]).max() > 0) == (where != "zero")

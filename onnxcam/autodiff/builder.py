@@ -67,7 +67,7 @@ class Builder:
         self._one_hots: dict[str, gs.Tensor] = {}  # name of a one-hot seed -> its (N,) class indices
         # name of a per-region seed -> how rewrite._region_seeds laid out its rows (passes_regions.region_rows)
         self.region_seeds: dict[str, tuple] = {}
-        # node finding a crop window box -> its skip_zero_slabs group's outermost slabs (passes.crop_seed_windows)
+        # node finding a crop window box -> its skip_zero_slabs group's names (passes.crop_seed_windows)
         self.window_homes: dict[str, frozenset] = {}
         self.targets: set[str] = set()  # names of the tensors whose gradients are wanted (set by the walk)
         self.grad_shapes: dict[str, tuple] = {}  # gradient name -> the broadcast shape a rule declared for it

@@ -345,7 +345,11 @@ def skip_zero_slabs(b: Builder) -> int:
     (ReduceL1 != 0, so a NaN or inf runs it), else gives zeros shaped like the forward tensors whose gradients
     leave the group. YOLOv8n at 320 px, class scores seeded at one stride-8 anchor, CPU time of one thread:
     the neck (model.15) 1.38x -> 1.21x a plain inference, model.4 1.79x -> 1.66x (tools/bench_tasks.py; with
-    crop_seed_windows, kernel time: 1.35x -> 1.10x and 1.77x -> 1.52x).
+    crop_seed_windows, kernel time: 1.35x -> 1.10x and 1.77x -> 1.52x). Groups are keyed by nested slab names
+    (_slab_groups): a scale's box and class branches are skipped apart, so a class seed on the output does not
+    run the box branch of its scale (one thread's CPU time, 320 px: a YOLOX-tiny-style net 1.37x -> 1.23x at the
+    neck, 1.87x -> 1.73x at dark3; YOLOv8n with output0 seeded at a stride-8 anchor 1.19x -> 1.08x and 1.59x ->
+    1.47x at model.4).
     Preconditions: a slab is a Concat rule's Slice of a tensor made from the seed by position-keeping ops alone
     (_LOCAL_OPS: a dense gradient in the middle of the network is never zero); a group that reads every slab of
     one Concat never skips and stays as it is; every tensor that leaves a group is a gradient of a known forward
@@ -354,23 +358,27 @@ def skip_zero_slabs(b: Builder) -> int:
     """
     if "skip_zero_slabs" not in b.passes:
         return 0
-    slabs, groups = _slab_groups(b, outermost=True)
+    slabs, groups = _slab_groups(b, nested=True)
     done = 0
     for names, group in groups.items():
-        if any(n.op in _COSTLY_OPS for n in group) and _as_if(b, group, [slabs[name] for name in sorted(names)]):
+        if any(n.op in _COSTLY_OPS for n in group) and _as_if(b, group, [slabs[name] for name in sorted(names)
+                                                                          if name in slabs]):
             done += 1
     if done:
         log.debug("%d gradient groups run only when their seed slabs are nonzero", done)
     return done
 
 
-def _slab_groups(b: Builder, outermost: bool) -> tuple[dict[str, gs.Tensor], dict[frozenset, list[gs.Node]]]:
-    """({slab name: slab}, {frozenset of slab names: the gradient nodes reached from those slabs alone, in graph
-    order}) for the seed's slabs (_seed_slabs). A node's slabs are the nearest on its way back to the seed, or
-    (outermost) the slabs of the outermost Concat they come from, which keeps every group convex (no path leaves
-    it and comes back: a node's outermost slabs only grow along the gradient's flow). A node reached from every
-    slab of one Concat is in no group (it always runs)."""
-    nodes, slabs, reached = _slab_reach(b, outermost)
+def _slab_groups(b: Builder, nested: bool) -> tuple[dict[str, gs.Tensor], dict[frozenset, list[gs.Node]]]:
+    """({slab name: slab}, {frozenset of names: the gradient nodes reached from those slabs alone, in graph order})
+    for the seed's slabs (_seed_slabs). A node's names are the nearest slabs on its way back to the seed, or
+    (nested) those with every complete set of one inner Concat's slabs replaced by the slabs that Concat is cut
+    from and a mark of the merge (_normalized): a scale's box and class branches (YOLOX's per-scale [box,
+    objectness, classes], YOLOv8's boxes and classes) are groups of their own, and what their gradients meet in
+    (the scale's stem) is the scale's group after the merge. Names only grow along the gradient's flow, so every
+    group is convex (no path leaves it and comes back). A node reached from every slab of one outermost Concat is
+    in no group (it always runs)."""
+    nodes, slabs, reached = _slab_reach(b, nested)
     if len(slabs) < 2:
         return {}, {}
     siblings: dict[str, frozenset] = {}
@@ -384,17 +392,21 @@ def _slab_groups(b: Builder, outermost: bool) -> tuple[dict[str, gs.Tensor], dic
     return {name: t for name, (_, t) in slabs.items()}, groups
 
 
-def _slab_reach(b: Builder, outermost: bool) -> tuple[list[gs.Node], dict, dict[int, frozenset]]:
-    """(the gradient nodes in graph order, _seed_slabs, {id(node): names of the (outermost) slabs its gradient
-    inputs come from}). The nodes that find a region's boxes (_BOUNDS_RULE) read gradients made in other groups:
-    they are reached from the slabs of their region's group (_window_homes; every slab for a region outside the
-    groups), so that they and what reads them stay where the region's nodes are."""
+def _slab_reach(b: Builder, nested: bool) -> tuple[list[gs.Node], dict, dict[int, frozenset]]:
+    """(the gradient nodes in graph order, _seed_slabs, {id(node): the names of its gradient inputs' slabs, nearest
+    or nested as in _slab_groups}). The nodes that find a region's boxes (_BOUNDS_RULE) read gradients made in
+    other groups: they are reached from the names of their region's group (_window_homes; every slab for a region
+    outside the groups), so that they and what reads them stay where the region's nodes are."""
     b.graph.toposort()
     homes = _window_homes(b)
     nodes = [n for n in b.graph.nodes if n.name in b.origins and n.outputs]  # not the ones other passes emptied
     slabs = _seed_slabs(b, nodes)
     reached: dict[int, frozenset] = {}
     producer = {id(t): n for n in nodes for t in n.outputs}
+    siblings: dict[str, frozenset] = {}
+    for name, (concat, _) in slabs.items():
+        siblings[concat] = siblings.get(concat, frozenset()) | {name}
+    parent: dict[str, frozenset] = {}  # Concat -> the names of the gradient it is cut from (none: the outermost)
     for n in nodes:
         if n.name in homes:
             reached[id(n)] = homes[n.name]
@@ -403,15 +415,34 @@ def _slab_reach(b: Builder, outermost: bool) -> tuple[list[gs.Node], dict, dict[
         for t in n.inputs:
             if id(t) not in producer:
                 continue  # a forward tensor or constant
-            above = reached[id(producer[id(t)])]
-            names |= ({t.name} if not (outermost and above) else above) if t.name in slabs else above
+            names |= {t.name} if t.name in slabs else reached[id(producer[id(t)])]
+        if nested:
+            names = _normalized(names, siblings, parent)
         reached[id(n)] = frozenset(names)
+        if n.outputs[0].name in slabs and names:  # a slab of an inner Concat: cut from these
+            parent[slabs[n.outputs[0].name][0]] = frozenset(names)
     return nodes, slabs, reached
 
 
+def _normalized(names: set, siblings: dict, parent: dict) -> set:
+    """names with every complete set of one inner Concat's slabs replaced by the slabs it is cut from and a mark
+    of the merge (not a slab: it keeps the nodes after the merge apart from those before the cut)."""
+    changed = True
+    while changed:
+        changed = False
+        for concat, sib in siblings.items():
+            if concat in parent and sib <= names:
+                names = (names - sib) | parent[concat] | {_MERGED + concat}
+                changed = True
+    return names
+
+
+_MERGED = "merged:"  # the mark of a merged inner Concat in a group's names (_normalized)
+
+
 def _window_homes(b: Builder) -> dict[str, frozenset]:
-    """{name of a node that finds a box of a skip_zero_slabs group's region: the group's outermost slab names},
-    kept on the builder between crop_seed_windows and skip_zero_slabs."""
+    """{name of a node that finds a box of a skip_zero_slabs group's region: that group's names (_slab_groups,
+    nested)}, kept on the builder between crop_seed_windows and skip_zero_slabs."""
     return b.window_homes
 
 
@@ -456,11 +487,11 @@ def crop_seed_windows(b: Builder) -> int:
     (Min and Max of int64 boxes)."""
     if "crop_seed_windows" not in b.passes or b.opset < 12:
         return 0
-    nodes, slabs, reached = _slab_reach(b, outermost=False)
+    nodes, slabs, reached = _slab_reach(b, nested=False)
     if len(slabs) < 2:
         return 0
-    _, nearest = _slab_groups(b, outermost=False)
-    _, outer = _slab_groups(b, outermost=True)  # skip_zero_slabs' groups
+    _, nearest = _slab_groups(b, nested=False)
+    _, outer = _slab_groups(b, nested=True)  # skip_zero_slabs' groups
     heads = [g for names, g in nearest.items() if len(names) == 1]
     in_heads = {id(n) for g in heads for n in g}
     grouped = in_heads | {id(n) for g in outer.values() for n in g}
