@@ -402,6 +402,28 @@ def test_cost_guard_keeps_the_heads_windows_and_stops_the_wide_ones():
         np.testing.assert_allclose(g, want[t], rtol=1e-10, atol=1e-10 * np.abs(want[t]).max(), err_msg=t)
 
 
+def _model(nodes: list, name: str, inits: dict) -> onnx.ModelProto:
+    """A graph x -> y of these nodes and initializers, opset 17."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, X.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto
+
+
+def _with_and_without_slabs(proto: onnx.ModelProto, seed: np.ndarray, monkeypatch) -> dict[int, np.ndarray]:
+    """{number of Ifs: the gradient at f} built with every pass and without skip_zero_slabs."""
+    got, every = {}, builder.PASSES
+    for passes in (every, tuple(p for p in every if p != "skip_zero_slabs")):
+        monkeypatch.setattr(builder, "PASSES", passes)
+        rw = build(ModelGraph(proto, X.shape), ["f"], "y")
+        sess = cpu_session(rw.model.SerializeToString(), rw.weights)
+        got[len(ifs(rw.model))] = sess.run([grad_name("f")], {"x": X, SEED: seed[:, None].astype(np.float32)})[0]
+    monkeypatch.setattr(builder, "PASSES", every)
+    return got
+
+
 def ssd_head(softmax_axis: int) -> onnx.ModelProto:
     """An SSD-style head on the same f: per level a Conv to (N, anchors * classes, H, W), Reshape, Transpose and
     Reshape to (N, H * W * anchors, classes) (torchvision's layout), the levels concatenated along the anchors and a
@@ -421,12 +443,7 @@ def ssd_head(softmax_axis: int) -> onnx.ModelProto:
                   helper.make_node("Reshape", [f"t{level}", f"o{level}"], [f"l{level}"])]
     nodes += [helper.make_node("Concat", ["l0", "l1"], ["cat"], axis=1),
               helper.make_node("Softmax", ["cat"], ["y"], axis=softmax_axis)]
-    graph = helper.make_graph(nodes, "ssd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, X.shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    return proto, inits
+    return _model(nodes, "ssd", inits), inits
 
 
 @pytest.mark.parametrize("where", ["first level", "second level", "dense"])
@@ -441,12 +458,7 @@ def test_skip_zero_slabs_follows_a_softmax_over_the_classes(where, monkeypatch):
     else:
         seed[:, 5 if where == "first level" else a0 + 7, 1] = 1.0
     proto, inits = ssd_head(2)
-    got, every = {}, builder.PASSES
-    for passes in (every, tuple(p for p in every if p != "skip_zero_slabs")):
-        monkeypatch.setattr(builder, "PASSES", passes)
-        rw = build(ModelGraph(proto, X.shape), ["f"], "y")
-        sess = cpu_session(rw.model.SerializeToString(), rw.weights)
-        got[len(ifs(rw.model))] = sess.run([grad_name("f")], {"x": X, SEED: seed[:, None].astype(np.float32)})[0]
+    got = _with_and_without_slabs(proto, seed, monkeypatch)
     assert sorted(got) == [0, 2]  # two Ifs with the pass, none without
     w = {k: torch.tensor(np.asarray(v, np.float64)) for k, v in inits.items() if k[0] in "wk"}
     a = torch.nn.functional.conv2d(torch.tensor(X, dtype=torch.float64), w["wa"], padding=1)
@@ -459,7 +471,6 @@ def test_skip_zero_slabs_follows_a_softmax_over_the_classes(where, monkeypatch):
     np.testing.assert_allclose(got[2], got[0], rtol=1e-6, atol=1e-6 * np.abs(got[0]).max())
     np.testing.assert_allclose(got[2], f.grad.numpy(), rtol=1e-5, atol=1e-6)
     assert np.abs(got[2]).max() > 0
-    monkeypatch.setattr(builder, "PASSES", every)
     assert not ifs(build(ModelGraph(ssd_head(1)[0], X.shape), ["f"], "y").model)
 
 
@@ -485,12 +496,7 @@ def yolox_head() -> tuple[onnx.ModelProto, dict]:
                   helper.make_node("Reshape", [f"bc{s}", f"flat{s}"], [f"r{s}"])]
     nodes += [helper.make_node("Concat", ["r0", "r1"], ["cat"], axis=2),
               helper.make_node("Transpose", ["cat"], ["y"], perm=[0, 2, 1])]
-    graph = helper.make_graph(nodes, "yolox", [helper.make_tensor_value_info("x", TensorProto.FLOAT, X.shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    return proto, inits
+    return _model(nodes, "yolox", inits), inits
 
 
 def _yolox_autograd(inits: dict, seed: np.ndarray) -> np.ndarray:
@@ -528,12 +534,7 @@ def test_skip_zero_slabs_splits_a_scales_box_and_class_branches(where, monkeypat
     elif where == "dense":
         seed = rng.standard_normal(seed.shape)
     proto, inits = yolox_head()
-    got, every = {}, builder.PASSES
-    for passes in (every, tuple(p for p in every if p != "skip_zero_slabs")):
-        monkeypatch.setattr(builder, "PASSES", passes)
-        rw = build(ModelGraph(proto, X.shape), ["f"], "y")
-        sess = cpu_session(rw.model.SerializeToString(), rw.weights)
-        got[len(ifs(rw.model))] = sess.run([grad_name("f")], {"x": X, SEED: seed[:, None].astype(np.float32)})[0]
+    got = _with_and_without_slabs(proto, seed, monkeypatch)
     assert sorted(got) == [0, 6]  # per scale: the box tower, the class tower, the stem
     want = _yolox_autograd(inits, seed)
     np.testing.assert_allclose(got[6], got[0], rtol=1e-6, atol=1e-6 * max(np.abs(got[0]).max(), 1e-30))

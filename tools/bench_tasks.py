@@ -49,7 +49,6 @@ def export_yolov8n(size: int) -> bytes:
     if os.path.exists(path):
         with open(path, "rb") as f:
             return f.read()
-    import io
 
     import torch
     os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -63,9 +62,17 @@ def export_yolov8n(size: int) -> bytes:
     for module in model.modules():
         if hasattr(module, "export"):
             module.export, module.format = True, "onnx"
+    return _export_to(path, model, size, "output0")
+
+
+def _export_to(path: str, model, size: int, output: str) -> bytes:
+    """The model's TorchScript export at opset 17, batch 1 (input "images"), also written to path (the cache)."""
+    import io
+
+    import torch
     f = io.BytesIO()
     torch.onnx.export(model, (torch.zeros(1, 3, size, size),), f, dynamo=False, opset_version=17,
-                      input_names=["images"], output_names=["output0"])
+                      input_names=["images"], output_names=[output])
     with open(path, "wb") as out:
         out.write(f.getvalue())
     return f.getvalue()
@@ -89,7 +96,6 @@ def export_yolox(size: int) -> bytes:
     if os.path.exists(path):
         with open(path, "rb") as f:
             return f.read()
-    import io
 
     import torch
     from torch import nn
@@ -166,12 +172,7 @@ def export_yolox(size: int) -> bytes:
 
     torch.manual_seed(0)
     model = YoloX().eval()
-    f = io.BytesIO()
-    torch.onnx.export(model, (torch.zeros(1, 3, size, size),), f, dynamo=False, opset_version=17,
-                      input_names=["images"], output_names=["output"])
-    with open(path, "wb") as out:
-        out.write(f.getvalue())
-    return f.getvalue()
+    return _export_to(path, model, size, "output")
 
 
 MODELS = {"yolov8n": export_yolov8n, "ssdlite": export_ssdlite, "yolox": export_yolox}
