@@ -4,9 +4,11 @@ float64 torch.autograd gradients at module outputs, and locating a module's outp
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -51,6 +53,7 @@ def export(model: torch.nn.Module, x: torch.Tensor, exporter: str, dynamic_batch
                           output_names=["logits"], dynamic_axes=axes)
         return f.getvalue()
     folder = tempfile.mkdtemp(prefix="onnxcam-dynamo-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # tests cache the path; up to ~0.5 GB each
     path = os.path.join(folder, "model.onnx")
     shapes = ({0: torch.export.Dim("N", min=1, max=64)},) if dynamic_batch else None
     torch.onnx.export(model, (x,), path, dynamo=True, input_names=["input"], output_names=["logits"],
