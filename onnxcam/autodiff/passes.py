@@ -381,9 +381,7 @@ def _slab_groups(b: Builder, nested: bool) -> tuple[dict[str, gs.Tensor], dict[f
     nodes, slabs, reached = _slab_reach(b, nested)
     if len(slabs) < 2:
         return {}, {}
-    siblings: dict[str, frozenset] = {}
-    for name, (concat, _) in slabs.items():
-        siblings[concat] = siblings.get(concat, frozenset()) | {name}
+    siblings = _siblings(slabs)
     groups: dict[frozenset, list[gs.Node]] = {}
     for n in nodes:
         names = reached[id(n)]
@@ -403,9 +401,7 @@ def _slab_reach(b: Builder, nested: bool) -> tuple[list[gs.Node], dict, dict[int
     slabs = _seed_slabs(b, nodes)
     reached: dict[int, frozenset] = {}
     producer = {id(t): n for n in nodes for t in n.outputs}
-    siblings: dict[str, frozenset] = {}
-    for name, (concat, _) in slabs.items():
-        siblings[concat] = siblings.get(concat, frozenset()) | {name}
+    siblings = _siblings(slabs)
     parent: dict[str, frozenset] = {}  # Concat -> the names of the gradient it is cut from (none: the outermost)
     for n in nodes:
         if n.name in homes:
@@ -422,6 +418,14 @@ def _slab_reach(b: Builder, nested: bool) -> tuple[list[gs.Node], dict, dict[int
         if n.outputs[0].name in slabs and names:  # a slab of an inner Concat: cut from these
             parent[slabs[n.outputs[0].name][0]] = frozenset(names)
     return nodes, slabs, reached
+
+
+def _siblings(slabs: dict) -> dict[str, frozenset]:
+    """{Concat name: the names of its slabs} of _seed_slabs' {slab name: (Concat name, slab)}."""
+    siblings: dict[str, frozenset] = {}
+    for name, (concat, _) in slabs.items():
+        siblings[concat] = siblings.get(concat, frozenset()) | {name}
+    return siblings
 
 
 def _normalized(names: set, siblings: dict, parent: dict) -> set:
