@@ -6,6 +6,7 @@ Library errors become one "Error: ..." line (exit status 1) here, at the edge; -
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -829,8 +830,17 @@ def _peak_x(mask: np.ndarray) -> float:
 
 
 def _show(path: Path) -> str:
+    """path as printed: relative to the working folder when inside it. Its folder is resolved once: explain prints
+    a path per image, and resolving walks the path a syscall per part (each a wait for the GIL while the writer
+    threads hold it)."""
+    path = Path(path)
     try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
+        return str((_resolved(path.parent) / path.name).relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+@functools.lru_cache(maxsize=16)
+def _resolved(folder: Path) -> Path:
+    return folder.resolve()
 

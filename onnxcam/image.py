@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from . import png
 from .errors import ImageTooLargeError, InputError
 from .preprocess import Preprocess
 
@@ -393,13 +394,13 @@ def _fit(text: str, width: int, scale: float) -> str:
 
 
 def encode_png(rgb: np.ndarray, level: int | None = None) -> bytes:
-    """uint8 RGB (H, W, 3) -> PNG bytes. level: zlib's compression level 0-9 (0: stored, fastest, largest);
-    None: OpenCV's default (level 1 with run-length strategy). The pixels decode the same whatever the level."""
-    params = [] if level is None else [cv2.IMWRITE_PNG_COMPRESSION, int(level)]
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
-    if not ok:
-        raise InputError(f"OpenCV could not encode a PNG of shape {rgb.shape}")
-    return buf.tobytes()
+    """uint8 RGB (H, W, 3) -> PNG bytes (onnxcam/png.py). level: zlib's compression level 0-9 (0: stored, fastest,
+    largest); None: level 1 with run-length matching (fast, small for overlays). The pixels decode the same
+    whatever the level."""
+    try:
+        return png.encode(rgb, level)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
 
 
 # ---- detections and masks (onnxcam/tasks) ----------------------------------------------------------------------

@@ -290,14 +290,15 @@ class Runner:
         target = target or self.target
         self._inputs |= {_real(f.path) for f in files if f.rgb is None}
         stop = threading.Event()
-        loaded, explained, written = (queue.Queue(maxsize=1) for _ in range(3))
+        loaded, running, explained, written = (queue.Queue(maxsize=1) for _ in range(4))
         alive = threading.BoundedSemaphore(_BATCHES_ALIVE)  # taken by the loader per batch, given back once written
         with ThreadPoolExecutor(self.workers, thread_name_prefix="onnxcam-io") as pool, \
                 ThreadPoolExecutor(self.model_workers, thread_name_prefix="onnxcam-model") as model:
             batches = self._batches(files, max(1, batch_size), target, pool, stop, alive)
             stages = [_start("load", batches, None, loaded, stop),
-                      _start("model", _drain(loaded, stop), partial(self._explain_loaded, pool=model), explained,
+                      _start("model", _drain(loaded, stop), partial(self._start_explaining, pool=model), running,
                              stop),
+                      _start("model-done", _drain(running, stop), self._explained, explained, stop),
                       _start("write", _drain(explained, stop), partial(self._write_batch, pool=pool, alive=alive),
                              written, stop)]
             try:
@@ -386,14 +387,26 @@ class Runner:
             return exc
         return rgb, image.to_input(rgb, self.pre), time.perf_counter() - t
 
-    def _explain_loaded(self, batch: _Batch, pool=None) -> _Batch:
-        """The batch's maps: in model_workers parts at once in the pool's threads when given. onnxruntime releases
-        the GIL: two runs of half a batch, on one core each, do more work per second than one run of the batch whose
-        threads wait for each other at every node (tools/bench_folder.py), for the memory of one batch's run."""
-        parts = _split(batch.images, self.model_workers if pool is not None else 1)
+    def _explain_loaded(self, batch: _Batch) -> _Batch:
+        """The batch's maps, in the caller's thread."""
+        self._explain_images(batch.reports, batch.images, batch.timings, batch.target)
+        return self._explained((batch, []))
+
+    def _start_explaining(self, batch: _Batch, pool) -> tuple[_Batch, list]:
+        """(batch, futures): the batch's maps being made in model_workers parts in the pool's threads. onnxruntime
+        releases the GIL: two runs of half a batch, on one core each, do more work per second than one run of the
+        batch whose threads wait for each other at every node (tools/bench_folder.py). The next batch's parts are
+        queued behind these at once (the model stage does not wait for them): a part slowed by the writers sharing
+        its core does not leave the other core idle until it ends."""
         explain = partial(self._explain_images, batch.reports, timings=batch.timings, target=batch.target)
-        for _ in (pool.map if len(parts) > 1 else map)(explain, parts):  # consumed: an exception is raised here
-            pass
+        return batch, [pool.submit(explain, part) for part in _split(batch.images, self.model_workers)]
+
+    @staticmethod
+    def _explained(running: tuple[_Batch, list]) -> _Batch:
+        """The batch once its parts are made (an exception in one is raised here), without its model inputs."""
+        batch, futures = running
+        for f in futures:
+            f.result()
         for i, (rgb, _) in batch.images.items():  # the model inputs are done with: only the pictures need the image
             batch.images[i] = rgb, None
         return batch
