@@ -187,3 +187,20 @@ def test_the_flatten_probe_starts_from_the_known_activation():
     assert {i.name for i in part.graph.input} == {"g"}
     assert sorted(n.op_type for n in part.graph.node) == ["Concat", "Constant", "Gather", "Reshape", "Shape",
                                                           "Unsqueeze"]
+
+
+def test_a_large_models_digest_computed_in_a_thread_is_the_same_and_cached(tmp_path, monkeypatch):
+    """Model files above _HASH_IN_THREAD_BYTES are hashed in a thread (this one: every file): the digest is the one
+    of the whole model, and once known it lets a second LoadedModel of the unchanged file skip reading it."""
+    from onnxcam.cache import CACHE
+
+    monkeypatch.setattr(load, "_HASH_IN_THREAD_BYTES", 0)
+    path = tmp_path / "weighty.onnx"
+    onnx.save(weighty_model(), str(path))
+    CACHE.clear()
+    loaded = load.LoadedModel(str(path))
+    assert isinstance(loaded._digest, load._Hashing)  # computing: not asked for yet
+    assert loaded.digest == load.model_digest(load.load_model(str(path))) == load.load_detached(str(path))[2]
+    again = load.LoadedModel(str(path))
+    assert again.digest == loaded.digest and again._skeleton is None, "the unchanged file was read again"
+    assert load.LoadedModel.of(str(path)) is load.LoadedModel.of(str(path))

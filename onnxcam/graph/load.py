@@ -121,7 +121,11 @@ def model_digest(proto: onnx.ModelProto) -> str:
 
 
 def _digest(skeleton: onnx.ModelProto, named_bytes) -> str:
-    h = hashlib.sha256(skeleton.SerializeToString(deterministic=True))
+    return _hash(skeleton.SerializeToString(deterministic=True), named_bytes)
+
+
+def _hash(skeleton_bytes: bytes, named_bytes) -> str:
+    h = hashlib.sha256(skeleton_bytes)
     for name, data in named_bytes:
         h.update(name.encode())
         h.update(data)
@@ -129,7 +133,7 @@ def _digest(skeleton: onnx.ModelProto, named_bytes) -> str:
 
 
 def load_detached(model, base_dir: str | os.PathLike | None = None, files: list | None = None,
-                  offsets: dict | None = None) -> tuple[onnx.ModelProto, dict, str]:
+                  offsets: dict | None = None, *, digest_later: bool = False) -> tuple[onnx.ModelProto, dict, str]:
     """(skeleton, {name: numpy array} of the large weights, model digest) of a path, bytes or ModelProto.
 
     Serialized models (a path without external initializers, bytes) are split at the wire level (wire.py): the
@@ -138,6 +142,8 @@ def load_detached(model, base_dir: str | os.PathLike | None = None, files: list 
     base_dir: as for load_model. files: if given, the external data files read are appended to it (a cache of
     the digest must notice when one of them changes). offsets: if given, {name: (offset, length)} of the large
     weights whose raw bytes lie as they are in the serialized model is filled in (wire.py).
+    digest_later: the digest comes as a _Hashing (its result() is the digest), computed in a thread of its own for
+    a serialized model with large weights (hashlib lets go of the GIL: the caller goes on meanwhile).
     """
     data, given, folder, what = _source(model, base_dir)
     split = None if data is None else _split_serialized(data, offsets)
@@ -149,7 +155,38 @@ def load_detached(model, base_dir: str | os.PathLike | None = None, files: list 
         return skeleton, weights, digest
     skeleton, weights, hashed = split
     skeleton = _checked(skeleton, folder, what, held=frozenset(weights), files=files)
+    if digest_later and len(data) >= _HASH_IN_THREAD_BYTES:
+        return skeleton, weights, _Hashing(skeleton, hashed)
     return skeleton, weights, _digest(skeleton, hashed)
+
+
+# Models of at least this many bytes are hashed in a thread of their own (below, a thread costs more than it hides).
+_HASH_IN_THREAD_BYTES = 8 << 20
+
+
+class _Hashing:
+    """A model's digest (_digest) being computed in a thread: a 100 MB model takes 65 ms of SHA-256, which the
+    command line spends meanwhile on finding the model's task and on its analysis. result() waits for it."""
+
+    def __init__(self, skeleton: onnx.ModelProto, named_bytes):
+        skeleton_bytes = skeleton.SerializeToString(deterministic=True)  # here: the caller may change the skeleton
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(skeleton_bytes, list(named_bytes)),
+                                        name="onnxcam-digest", daemon=True)
+        self._thread.start()
+
+    def _run(self, skeleton_bytes: bytes, named_bytes: list) -> None:
+        try:
+            self._digest = _hash(skeleton_bytes, named_bytes)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the thread that asks for the digest
+            self._error = exc
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._digest
 
 
 class LoadedModel:
@@ -175,19 +212,36 @@ class LoadedModel:
         self._stat: tuple | None = None  # the file's stat key when it was read
         self._lock = threading.Lock()
         self._handed: tuple | None = None  # (input shape, input name, ModelGraph): hand_over / take_graph
-        self.digest: str = ""
+        self._digest: str | _Hashing = ""
+        self._digest_entry: tuple | None = None  # the "digests" cache entry to make once the digest is known
         if isinstance(source, (str, os.PathLike)):
             known = CACHE.get("digests", _stat_key(source))
             if known is not None and all(_stat_key(f) == stat for f, stat in known[1]):
-                self.digest = known[0]
+                self._digest = known[0]
                 return
             files: list = []
-            self.digest = self._read(files)
+            self._digest = self._read(files)
             key = _stat_key(source)
             if key is not None:
-                CACHE.put("digests", key, (self.digest, tuple((f, _stat_key(f)) for f in files)))
+                self._digest_entry = key, tuple((f, _stat_key(f)) for f in files)
+            if isinstance(self._digest, str):
+                self.digest  # noqa: B018 - known now (a small model): cached now
         else:
-            self.digest = self._read()
+            self._digest = self._read()
+
+    @property
+    def digest(self) -> str:
+        """The model's content hash (model_digest). For a large model file read just now it is computed in a thread
+        (_Hashing) and this waits for it."""
+        digest = self._digest
+        if isinstance(digest, _Hashing):
+            self._digest = digest = digest.result()
+        entry, self._digest_entry = self._digest_entry, None
+        if entry is not None:
+            from ..cache import CACHE
+
+            CACHE.put("digests", entry[0], (digest, entry[1]))
+        return digest
 
     def hand_over(self, graph: ModelGraph, input_shape: tuple, input_name: str | None = None) -> None:
         """Keep `graph`, a ModelGraph of this model pinned to input_shape, for the next Explainer that would make the
@@ -229,8 +283,9 @@ class LoadedModel:
         """Whether the external data files read with this model are as they were (the file's own stat is the key)."""
         from ..cache import CACHE
 
+        digest = self.digest  # first: a digest still being computed goes into the cache once known
         known = CACHE.get("digests", _stat_key(self.source))
-        return known is not None and known[0] == self.digest and all(_stat_key(f) == stat for f, stat in known[1])
+        return known is not None and known[0] == digest and all(_stat_key(f) == stat for f, stat in known[1])
 
     @property
     def skeleton(self) -> onnx.ModelProto:
@@ -272,16 +327,17 @@ class LoadedModel:
         return {name: self._offsets[name] for name, a in weights.items()
                 if name in self._offsets and held.get(name) is a}
 
-    def _read(self, files: list | None = None) -> str:
-        skeleton, weights, digest = self._load(files)
+    def _read(self, files: list | None = None) -> str | _Hashing:
+        skeleton, weights, digest = self._load(files, digest_later=True)
         self._skeleton, self._weights = skeleton, weights
         return digest
 
-    def _load(self, files: list | None = None) -> tuple:
+    def _load(self, files: list | None = None, digest_later: bool = False) -> tuple:
         offsets: dict = {}
         is_file = isinstance(self.source, (str, os.PathLike))
         stat = _stat_key(self.source) if is_file else None
-        skeleton, weights, digest = load_detached(self.source, self.base_dir, files, offsets if is_file else None)
+        skeleton, weights, digest = load_detached(self.source, self.base_dir, files, offsets if is_file else None,
+                                                  digest_later=digest_later)
         self._offsets, self._stat = (offsets, stat) if is_file and stat == _stat_key(self.source) else ({}, None)
         return skeleton, weights, digest
 
