@@ -501,7 +501,7 @@ def crop_seed_windows(b: Builder) -> int:
     grouped = in_heads | {id(n) for g in outer.values() for n in g}
     rest = [n for n in nodes if reached[id(n)] and id(n) not in grouped]
     shapes = _inferred_shapes(b)
-    gradients = {id(t) for n in nodes if reached[id(n)] for t in n.outputs} | {id(t) for t in slabs.values()}
+    gradients = {id(t) for n in nodes if reached[id(n)] for t in n.outputs} | {id(t) for _, t in slabs.values()}
     # Regions: each head branch (its own boxes: a neck's wider windows at the same map size would widen them), the
     # rest of each skip_zero_slabs group and the nodes that always run; their boxes are found where the region's
     # nodes are: in the group's If, or outside every If (reached from every slab). Each stops where its windows
@@ -514,8 +514,7 @@ def crop_seed_windows(b: Builder) -> int:
     placed = {id(n) for _, g in regions for n in g}
     regions += [(frozenset(slabs), g) for g in heads if not any(id(n) in placed for n in g)]
     regions.append((frozenset(slabs), rest))
-    points = {id(t) for t in slabs.values()} | {id(n.outputs[0]) for n in nodes if n.op == "Reshape"
-                                                 and n.inputs[0].name in slabs}  # the seed's maps
+    points = _seed_maps(nodes, slabs)
     homes = _window_homes(b)
     done = 0
     for names, group in regions:
@@ -525,6 +524,16 @@ def crop_seed_windows(b: Builder) -> int:
     if done:
         log.debug("crop_seed_windows: %d gradient nodes run on windows", done)
     return done
+
+
+def _seed_maps(nodes: list[gs.Node], slabs: dict) -> set[int]:
+    """Ids of the seed's slabs and of what Transposes and Reshapes make of them (one anchor's nonzeros stay at one
+    place: YOLOv8's (N, 4+C, HW) slab reshaped to (N, 4+C, H, W), YOLOX's (N, HW, 85) transposed first)."""
+    maps = {id(t) for _, t in slabs.values()}
+    for n in nodes:
+        if n.op in ("Transpose", "Reshape") and id(n.inputs[0]) in maps:
+            maps.add(id(n.outputs[0]))
+    return maps
 
 
 def _inferred_shapes(b: Builder) -> dict[str, tuple]:
