@@ -540,3 +540,24 @@ def test_skip_zero_slabs_splits_a_scales_box_and_class_branches(where, monkeypat
     np.testing.assert_allclose(got[6], got[0], rtol=1e-6, atol=1e-6 * max(np.abs(got[0]).max(), 1e-30))
     np.testing.assert_allclose(got[6], want, rtol=1e-5, atol=1e-6)
     assert (np.abs(got[6]).max() > 0) == (where != "zero")
+
+
+def test_windows_crop_an_anchors_first_head(caplog):
+    """YOLOX's (N, A, 4 + C) output reaches each scale's map through a Transpose, a slab and a Reshape: a class seed
+    at one anchor of the 8x8 scale runs that scale's towers on windows (with the cost guard: a 3x3 window is 14% of
+    the map) - before, the pass took the slabs' (Concat, tensor) pairs for tensors and cropped nothing of such a
+    head - and the gradient at f is float64 autograd's."""
+    import logging
+
+    seed = np.zeros((N, 8 * 8 + 4 * 4, 4 + CLASSES))
+    seed[:, 27, 4 + 2] = 1.0
+    proto, inits = yolox_head()
+    caplog.set_level(logging.DEBUG, logger="onnxcam.autodiff.passes")
+    rw = build(ModelGraph(proto, X.shape), ["f"], "y")
+    cropped = [int(m.split(":")[1].split()[0]) for m in caplog.messages if m.startswith("crop_seed_windows")]
+    assert cropped and cropped[0] > 0, caplog.messages
+    sess = cpu_session(rw.model.SerializeToString(), rw.weights)
+    got = sess.run([grad_name("f")], {"x": X, SEED: seed[:, None].astype(np.float32)})[0]
+    want = _yolox_autograd(inits, seed)
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
