@@ -208,7 +208,8 @@ class _Failed:
 
 
 _END = object()  # no more batches
-# Batches decoded and not yet written: one being written, one at the model, one being read. The queues between
+# Batches decoded and not yet written: one being written, one at the model (the next one's halves queued behind
+# its own as soon as it is read), one being read. The queues between
 # the stages could hold two more, but each batch holds its full-size images: peak RSS would grow with the photos'
 # size for no speed (each stage still finds its next batch ready). Two would stop the reading of the next batch
 # while one is written (tests/test_fleet_local.py checks that it is not).

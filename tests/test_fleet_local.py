@@ -172,6 +172,35 @@ def test_a_batch_runs_on_the_model_in_two_parts_at_once_with_the_same_maps(tmp_p
     assert onnxcam_threads() == []
 
 
+class NoBarrier(Runner):
+    """The part of the first batch holding p02 waits (up to 30 s) until the next batch's first part (p04) is at the
+    model: it gets there only if the free model thread takes it while this part still runs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.next_batch_started = threading.Event()
+        self.overtaken = None
+
+    def _explain_images(self, reports, images, timings, target):
+        names = {reports[i].image.path.name for i in images}
+        if "p04.png" in names:
+            self.next_batch_started.set()
+        if "p02.png" in names:
+            self.overtaken = self.next_batch_started.wait(30)
+        return super()._explain_images(reports, images, timings, target)
+
+
+def test_the_next_batch_starts_on_a_free_model_thread_while_a_part_still_runs(tmp_path):
+    """No barrier per batch: a part slowed down (by the writers sharing its core) leaves the other model thread free
+    for the next batch, and results still come in input order."""
+    folder = make_photos(tmp_path / "in", 8)
+    runner = NoBarrier(LITE0, out=tmp_path / "out", device="cpu", model_workers=2)
+    names = [rep.image.path.name for batch in runner.run(find_images([folder]), batch_size=4) for rep in batch]
+    assert runner.overtaken
+    assert names == [f"p{k:02d}.png" for k in range(8)]
+    assert onnxcam_threads() == []
+
+
 def test_split_makes_parts_of_consecutive_entries_differing_by_one_at_most():
     from onnxcam.pipeline import _split
 
