@@ -84,13 +84,17 @@ def pool_indices(b: Builder, nodes: list[gs.Node]) -> set[int]:
     On by default: onnxruntime's MaxPool runs a slower kernel when asked for Indices, but the rule's gather of
     every window tap costs more (resnet18's stem MaxPool, 64x112x112 3x3/2, forward and gradient at batch 8 on one
     thread: 216 ms with the pass, 557 ms without; 378 vs 638 ms before opset 16).
+    Large 2-D windows (_separable: SPP's 5x5 to 13x13, stride 1) leave the forward node as it is and take their
+    positions from two MaxPools of the gradient graph instead, one along the rows, one down the columns.
     """
     if "pool_indices" not in b.passes:
         return set()
     chosen = {id(n) for n in nodes if n.op == "MaxPool" and (n.domain or "") in ("", "ai.onnx")
               and int(n.attrs.get("storage_order", 0)) == 0}
     if chosen:
-        log.debug("%d MaxPool gradients read the forward Indices output", len(chosen))
+        apart = sum(_separable(n) for n in nodes if id(n) in chosen) if b.opset >= 16 else 0
+        log.debug("%d MaxPool gradients read the forward Indices output, %d two 1-D MaxPools' Indices",
+                  len(chosen) - apart, apart)
     return chosen
 
 
@@ -102,11 +106,18 @@ def pool_indices_gradient(b: Builder, n: gs.Node, gy: list) -> list:
     x = n.inputs[0]
 
     def scatter():
-        flat = b.ints([-1])
-        zeros = b.op("Reshape", b.zeros_like(x), flat)
-        g = b.op("ScatterElements", zeros, b.op("Reshape", _indices_output(n), flat), b.op("Reshape", gy[0], flat),
-                 axis=0, reduction="add")
-        return b.reshape_like(g, x)
+        return _scatter_add(b, x, _indices_output(n), gy[0])
+
+    def separable():
+        """The window's first maximum in row-major order is the first maximum, down the window's rows, of each
+        row's first maximum: the positions of a MaxPool along the rows (1 x kw), then of one down the columns
+        (kh x 1) over its output, kw + kh comparisons per output instead of kh * kw, while the forward MaxPool
+        stays as onnxruntime runs it fastest (blocked, without Indices: SPP's 13x13 pool with Indices ran ~15x
+        slower than without, with layout reorders around it)."""
+        (kh, kw), (sh, sw), (top, left, bottom, right) = _window_geometry(n)
+        rows, along = b.op("MaxPool", x, outputs=2, kernel_shape=[1, kw], strides=[1, sw], pads=[0, left, 0, right])
+        _, down = b.op("MaxPool", rows, outputs=2, kernel_shape=[kh, 1], strides=[sh, 1], pads=[top, 0, bottom, 0])
+        return _scatter_add(b, x, along, _scatter_add(b, rows, down, gy[0]))
 
     def taps():
         w = pool_windows(b, n)
@@ -114,7 +125,45 @@ def pool_indices_gradient(b: Builder, n: gs.Node, gy: list) -> list:
         where = b.op("Sub", idx, b.op("Mul", b.op("Div", idx, b.ints(w.plane)), b.ints(w.plane)))  # idx mod plane
         hit = b.mask(b.op("Equal", b.unsqueeze(where, [2]), b.const(w.taps)))  # [N, C, K, *out]
         return taps_gradient(b, n, w, hit, gy[0])
+    if b.opset >= 16 and _separable(n):
+        return [separable]
     return [scatter if b.opset >= 16 else taps]
+
+
+# 2-D MaxPools with at least this many taps per window get their positions from two 1-D MaxPools (_separable).
+_SEPARABLE_TAPS = 16
+
+
+def _window_geometry(n: gs.Node) -> tuple | None:
+    """((kh, kw), (sh, sw), (top, left, bottom, right)) of a 2-D MaxPool with explicit pads, no dilation and floor
+    rounding, whose windows are rectangles of the input that the two 1-D pools cut the same way; else None."""
+    kernel = [int(k) for k in n.attrs.get("kernel_shape", [])]
+    if len(kernel) != 2 or int(n.attrs.get("ceil_mode", 0)) or n.attrs.get("auto_pad", "NOTSET") != "NOTSET":
+        return None
+    if any(int(d) != 1 for d in n.attrs.get("dilations", [1, 1])):
+        return None
+    strides = [int(v) for v in n.attrs.get("strides", [1, 1])]
+    pads = [int(v) for v in n.attrs.get("pads", [0, 0, 0, 0])]
+    return tuple(kernel), tuple(strides), tuple(pads)
+
+
+def _separable(n: gs.Node) -> bool:
+    """Whether MaxPool node n's gradient takes its positions from two 1-D MaxPools: a float 2-D pool with large
+    windows (_SEPARABLE_TAPS) that _window_geometry describes, whose Indices the model does not compute itself."""
+    geometry = _window_geometry(n)
+    dtype = n.inputs[0].dtype
+    return (geometry is not None and geometry[0][0] * geometry[0][1] >= _SEPARABLE_TAPS
+            and dtype is not None and np.issubdtype(np.dtype(dtype), np.floating)
+            and (len(n.outputs) < 2 or not n.outputs[1].name))
+
+
+def _scatter_add(b: Builder, like: gs.Tensor, indices: gs.Tensor, g: gs.Tensor) -> gs.Tensor:
+    """g added at the flat positions `indices` (a MaxPool's Indices output) of a zero tensor shaped like `like`."""
+    flat = b.ints([-1])
+    zeros = b.op("Reshape", b.zeros_like(like), flat)
+    out = b.op("ScatterElements", zeros, b.op("Reshape", indices, flat), b.op("Reshape", g, flat), axis=0,
+               reduction="add")
+    return b.reshape_like(out, like)
 
 
 def _indices_output(n: gs.Node) -> gs.Tensor:

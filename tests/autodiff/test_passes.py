@@ -155,7 +155,12 @@ POOLS = {  # MaxPool geometries on X_SHAPE: overlapping windows, padding, ceil_m
     "ceil-dilated": {"kernel_shape": [2, 3], "strides": [2, 1], "pads": [1, 0, 0, 1], "dilations": [1, 2],
                      "ceil_mode": 1},
     "same-lower": {"kernel_shape": [2, 2], "strides": [2, 2], "auto_pad": "SAME_LOWER"},
+    # large windows: positions from two 1-D MaxPools (passes._separable) from opset 16
+    "spp-5": {"kernel_shape": [5, 5], "strides": [1, 1], "pads": [2, 2, 2, 2]},
+    "spp-13": {"kernel_shape": [13, 13], "strides": [1, 1], "pads": [6, 6, 6, 6]},  # wider than the map
+    "wide-strided": {"kernel_shape": [4, 5], "strides": [2, 3], "pads": [1, 2, 2, 1]},
 }
+SEPARABLE = {"spp-5", "spp-13", "wide-strided"}
 
 
 def pool_model(opset: int, dtype, attrs: dict, indices: bool = False) -> onnx.ModelProto:
@@ -232,7 +237,9 @@ def test_pool_indices(geometry, opset):
     first maximum from the input, on ties and next to padding; both match a numpy first-maximum reference. Only
     the pass alters the forward graph (the MaxPool gets its Indices output). Opset 17 runs in float64; opset 13
     in float32 (its rule's ConvTranspose has no float64 kernel in onnxruntime), where both forms share every node
-    after the tap masks, so the gradients are equal bit for bit."""
+    after the tap masks, so the gradients are equal bit for bit. Large windows at opset 17 leave the forward
+    MaxPool as it is: their positions come from a MaxPool along the rows and one down the columns (the window's
+    first maximum in row-major order is the first, down the rows, of each row's first maximum)."""
     attrs = POOLS[geometry]
     dtype = np.float64 if opset >= 16 else np.float32
     proto = pool_model(opset, dtype, attrs)
@@ -246,7 +253,13 @@ def test_pool_indices(geometry, opset):
     assert rules_for(b_on, "MaxPool") == {"passes.pool_indices"}
     assert rules_for(b_off, "MaxPool") == {"conv_pool._max_pool_scatter" if opset >= 16 else "conv_pool._max_pool_taps"}
     pool_on, pool_off = (next(n for n in mg.graph.nodes if n.op == "MaxPool") for mg in (mg_on, mg_off))
-    assert len(pool_on.outputs) == 2 and [o.name for o in pool_off.outputs] == ["p"]
+    assert [o.name for o in pool_off.outputs] == ["p"]
+    if geometry in SEPARABLE and opset >= 16:
+        kernel = attrs["kernel_shape"]
+        made = [n.attrs["kernel_shape"] for n in mg_on.graph.nodes if n.op == "MaxPool" and n is not pool_on]
+        assert [o.name for o in pool_on.outputs] == ["p"] and made == [[1, kernel[1]], [kernel[0], 1]]
+    else:
+        assert len(pool_on.outputs) == 2
 
 
 @pytest.mark.parametrize("variant", ["storage-order-1", "indices-computed-by-the-model"])
