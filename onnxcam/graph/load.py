@@ -133,7 +133,8 @@ def _hash(skeleton_bytes: bytes, named_bytes) -> str:
 
 
 def load_detached(model, base_dir: str | os.PathLike | None = None, files: list | None = None,
-                  offsets: dict | None = None, *, digest_later: bool = False) -> tuple[onnx.ModelProto, dict, str]:
+                  offsets: dict | None = None, *, digest_later: bool = False
+                  ) -> tuple[onnx.ModelProto, dict, str | _Hashing]:
     """(skeleton, {name: numpy array} of the large weights, model digest) of a path, bytes or ModelProto.
 
     Serialized models (a path without external initializers, bytes) are split at the wire level (wire.py): the
