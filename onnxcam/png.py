@@ -41,8 +41,12 @@ def encode(rgb: np.ndarray, level: int | None = None, codec=zlib) -> bytes:
         parts.append(deflate.compress(_filtered_up(band, above)))
     parts.append(deflate.flush())
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8 bits per sample, truecolor, deflate, no interlace
-    return b"".join([SIGNATURE, _chunk(b"IHDR", header, codec), _chunk(b"IDAT", b"".join(parts), codec),
-                     _chunk(b"IEND", b"", codec)])
+    # The IDAT chunk is written around the deflated parts: one copy of the compressed data, in the final join.
+    crc = codec.crc32(b"IDAT")
+    for part in parts:
+        crc = codec.crc32(part, crc)
+    return b"".join([SIGNATURE, _chunk(b"IHDR", header, codec), struct.pack(">I", sum(map(len, parts))), b"IDAT",
+                     *parts, struct.pack(">I", crc), _chunk(b"IEND", b"", codec)])
 
 
 def _filtered_up(band: np.ndarray, above: np.ndarray | None) -> np.ndarray:
