@@ -452,6 +452,23 @@ def layers(model, size, mean, std, layout, bgr, show_all):
     rule = getattr(m.graph, "layer_rule", None)  # which rule of onnxcam/tasks/choose.py picked it
     click.echo(f"{f'Rule: {rule}. ' if rule else ''}{len(rows)} candidate layers; * = the automatic choice "
                f"({m.default_layer})")
+    scales = _scale_layers(m)
+    if scales is not None:
+        from .tasks.run import SCALE_METHODS
+
+        click.echo(f"`onnxcam explain` ({', '.join(sorted(SCALE_METHODS))}) explains each detection at its own "
+                   f"scale's layer instead: {', '.join(scales.names)} (rule: {scales.rule})")
+
+
+def _scale_layers(m):
+    """A raw multi-scale detection head's per-scale layers, which `onnxcam explain` takes (tasks/run.py), else
+    None."""
+    from .tasks.choose import scale_layers, selection_of, task_of
+
+    if m.score is None or m.default_layer is None or task_of(m.graph, m.score) != "detect":
+        return None
+    selection = selection_of(m.graph)
+    return None if selection is not None and selection.score == m.score else scale_layers(m.graph, m.score)
 
 
 @main.command()

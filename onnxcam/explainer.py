@@ -125,6 +125,9 @@ class Explainer:
     output: which model output the default score follows, for models with several outputs.
     input_shape: the one input shape to build for (its batch is free), for models whose size is dynamic.
     guided: differentiate with guided-backpropagation ReLUs.
+    apart: each layer's gradient only along the paths to the score that cross no other layer (rewrite.build): a
+        multi-scale detector's per-scale layers (tasks/choose.py scale_layers), where a detection's gradient is then
+        exact at its own scale's layer and zero at the others, without the neck crossing between them.
     base_dir: the folder holding the external data of a model given as bytes or a ModelProto.
     build: build a static-size model's session now (False: at the first run or compiled() call).
     input_name: the input explained, for models with side inputs (an image plus im_info, a scale or a prompt
@@ -147,7 +150,7 @@ class Explainer:
 
     def __init__(self, model, layers: str | list[str] | None = None, score: str | None = None, device: str = "auto",
                  *, output: str | None = None, input_shape: tuple[int, ...] | None = None, guided: bool = False,
-                 base_dir=None, build: bool = True, input_name: str | None = None, extra_inputs: dict | None = None):
+                 apart: bool = False, base_dir=None, build: bool = True, input_name: str | None = None, extra_inputs: dict | None = None):
         if isinstance(model, Explainer):
             self._model = model._model
             input_name = model._input_choice if input_name is None else input_name
@@ -157,6 +160,7 @@ class Explainer:
         self.digest: str = self._model.digest
         self.device = device
         self.guided = guided
+        self.apart = bool(apart)
         self._graph_for_build = None
         self._lock = threading.RLock()  # one build at a time per Explainer: builds share the loaded model
         self._last_shape: tuple | None = None  # the input shape of the last run (dynamic sizes)
@@ -235,8 +239,8 @@ class Explainer:
 
     def _compiled(self, shape: tuple, n_seeds: int = 1, by_class: bool = True) -> Compiled:
         self.choose_layers(shape)
-        key = (self.digest, self.input_name, tuple(self._layers), self.score_name, tuple(shape[1:]), self.guided, self.device,
-               n_seeds, by_class, _session_config())
+        key = (self.digest, self.input_name, tuple(self._layers), self.score_name, tuple(shape[1:]), self.guided,
+               self.apart, self.device, n_seeds, by_class, _session_config())
         built = []
 
         def build() -> Compiled:
@@ -244,7 +248,7 @@ class Explainer:
                 start = time.perf_counter()
                 mg = self._graph_at(shape)
                 rw = rewrite.build(mg, self._layers, self.score_name, guided=self.guided, n_seeds=n_seeds,
-                                   by_class=by_class)
+                                   by_class=by_class, apart=self.apart)
                 quantization = _quantization(self.proto, mg, self._layers)
                 model, weights, data_file = self._session_inputs(rw)
                 # The session gets its own copy of the weights (or reads them from the model file itself): holding

@@ -185,8 +185,9 @@ class _Stopped:
     def __getattr__(self, name: str):
         return getattr(self._mg, name)
 
-    def path_nodes(self, starts: list[gs.Tensor], end: gs.Tensor) -> tuple[list[gs.Node], set[str]]:
-        nodes, on_path = self._mg.path_nodes(starts, end)
+    def path_nodes(self, starts: list[gs.Tensor], end: gs.Tensor, apart: bool = False
+                   ) -> tuple[list[gs.Node], set[str]]:
+        nodes, on_path = self._mg.path_nodes(starts, end, apart)
         on_path = on_path - self._stops
         return [n for n in nodes if any(o.name in on_path for o in n.outputs)
                 and any(i.name in on_path for i in n.inputs)], on_path

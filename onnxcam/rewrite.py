@@ -119,9 +119,12 @@ def resolve_layers(mg: ModelGraph, layers: list[str] | None, score: str) -> list
 
 
 def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False, n_seeds: int = 1,
-          by_class: bool = False, twice: bool = False) -> Rewritten:
+          by_class: bool = False, twice: bool = False, apart: bool = False) -> Rewritten:
     """by_class: take the seeds as class indices (a 2-D score only; else the dense seed input is built). twice: the
-    gradient graph will be differentiated again (hessian.py): without the passes whose nodes have no rule."""
+    gradient graph will be differentiated again (hessian.py): without the passes whose nodes have no rule. apart:
+    each layer's gradient along the paths to the score that cross no other layer (a multi-scale detector's
+    per-scale layers, tasks/choose.py scale_layers: a detection's gradient is then non-zero at its own scale's
+    layer only, and exact there)."""
     graph = mg.graph
     score_t = mg.tensor(score)
     score_shape = mg.shape(score_t)
@@ -138,7 +141,10 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
                              "second derivatives (ShapleyCAM) take a dense seed of fixed shape and are not built for "
                              "them; use a first-order method (GradCAM, HiResCAM, ...)")
     dtype = np.float32
-    b = Builder(mg, dtype, guided=guided)
+    if apart and twice:
+        raise LayerError("layers apart (each layer's gradient crossing no other layer) are not built for second "
+                         "derivatives (ShapleyCAM); give one layer, or layers whose gradients add up")
+    b = Builder(mg, dtype, guided=guided, apart=apart)
     if twice:
         b.passes -= SEED_PASSES
     original_outputs = [o.name for o in graph.outputs]

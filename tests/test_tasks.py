@@ -7,6 +7,7 @@ import copy
 import functools
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,12 +18,16 @@ from click.testing import CliRunner
 from torch import nn
 
 import onnxcam
+from onnxcam import image
+from onnxcam.cam.api import method_object
 from onnxcam.cli import main
 from onnxcam.errors import InputError
 from onnxcam.graph.model import ModelGraph
+from onnxcam.pipeline import ImageFile
 from onnxcam.targets import ClassifierOutputTarget
 from onnxcam.tasks import choose, detect, segment
 from onnxcam.tasks.layout import token_grid, tokens_to_maps
+from onnxcam.tasks.run import SCALE_METHODS, TaskRunner
 
 from .kinks import KinkMode, kink_inputs, onnx_kink_inputs
 
@@ -195,11 +200,12 @@ def test_nms_keeps_the_best_of_overlapping_boxes_per_class():
     assert kept.tolist() == [0, 2, 3]
 
 
-def _forward_nodes_of_gradient(mg: ModelGraph, layer: str, score: str) -> set:
+def _forward_nodes_of_gradient(mg: ModelGraph, layer: str | list, score: str, apart: bool = False) -> set:
     """Names of the forward nodes whose gradient rules the explainable model runs (rewrite._sign's origins), built
     on a fresh copy of mg: a build changes the graph it is given, so a second build on it would not be this one."""
     from onnxcam import rewrite
-    model = rewrite.build(ModelGraph(mg.proto, mg.input_shape, mg.weights), [layer], score).model
+    layers = [layer] if isinstance(layer, str) else layer
+    model = rewrite.build(ModelGraph(mg.proto, mg.input_shape, mg.weights), layers, score, apart=apart).model
     return {next(iter(json.loads(n.doc_string).values()))["node"] for n in model.graph.node
             if n.doc_string.startswith("{")}
 
@@ -233,6 +239,82 @@ def test_class_target_seeds_the_class_scores_alone_with_the_same_gradient():
     assert not rows.covers(iou)
     with pytest.raises(InputError, match="seed the detection output itself"):
         rows.slice(iou)
+
+
+# TinyYolo's neck output per scale and the anchors of that scale (8x8, then 4x4, then 2x2 cells)
+SCALES = {"p3": range(64), "n4": range(64, 80), "n5": range(80, 84)}
+
+
+def _hooked_scales(model: nn.Module, x: torch.Tensor, names=tuple(SCALES)) -> tuple[torch.Tensor, dict]:
+    """float64 output and each named module's output (forward hooks), with the graph kept for autograd."""
+    md = copy.deepcopy(model).double()
+    seen, modules = {}, dict(md.named_modules())
+    handles = [modules[m].register_forward_hook(lambda _m, _i, o, m=m: seen.__setitem__(m, o)) for m in names]
+    with torch.enable_grad():
+        out = md(x.double())
+    for handle in handles:
+        handle.remove()
+    return out, seen
+
+
+def test_each_scale_is_explained_apart_at_its_own_map_and_matches_torch():
+    """scale_layers finds each scale's neck output (p3, n4, n5). Differentiated apart, a detection's gradient is
+    float64 autograd's at its own scale's map and exactly zero at the others (where the full gradient of a coarse
+    detection at p3 is not: the neck between the scales carries it), and the neck between the scales (down3,
+    down4) gets no gradient nodes at all."""
+    model, onnx_model, x = yolo()
+    mg = ModelGraph(onnx.load_from_string(onnx_model), (1, 3, SIZE, SIZE))
+    score = mg.default_score()
+    scales = choose.scale_layers(mg, score)
+    assert scales is not None and len(scales.names) == 3 and "neck" in scales.rule
+    out64, acts = _hooked_scales(model, x)
+    ex = onnxcam.Explainer(onnx_model, layers=list(scales.names), score=score, device="cpu", apart=True)
+    for own, (module, anchors) in enumerate(SCALES.items()):
+        seeds = np.zeros((2, 4 + CLASSES, 84), np.float32)
+        picks = [(anchors[0], 1), (anchors[-1], 2)]  # one detection per image
+        for i, (a, c) in enumerate(picks):
+            seeds[i, 4 + c, a] = 1.0
+        r = ex.run(x.numpy(), seed=seeds)
+        total = sum(out64[i, 4 + c, a] for i, (a, c) in enumerate(picks))
+        for k, (name, other) in enumerate(zip(scales.names, SCALES)):
+            _close(r.activations[name], acts[other].detach().numpy(), 1e-5)  # the layers are the hooked modules
+            want = torch.autograd.grad(total, acts[other], retain_graph=True)[0].numpy()
+            if k == own:
+                _close(r.gradients[name], want)
+            else:
+                assert not np.any(r.gradients[name])
+                assert k > own or np.abs(want).max() > 1e-6  # finer maps do get gradient through the neck
+    apart = _forward_nodes_of_gradient(mg, list(scales.names), score, apart=True)
+    whole = _forward_nodes_of_gradient(mg, list(scales.names), score)
+    # (the layers' own producers name their gradient's fan-in Sum in both: not a differentiation of the neck)
+    neck = {n for n in whole if n.startswith(("/down3/", "/down4/", "/n4/conv", "/n5/conv"))}
+    assert neck and not apart & neck and apart < whole
+    layout = detect.recognise((1, 4 + CLASSES, 84), (SIZE, SIZE))
+    with pytest.raises(InputError, match=r"ShapleyCAM's Hessian-vector product is not built for layers .* apart"):
+        onnxcam.ShapleyCAM(ex)(x.numpy()[:1], targets=[detect.DetectionTarget(layout, anchor=0, label=1)])
+
+
+@pytest.mark.parametrize("method", sorted(SCALE_METHODS))
+def test_detections_are_explained_at_their_own_scale(tmp_path, photo, method):
+    """The task pipeline explains a multi-scale head's detections with the per-scale layers apart: each
+    detection records its own scale's layer, and its map is the method's map at that one layer with the whole
+    gradient (the other layers' maps are zero; the mean of the scaled maps, scaled again, is that map)."""
+    _, onnx_model, _ = yolo()
+    path = _write(tmp_path, "yolo.onnx", onnx_model)
+    runner = TaskRunner(path, method=method, conf=0, top=84, out=tmp_path / "unused")
+    assert runner.apart and len(runner.layers) == 3 and runner.layers[0] == runner.explainer.layers[0]
+    result = runner.explain(ImageFile(photo, Path(photo.stem)), write=False)
+    layout = detect.recognise((1, 4 + CLASSES, 84), (SIZE, SIZE))
+    x = image.to_input(image.read_image(photo), runner.pre)[None]
+    shown = {}  # scale -> detections with a map that is not all zero
+    for item, got in zip(result.items, result.maps):
+        own = next(k for k, anchors in enumerate(SCALES.values()) if item["anchor"] in anchors)
+        assert item["layer"] == runner.layers[own]
+        cam = method_object(path, method, [runner.layers[own]], device="cpu")
+        want = cam(x, targets=[detect.DetectionTarget(layout, anchor=item["anchor"], label=item["label"])])[0]
+        assert np.abs(got - want).max() < 1e-4
+        shown[own] = shown.get(own, 0) + int(got.std() > 0.05)
+    assert len(shown) >= 2 and sum(shown.values()) >= 2  # detections of several scales, maps not all zero
 
 
 def test_class_rows_fall_back_to_the_output_unless_a_pure_copy():
@@ -456,7 +538,12 @@ def test_cli_draws_detections_and_writes_boxes(tmp_path, photo):
     assert record["task"] == "detect" and record["decoding"]["decode"] == "yolov8"
     assert record["decoding"]["seeded"] == "/Sigmoid_output_0"  # the class scores alone: no box term in the seeds
     assert record["layer_rule"].startswith("detect:") and len(record["detections"]) == 2
+    assert len(record["layers"]) == 3 and "differentiated apart" in record["layer_rule"]  # one map per scale
     d = record["detections"][0]
+    assert d["layer"] in record["layers"]
+    listed = CliRunner().invoke(main, ["layers", path])
+    assert listed.exit_code == 0 and "explains each detection at its own scale's layer instead: " \
+        + ", ".join(record["layers"]) in listed.output
     assert d["name"] in ("cat", "dog", "cup") and len(d["box_image"]) == 4 and d["overlay"]
     for name in (f"{stem}.detect.png", d["overlay"]):
         assert (tmp_path / "o" / name).stat().st_size > 0
@@ -531,3 +618,17 @@ def test_ultralytics_yolov8n_layer_and_gradients(tmp_path, monkeypatch):
     want = torch.autograd.grad(out64[0, 4 + best.label, best.anchor], act64)[0].numpy()
     _close(cam.result.gradients[layer], want)
     assert np.ptp(cam.raw[layer]) > 0
+    # each scale's own neck output (model.15, .18, .21), differentiated apart: a stride-32 anchor's gradient is
+    # autograd's at model.21 and zero at the finer two
+    scales = choose.scale_layers(mg, score)
+    necks = ("model.15", "model.18", "model.21")
+    out64, acts = _hooked_scales(model, x, necks)
+    ex = onnxcam.Explainer(onnx_model, layers=list(scales.names), score=score, device="cpu", apart=True)
+    seed = np.zeros((1, 4 + 3, 336), np.float32)
+    seed[0, 4 + 1, 330] = 1.0  # anchors 320-335: the 4x4 stride-32 grid
+    r = ex.run(x.numpy(), seed=seed)
+    want = torch.autograd.grad(out64[0, 4 + 1, 330], acts["model.21"])[0].numpy()
+    for name, module in zip(scales.names, necks):
+        _close(r.activations[name], acts[module].detach().numpy(), 1e-5)
+    _close(r.gradients[scales.names[2]], want)
+    assert not np.any(r.gradients[scales.names[0]]) and not np.any(r.gradients[scales.names[1]])

@@ -13,6 +13,8 @@ Identical graphs still differ by about 5% between two such profiles. `--class-sc
 scores alone (the box branch then carries no gradient) and `--without` leaves passes out.
 
     PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --size 320 --layers auto,model.4 --reps 30
+    # each scale's own layer, differentiated apart (what `onnxcam explain` takes), against the one neck map
+    python tools/bench_tasks.py --model yolox --layers auto,scales --anchor 2050 --reps 15
     PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --size 320 --layers model.4 --profile --reps 0
     PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --layers auto --class-score /model.22/Sigmoid_output_0 --profile
     # one anchor per stride at 320 px, each its grid's centre (passes.crop_seed_windows: the windows it reaches)
@@ -200,9 +202,16 @@ def _explainable(mg, layer: str, score: str | None, anchor: int | None = None):
     import onnx
 
     from onnxcam.rewrite import build, resolve_layers
+    from onnxcam.tasks.choose import scale_layers
+    apart = layer == "scales"  # each scale's own layer, differentiated apart (what `onnxcam explain` takes)
+    if apart:
+        found = scale_layers(mg, mg.default_score())
+        if found is None:
+            sys.exit("--layers scales: the model's head is not a multi-scale one (tasks/choose.py scale_layers)")
     score = score or mg.default_score()
-    layers = resolve_layers(mg, None if layer == "auto" else layer.split("+"), score)
-    rw = build(mg, layers, score)
+    layers = list(found.names) if apart else resolve_layers(mg, None if layer == "auto" else layer.split("+"),
+                                                            score)
+    rw = build(mg, layers, score, apart=apart)
     proto = rw.model
     for init in proto.graph.initializer:  # the placeholders take their values: one self-contained model file
         if init.name in rw.weights:
@@ -344,8 +353,10 @@ def main(argv=None) -> None:
                     "YOLOv8's) or ssdlite (torchvision; anchors 0-2399 are stride 16, 2400-2999 stride 32, then 64, "
                     "107, 160, 320)")
     ap.add_argument("--size", type=int, default=320)
-    ap.add_argument("--layers", default="auto,model.4", help="comma-separated: auto, or module paths / tensor names "
-                    "(several target layers of one model joined by +)")
+    ap.add_argument("--layers", default="auto,model.4",
+                    help="comma-separated: auto, scales (each scale's own layer, differentiated apart: what `onnxcam "
+                    "explain` takes for a multi-scale head), or module paths / tensor names (several target layers "
+                    "of one model joined by +)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--idle", type=float, default=0.3)
     ap.add_argument("--threads", type=int, default=1)

@@ -50,12 +50,13 @@ class Builder:
     takes. A rule never touches protobuf or invents names.
     """
 
-    def __init__(self, model: ModelGraph, dtype=np.float32, *, guided: bool = False):
+    def __init__(self, model: ModelGraph, dtype=np.float32, *, guided: bool = False, apart: bool = False):
         self.model = model
         self.graph = model.graph
         self.opset = model.opset
         self.dtype = np.dtype(dtype)
         self.guided = guided  # guided backpropagation: Relu-like rules also zero negative incoming gradients
+        self.apart = apart  # each target's gradient along paths crossing no other target (engine.backward)
         self.node: gs.Node | None = None  # the forward node whose rule is running (for names and errors)
         self.rule: str = "rewrite.build"  # what is emitting nodes now: a rule's name, or the engine's step
         # gradient node name -> (forward node name, its op, rule): who to blame for a node onnxruntime rejects

@@ -28,9 +28,10 @@ def check_supported(b: Builder, nodes: list[gs.Node]) -> None:
 
 
 def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Tensor) -> dict[str, gs.Tensor]:
-    """Emit d(sum(seed * score))/d(target) for every target; return {target name: gradient tensor}."""
+    """Emit d(sum(seed * score))/d(target) for every target; return {target name: gradient tensor}. With
+    b.apart, each target's gradient only along paths that cross no other target (graph/model.py path_nodes)."""
     load_all()
-    nodes, on_path = b.model.path_nodes(targets, score)
+    nodes, on_path = b.model.path_nodes(targets, score, apart=b.apart)
     check_supported(b, nodes)
     b.targets = {t.name for t in targets}
     rois = roi_rows(b, nodes, seed)  # before region_rows, which replaces the seed by its rows

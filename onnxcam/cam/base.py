@@ -464,14 +464,17 @@ def _derived(ex: Explainer, layers: list | None, guided: bool, input_shape, scor
     explain(explainer, ...) in a loop analyses once. layers None: the explainer's own automatic choice (not made
     yet). build=False: its session is built at its first run (the constructor's by-class build is not needed)."""
     score = ex.score_name if score is None else score
-    if guided == ex.guided and score == ex.score_name and (layers is None or layers == ex._layers):
+    same_layers = layers is None or layers == ex._layers
+    if guided == ex.guided and score == ex.score_name and same_layers:
         return ex
+    apart = ex.apart and same_layers  # the same layers differentiated as the explainer's are
     if ex.extra_inputs:  # side inputs are values, not a cache key: a fresh Explainer (its sessions are cached)
-        return Explainer(ex, layers, score, ex.device, input_shape=input_shape, guided=guided, build=build)
-    key = (ex.digest, ex.input_name, score, ex.device, None if layers is None else tuple(layers), guided,
+        return Explainer(ex, layers, score, ex.device, input_shape=input_shape, guided=guided, build=build,
+                         apart=apart)
+    key = (ex.digest, ex.input_name, score, ex.device, None if layers is None else tuple(layers), guided, apart,
            None if input_shape is None else tuple(input_shape), tuple(sorted(SESSION_CONFIG.items())))
     return CACHE.get_or_build("derived", key, lambda: Explainer(ex, layers, score, ex.device, input_shape=input_shape,
-                                                                guided=guided, build=build))
+                                                                guided=guided, build=build, apart=apart))
 
 
 def _class_rows_at(ex: Explainer, shape: tuple, layout: detect.DetectionLayout) -> detect.ClassRows | None:

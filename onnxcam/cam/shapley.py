@@ -84,6 +84,10 @@ class ShapleyCAM(BaseCAM):
     def _compiled(self, kind: str, shape: tuple, layers: list[str]):
         """(HvpModel, session) for a kind of target at an input shape, built once and kept in onnxcam.cache."""
         ex = self.explainer
+        if ex.apart:
+            raise InputError("ShapleyCAM's Hessian-vector product is not built for layers differentiated apart "
+                             "(Explainer(apart=True)): give it an Explainer without apart, or use GradCAM, HiResCAM, "
+                             "...", option="method")
         key = (ex.digest, "hvp", kind, tuple(layers), ex.score_name, tuple(shape[1:]), ex.device,
                tuple(sorted(SESSION_CONFIG.items())))
 

@@ -108,11 +108,15 @@ class ModelGraph:
             yield node
             todo.extend(follow(node))
 
-    def forward_reach(self, starts: list[gs.Tensor]) -> set[str]:
-        """Tensors that depend differentiably on the starts (integer results such as ArgMax indices do not)."""
+    def forward_reach(self, starts: list[gs.Tensor], stop: set[str] = frozenset()) -> set[str]:
+        """Tensors that depend differentiably on the starts (integer results such as ArgMax indices do not). A
+        tensor named in `stop` is reached but not followed (unless it is a start)."""
         seen, todo = {t.name for t in starts}, deque(starts)
+        begun = {t.name for t in starts}
         while todo:
             t = todo.popleft()
+            if t.name in stop and t.name not in begun:
+                continue
             for node in t.outputs:
                 if not _differentiable_input(node, t):
                     continue
@@ -136,13 +140,14 @@ class ModelGraph:
                     todo.append(inp)
         return seen
 
-    def _differentiable_reach(self, end: gs.Tensor) -> set[str]:
+    def _differentiable_reach(self, end: gs.Tensor, stop: set[str] = frozenset()) -> set[str]:
         """Tensors the end depends on differentiably: backward_reach along the edges forward_reach follows, so
-        that a float branch ending in integers (Faster R-CNN's Floor of box sizes -> level index) is no path."""
+        that a float branch ending in integers (Faster R-CNN's Floor of box sizes -> level index) is no path. A
+        tensor named in `stop` is reached but its producer is not followed."""
         seen, todo = {end.name}, deque([end])
         while todo:
             t = todo.popleft()
-            node = self.producer(t)
+            node = self.producer(t) if t.name not in stop else None
             if node is None:
                 continue
             k = next(i for i, o in enumerate(node.outputs) if o is t)
@@ -154,11 +159,15 @@ class ModelGraph:
                     todo.append(inp)
         return seen
 
-    def path_nodes(self, starts: list[gs.Tensor], end: gs.Tensor) -> tuple[list[gs.Node], set[str]]:
-        """Nodes on some path from a start tensor to the end tensor (topological order), and the tensors on it."""
-        on_path = self.forward_reach(starts) & self._differentiable_reach(end)
+    def path_nodes(self, starts: list[gs.Tensor], end: gs.Tensor, apart: bool = False
+                   ) -> tuple[list[gs.Node], set[str]]:
+        """Nodes on some path from a start tensor to the end tensor (topological order), and the tensors on it.
+        apart: only paths that cross no other start (each start's gradient then comes from the part of the graph
+        between it and the end that no other start lies on: a multi-scale detector's per-scale maps)."""
+        stop = {t.name for t in starts} if apart else frozenset()
+        on_path = self.forward_reach(starts) & self._differentiable_reach(end, stop)
         nodes = [n for n in self.graph.nodes if any(o.name in on_path for o in n.outputs)
-                 and any(i.name in on_path for i in n.inputs)]
+                 and any(i.name in on_path for i in n.inputs) and not any(o.name in stop for o in n.outputs)]
         return nodes, on_path
 
     # ---- what to explain -----------------------------------------------------------------------------------

@@ -249,14 +249,8 @@ def layer(mg, score: str, task: str = "auto") -> Choice:
         raise InputError(f"unknown task {task!r}; choose from {', '.join(TASK_CHOICES)}")
     if task == "auto":
         task = task_of(mg, score)
-    src, end = mg.tensor(mg.input_name), mg.tensor(score)
-    nodes, on_path = mg.path_nodes([src], end)
-    # RoiAlign's crops (R, C, h, w) and what is made of them are regions, not maps of the image
-    regions = mg.forward_reach([o for n in nodes if n.op == "RoiAlign" for o in n.outputs])
-    maps = [out for node in nodes for out in node.outputs if out.name in on_path and out is not end
-            and _spatial(mg.shape(out)) and not _attention_product(mg, out, on_path) and out.name not in regions]
-    hw = input_hw(mg)
-    scaled = [t for t in maps if _scaled(mg, t, hw)] if hw else []
+    end = mg.tensor(score)
+    nodes, on_path, maps, scaled = _maps(mg, end)
     found = None
     if task == "detect":
         found = _detect_layer(mg, scaled)
@@ -268,6 +262,19 @@ def layer(mg, score: str, task: str = "auto") -> Choice:
         return found
     # maps whose size is the input's over a stride; else any (N, C, h, w) (a model whose size is unknown)
     return _classify_layer(mg, nodes, on_path, scaled or maps, score)
+
+
+def _maps(mg, end: gs.Tensor) -> tuple[list, set, list, list]:
+    """The nodes and tensors on the paths from the input to `end`, the maps among them (4-D, spatial, no
+    attention products or region crops), and those of the maps whose size is the input's over a stride."""
+    nodes, on_path = mg.path_nodes([mg.tensor(mg.input_name)], end)
+    # RoiAlign's crops (R, C, h, w) and what is made of them are regions, not maps of the image
+    regions = mg.forward_reach([o for n in nodes if n.op == "RoiAlign" for o in n.outputs])
+    maps = [out for node in nodes for out in node.outputs if out.name in on_path and out is not end
+            and _spatial(mg.shape(out)) and not _attention_product(mg, out, on_path) and out.name not in regions]
+    hw = input_hw(mg)
+    scaled = [t for t in maps if _scaled(mg, t, hw)] if hw else []
+    return nodes, on_path, maps, scaled
 
 
 def _spatial(shape) -> bool:
@@ -349,6 +356,53 @@ def _detect_layer(mg, maps: list) -> Choice | None:
         if t.name not in terminals and terminals <= reach[t.name] and _oriented(mg, t):
             return Choice(t.name, f"detect: the last map feeding all {len(terminals)} head outputs (the neck)")
     return None
+
+
+@dataclass(frozen=True)
+class Scales:
+    """A multi-scale detector's layers, one per scale (finest first), each to be differentiated apart from the
+    others (Explainer(apart=True)), and the rule that found them."""
+
+    names: tuple[str, ...]
+    rule: str
+
+
+def scale_layers(mg, score: str) -> Scales | None:
+    """Per scale of a multi-scale detection head (its output maps grouped by size), the last map that every path
+    from the input to that scale's head outputs crosses: the neck's output at that stride, or the scale's own stem.
+
+    Differentiated apart (rewrite.build), a layer's gradient comes only along paths that cross no other of these
+    maps. Since each dominates its own scale's outputs, another scale's outputs are reached from a layer only
+    through that scale's layer: a detection, whose seed is on its own scale's outputs alone, gets exactly its
+    gradient at its own scale's layer and zero at the others, and the neck between the scales (the cost of
+    explaining a coarse detection at a fine map) is never differentiated. None for a single-scale head, or where
+    two scales share their last map (then `layer`'s one neck map)."""
+    _, _, _, maps = _maps(mg, mg.tensor(score))
+    names = {t.name for t in maps}
+    reach = {t.name: mg.forward_reach([t]) & names for t in maps}
+    terminals = [t for t in maps if reach[t.name] == {t.name}]
+    groups: dict[tuple, set] = {}
+    for t in terminals:
+        groups.setdefault(tuple(_hw_of(mg, t)), set()).add(t.name)
+    if len(groups) < 2:
+        return None
+    source = mg.tensor(mg.input_name)
+
+    def feeds_all(t: gs.Tensor, group: set) -> bool:  # every path from the input to the group crosses t
+        return group <= reach[t.name] and not mg.forward_reach([source], stop={t.name}) & group
+
+    chosen = []
+    for hw, group in sorted(groups.items(), key=lambda kv: -int(np.prod(kv[0]))):  # finest scale first
+        found = next((t for t in reversed(maps) if t.name not in group and feeds_all(t, group)
+                      and _oriented(mg, t)), None)
+        if found is None:
+            return None
+        chosen.append((found, group))
+    if len({t.name for t, _ in chosen}) < len(chosen):
+        return None  # one map feeds two scales' heads (no neck between them to leave out)
+    return Scales(tuple(t.name for t, _ in chosen),
+                  f"detect: each of the {len(chosen)} scales' last map before its head (the neck at that scale), "
+                  "differentiated apart: a detection is explained at its own scale's map")
 
 
 def _segment_layer(mg, maps: list, score_t: gs.Tensor) -> Choice | None:

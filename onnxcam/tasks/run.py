@@ -31,7 +31,7 @@ from ..explainer import Explainer
 from ..graph.load import LoadedModel
 from ..graph.model import ModelGraph
 from . import detect, ocr, segment
-from .choose import TASK_CHOICES, input_hw, selection_of, task_of
+from .choose import TASK_CHOICES, input_hw, scale_layers, selection_of, task_of
 
 log = logging.getLogger(__name__)
 STRING = "string"  # the file-name part of a recognizer's whole-string map (characters are numbered)
@@ -40,6 +40,9 @@ CONF, TOP = 0.25, 5  # a detection's score threshold, and the items explained pe
 # image's explained output, batch axis removed), target (the class; -1: a recognizer's whole string), layers, and per
 # layer n lowres_n (the method's map before ReLU and scaling), activations_n, gradients_n; plus item (its JSON),
 # box (detect, ocr: x1, y1, x2, y2 image pixels) or mask (segment: the class's pixels at the output's size).
+# the methods whose map at a layer is zero where the target's gradient there is zero (weights or products of the
+# gradient): a multi-scale detector is explained with each scale's layer apart for them (TaskRunner._scales)
+SCALE_METHODS = frozenset({"gradcam", "hirescam", "gradcam_elementwise", "gradcam++", "xgradcam", "layercam"})
 RAW_KEYS = ("map", "logits", "target", "layers", "item", "box", "mask", "lowres_n", "activations_n", "gradients_n")
 
 
@@ -123,8 +126,11 @@ class TaskRunner:
             self._check_recognizer()
         self._refuse_unused(conf=conf, decode=decode, target=target)
         self.target = self._classes_of(target)
+        self.apart = False  # each layer differentiated apart: a multi-scale detector's per-scale maps
         if layers:
             self.layers, self.layer_rule = list(layers), "given"
+        elif (scales := self._scales(mg)) is not None:
+            self.layers, self.layer_rule, self.apart = list(scales.names), scales.rule, True
         else:
             self.layers, self.layer_rule = [mg.default_layer(self.score, self.task)], mg.layer_rule
         # a class target has no box term: seed the head's class scores alone, the box branch off the gradient path
@@ -135,9 +141,17 @@ class TaskRunner:
             self.seed_shape = (self.selection.anchors, self.selection.classes)  # the probe's R: a zero seed fits any
             self._refuse_own_runs()
         self.explainer = Explainer(loaded, layers=self.layers, score=seeded, device=device,
-                                   input_shape=self.pre.input_shape(1))
+                                   input_shape=self.pre.input_shape(1), apart=self.apart)
         self.layers = self.explainer.layers
         self.cam = method_object(self.explainer, self.method)
+
+    def _scales(self, mg: ModelGraph):
+        """A raw multi-scale head's per-scale layers (choose.scale_layers), for the methods whose map at a layer is
+        zero where the target's gradient there is: a detection's map is then its own scale's alone (the mean of
+        the scaled per-layer maps, rescaled, is that map). None otherwise: the one neck map feeding every scale."""
+        if self.task != "detect" or self.selection is not None or self.method not in SCALE_METHODS:
+            return None
+        return scale_layers(mg, self.score)
 
     def _refuse_own_runs(self) -> None:
         """Per-region scores have each run's own regions (its proposals): their seeds are laid out on the regions of
@@ -315,7 +329,19 @@ class TaskRunner:
         items, seeds = self._targets(sample, rgb, first.outputs)
         if self.rows is not None:
             seeds = [self.rows.slice(s) for s in seeds]
-        maps, zero, raws = self._in_runs(x, len(seeds), lambda xs, lo, hi: self._seeded(xs, seeds[lo:hi]))
+        own: list[str | None] = []  # layers apart: each detection's own scale's layer
+
+        def run(xs: np.ndarray, lo: int, hi: int) -> np.ndarray:
+            maps = self._seeded(xs, seeds[lo:hi])
+            if self.apart:
+                gradients = self.cam.result.gradients
+                own.extend(next((layer for layer in self.layers if np.any(gradients[layer][j])), None)
+                           for j in range(hi - lo))
+            return maps
+
+        maps, zero, raws = self._in_runs(x, len(seeds), run)
+        for item, layer in zip(items, own):
+            item["layer"] = layer
         return items, maps, zero, {"_logits": sample, "_raws": raws}
 
     def _seeded(self, xs: np.ndarray, seeds: list) -> np.ndarray:
@@ -478,8 +504,9 @@ class TaskRunner:
         return image.draw_outline(picture, item["_mask"], item["class"], item["name"])
 
     def _caption_lines(self, item: dict) -> list[str]:
-        """What the item's map explains, then the method and layers (as the classifier's captions)."""
-        layer = f"{self.method} @ {', '.join(self.layers)}"
+        """What the item's map explains, then the method and layers (as the classifier's captions; a multi-scale
+        detector's detection: its own scale's layer)."""
+        layer = f"{self.method} @ {item.get('layer') or ', '.join(self.layers)}"
         if self.task == "ocr":
             if "position" not in item:
                 return [f"text: {item['text']} {item['score']:.2f}", layer]
@@ -552,8 +579,8 @@ def run_cli(model, inputs, *, out, echo, report: bool = False, heatmap: bool = F
                          "and one overlay per item (save_raw keeps each item's map values)", option="heatmap")
     found = find_images(inputs, exclude=[out])
     kept = "" if runner.target is None else f"; target {', '.join(runner.label(c) for c in runner.target)}"
-    echo(f"Task {runner.task} ({', '.join(f'{k} {v}' for k, v in runner.decoding().items())}){kept}; layer "
-         f"{', '.join(runner.layers)} ({runner.layer_rule})")
+    echo(f"Task {runner.task} ({', '.join(f'{k} {v}' for k, v in runner.decoding().items())}){kept}; "
+         f"layer{'s' if len(runner.layers) > 1 else ''} {', '.join(runner.layers)} ({runner.layer_rule})")
     failed = skipped = 0
     for f in found:
         if runner.resume and runner.done_before(f) is not None:
