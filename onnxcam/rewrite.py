@@ -32,6 +32,7 @@ from .autodiff.builder import Builder
 from .autodiff.engine import backward
 from .autodiff.passes import (
     SEED_PASSES,
+    blocked_complements,
     crop_seed_windows,
     fold_crops,
     skip_zero_slabs,
@@ -199,6 +200,7 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     split_conv_channels(b)
     crop_seed_windows(b)
     skip_zero_slabs(b)
+    blocked_complements(b)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = mg.proto.ir_version
@@ -224,9 +226,9 @@ def _forget_data_dependent_shapes(model: onnx.ModelProto) -> None:
     them on one input, and onnxruntime, taking them as facts, folds Shape nodes into wrong constants for any input
     whose regions split otherwise (seen as a ScatterElements refusing its indices)."""
     graph = model.graph
-    sized = {o for n in graph.node if n.op_type in _DATA_SIZED for o in n.output}
+    sized = {o for n in graph.node if n.op_type in _DATA_SIZED and not _gradient_if(n) for o in n.output}
     for n in graph.node:  # topological order: one pass reaches everything computed from them
-        if any(i in sized for i in n.input):
+        if any(i in sized for i in n.input) or (_gradient_if(n) and _outer_reads(n) & sized):
             sized.update(n.output)
     for vi in graph.value_info:
         if vi.name in sized:
@@ -305,6 +307,12 @@ def _sign(model: onnx.ModelProto, origins: dict) -> None:
 
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
+
+
+def _gradient_if(node: onnx.NodeProto) -> bool:
+    """An If of skip_zero_slabs: its outputs are shaped like forward tensors (zeros or the branch's gradients),
+    data-sized only when what its branches read is."""
+    return node.op_type == "If" and node.name.startswith("onnxcam_grad/")
 
 
 def _outer_reads(node: onnx.NodeProto) -> set:

@@ -132,6 +132,42 @@ def test_seed_passes_match_the_graph_without_them_and_autograd(case, monkeypatch
         assert np.abs(got["every pass"]["f"]).max() > 0
 
 
+def test_blocked_complements_and_the_ifs_declared_shapes(monkeypatch):
+    """blocked_complements writes the SiLU factor's 1 - s of a forward map left in the main graph as a depthwise
+    Conv (weight -1, bias 1), and leaves the one inside the stride-1 branch's If a Sub (no blocked layout in a
+    branch); the Ifs' outputs carry their forward tensors' shapes (onnx infers none for an If's outputs, and
+    onnxruntime then keeps no Mul of a gradient leaving an If blocked); the gradients are those of the build
+    without the pass."""
+    seed = SEEDS["one sample each"]
+    every = builder.PASSES
+    got, model = gradients(["a", "d"], seed, every, monkeypatch)  # at a: f's SiLU is differentiated, outside the Ifs
+    plain, before = gradients(["a", "d"], seed, tuple(p for p in every if p != "blocked_complements"), monkeypatch)
+
+    def main_ops(m: onnx.ModelProto, op: str) -> list:
+        return [n for n in m.graph.node if n.op_type == op and n.name.rsplit("/", 1)[-1].startswith("Sub_")]
+
+    def branch_subs(m: onnx.ModelProto) -> int:
+        return sum(n.op_type == "Sub" for i in ifs(m) for a in i.attribute if a.type == onnx.AttributeProto.GRAPH
+                   for n in a.g.node)
+
+    complements = [n for n in main_ops(model, "Conv") if n.input[0] == "sa"]
+    assert len(complements) == 1 and not [n for n in main_ops(model, "Sub") if "sa" in n.input]  # f's SiLU
+    assert [n for n in main_ops(before, "Sub") if n.input[1] == "sa"]
+    assert [n for n in main_ops(model, "Sub") if n.input[1] == "y"]  # (N, C, A) scores: no map, stays a Sub
+    assert branch_subs(model) == branch_subs(before) > 0  # g's SiLU among them, in the stride-1 branch
+    (conv,) = complements
+    weight, bias = (numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == conv.input[k]))
+                    for k in (1, 2))
+    assert weight.shape == (4, 1, 1, 1) and np.all(weight == -1) and np.all(bias == 1)
+    declared = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in [*model.graph.value_info, *model.graph.output]}
+    shapes = {"f": [N, 4, 8, 8], "d": [N, 4, 4, 4], "a": [N, 4, 8, 8]}
+    outs = [o for i in ifs(model) for o in i.output]
+    assert outs and all(declared.get(o) in shapes.values() for o in outs), (outs, declared)
+    for t in ("a", "d"):
+        np.testing.assert_allclose(got[t], plain[t], rtol=1e-6, atol=1e-6 * np.abs(plain[t]).max())
+
+
 def test_skip_zero_slabs_leaves_cheap_or_dense_gradients_alone(monkeypatch):
     """Preconditions: slabs that reach the targets through no convolution are not worth a test (no If), and a
     Concat whose gradient comes out of a convolution (dense, not the seed's), here through a Sigmoid, gives no

@@ -72,6 +72,39 @@ def silu_gradient(b: Builder, n: gs.Node, s: gs.Tensor, gy: list) -> list:
     return [None if t is s else x_grad for t in n.inputs]
 
 
+def blocked_complements(b: Builder) -> int:
+    """Write each 1 - s of a float32 NCHW map left in the main graph (after skip_zero_slabs: not in a branch) as
+    a depthwise 1x1 Conv (weight -1, bias 1: the same rounding as the Sub); return how many.
+
+    onnxruntime's blocked-layout (NCHWc) transform keeps Conv, Sigmoid, Add and Mul of blocked maps blocked, but
+    not a Sub with a constant: with the Sub, every SiLU's gradient factor s + out (1 - s) reads s and the product
+    back in NCHW (a reorder of each). Inside an If's branch the transform does not run, and a depthwise Conv in
+    NCHW is slower than the Sub: those stay Subs."""
+    if "blocked_complements" not in b.passes:
+        return 0
+    done = 0
+    for n in list(b.graph.nodes):
+        if n.op != "Sub" or n.name not in b.origins or not _is_one(n.inputs[0]):
+            continue
+        s = n.inputs[1]
+        if b.made(s) or s.dtype != np.float32:  # a forward map (its shape known); the gradients' stay Subs
+            continue
+        shape = b.model.shape(s)
+        if shape is None or len(shape) != 4 or not isinstance(shape[1], int):
+            continue
+        channels = shape[1]
+        n.op, n.attrs = "Conv", {"group": channels}
+        n.inputs.clear()
+        n.inputs.extend([s, gs.Constant(f"{n.name}_w", np.full((channels, 1, 1, 1), -1.0, np.float32)),
+                         gs.Constant(f"{n.name}_b", np.ones(channels, np.float32))])
+        done += 1
+    return done
+
+
+def _is_one(t) -> bool:
+    return isinstance(t, gs.Constant) and t.values.size == 1 and float(t.values.reshape(-1)[0]) == 1.0
+
+
 def pool_indices(b: Builder, nodes: list[gs.Node]) -> set[int]:
     """The MaxPools among `nodes` (the walk's) whose gradient reads their Indices output: {id(node)}.
 
@@ -702,14 +735,18 @@ def _as_if(b: Builder, group: list[gs.Node], slabs: list[gs.Tensor]) -> bool:
         _outer_weights(b, group)
         then_out, else_out, else_nodes = [], [], []
         for t in leaving:
-            inner = gs.Variable(f"{t.name}__onnxcam_then", dtype=b.dtype)
+            # the forward tensor's shape on the If's outputs: onnx shape inference leaves an If's outputs unknown
+            # (its batch then matches no forward tensor's, and onnxruntime's NCHWc transform, which keeps a Mul of
+            # two blocked maps blocked only when their shapes provably match, reorders both back to NCHW)
+            t.dtype, t.shape = b.dtype, _known(b.shape(b.gradient_of[id(t)][1]))
+            inner = gs.Variable(f"{t.name}__onnxcam_then", dtype=b.dtype, shape=t.shape)
             producer = t.inputs[0]
             for r in [r for r in t.outputs if id(r) in inside]:
                 _replace(r.inputs, t, inner)
             _replace(producer.outputs, t, inner)
             then_out.append(inner)
             shape = gs.Variable(f"{t.name}__onnxcam_shape", dtype=np.int64)
-            zeros = gs.Variable(f"{t.name}__onnxcam_else", dtype=b.dtype)
+            zeros = gs.Variable(f"{t.name}__onnxcam_else", dtype=b.dtype, shape=t.shape)
             else_nodes += [gs.Node("Shape", name=f"{t.name}__onnxcam_shape", inputs=[b.gradient_of[id(t)][1]],
                                    outputs=[shape]),
                            gs.Node("ConstantOfShape", name=f"{t.name}__onnxcam_zeros", inputs=[shape],
@@ -724,6 +761,13 @@ def _as_if(b: Builder, group: list[gs.Node], slabs: list[gs.Tensor]) -> bool:
     finally:
         b.node, b.rule = before
     return True
+
+
+def _known(shape) -> list | None:
+    """A shape for a graph's value_info: None when unknown, dims as ints or symbol names (unknown dims None)."""
+    if shape is None:
+        return None
+    return [d if isinstance(d, (int, str)) else None for d in shape]
 
 
 def _outer_weights(b: Builder, group: list[gs.Node]) -> None:
