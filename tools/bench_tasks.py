@@ -228,6 +228,22 @@ def _explainable(mg, layer: str, score: str | None, anchor: int | None = None):
     return proto.SerializeToString(), layers[0], seed
 
 
+def cpu_kind() -> str:
+    """The CPU's model name and widest vector extension: onnxruntime's convolution kernels (MLAS, blocked NCHWc)
+    run about twice as fast with AVX-512 as with AVX2 while the gradient's elementwise, pooling-position and
+    ConvTranspose kernels gain less, so the same graph's ratio to a plain inference differs by machine
+    (docs/benchmarks.md: 1.60x on one, 1.87x on the other for the same middle layer)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    widest = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "no AVX")
+    return f"{name}, {widest.upper()}"
+
+
 def make_session(model: bytes, threads: int, profile: str | None = None):
     import onnxruntime as ort
     opts = ort.SessionOptions()
@@ -374,7 +390,8 @@ def main(argv=None) -> None:
                     "(by another onnxcam tree) timed alongside")
     args = ap.parse_args(argv)
     import onnxcam
-    print(f"onnxcam from {os.path.dirname(onnxcam.__file__)}; size {args.size}; threads {args.threads}")
+    print(f"onnxcam from {os.path.dirname(onnxcam.__file__)}; size {args.size}; threads {args.threads}; "
+          f"CPU {cpu_kind()}")
     plain = MODELS[args.model](args.size)
     image = np.random.default_rng(1).random((1, 3, args.size, args.size), dtype=np.float32)
     sess = make_session(plain, args.threads)
