@@ -396,6 +396,20 @@ def test_segmenter_layer_is_the_backbone_end_and_class_mask_matches_torch():
     assert maps.shape == (1, SIZE, SIZE) and np.ptp(cam.raw[layer]) > 1e-3
 
 
+@pytest.mark.parametrize("n_seeds", [1, 3])
+def test_one_seed_is_read_in_place(n_seeds):
+    """A segmenter's seed is a full-size map per class: one seed per sample is taken from the seed input by a
+    Squeeze, which onnxruntime runs in place (a Gather copied it: 1 ms for 21 classes at 320 px), several by a
+    Gather each. (The gradient through the Squeeze is the one the test above checks against float64 autograd.)"""
+    from onnxcam import rewrite
+    _, onnx_model, _ = lraspp()
+    mg = ModelGraph(onnx.load_from_string(onnx_model), (1, 3, SIZE, SIZE))
+    score = mg.default_score()
+    rw = rewrite.build(mg, [mg.default_layer(score)], score, n_seeds=n_seeds)
+    readers = [n.op_type for n in rw.model.graph.node if rewrite.SEED in n.input]
+    assert readers == (["Squeeze"] if n_seeds == 1 else ["Gather"] * n_seeds)
+
+
 def test_single_map_output_mask_is_thresholded():
     sample = np.zeros((1, 4, 4), np.float32)
     sample[0, 1:3, 2] = 0.9

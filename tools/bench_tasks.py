@@ -1,4 +1,5 @@
-"""Benchmark: what explaining a detector costs at a given layer, against one plain inference of the same model.
+"""Benchmark: what explaining a detector or segmenter costs at a given layer, against one plain inference of the
+same model.
 
 Builds ultralytics' YOLOv8n from its yaml with seeded weights (no download; ultralytics is not a dependency of
 onnxcam: put it on PYTHONPATH; or `--model ssdlite`: torchvision's SSDlite320 as the tests build it), exports it
@@ -21,6 +22,8 @@ scores alone (the box branch then carries no gradient) and `--without` leaves pa
     for a in 820 1810 2055; do PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --profile --reps 0 --anchor $a; done
     # torchvision's SSDlite320 (seeded): its class Softmax is the score; one anchor per level of the head
     for a in 1200 2700 3075; do python tools/bench_tasks.py --model ssdlite --layers auto --anchor $a --reps 30; done
+    # torchvision's LRASPP / DeepLabV3 (MobileNetV3-Large, seeded): one class's map seeded, backbone stages
+    python tools/bench_tasks.py --model lraspp --layers auto,net.backbone.12,net.backbone.6 --reps 20
     # A/B against another onnxcam tree (e.g. `git archive HEAD | tar -x -C /tmp/head`): save there, time here
     PYTHONPATH=/tmp/head:/tmp/ulib python tools/bench_tasks.py --layers model.4 --save /tmp/head-m4.onnx --reps 0
     PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --layers model.4 --compare head=/tmp/head-m4.onnx --reps 30
@@ -177,7 +180,35 @@ def export_yolox(size: int) -> bytes:
     return _export_to(path, model, size, "output")
 
 
-MODELS = {"yolov8n": export_yolov8n, "ssdlite": export_ssdlite, "yolox": export_yolox}
+def export_segmenter(name: str):
+    """torchvision's `name` segmenter (MobileNetV3-Large backbone, 21 classes), seeded, no weights downloaded,
+    exported at batch 1 with its "out" map (N, 21, H, W) alone."""
+    def export(size: int) -> bytes:
+        path = os.path.join(tempfile.gettempdir(), f"onnxcam-bench-{name}-{size}.onnx")
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                return f.read()
+        import torch
+        import torchvision
+
+        class Out(torch.nn.Module):  # the dict output's "out" map, as deployed segmenters return it
+            def __init__(self, net):
+                super().__init__()
+                self.net = net
+
+            def forward(self, x):
+                return self.net(x)["out"]
+        torch.manual_seed(0)
+        build = getattr(torchvision.models.segmentation, name)
+        extra = {"aux_loss": False} if name.startswith("deeplab") else {}
+        net = build(weights=None, weights_backbone=None, num_classes=21, **extra).eval()
+        return _export_to(path, Out(net), size, "out")
+    return export
+
+
+MODELS = {"yolov8n": export_yolov8n, "ssdlite": export_ssdlite, "yolox": export_yolox,
+          "lraspp": export_segmenter("lraspp_mobilenet_v3_large"),
+          "deeplabv3": export_segmenter("deeplabv3_mobilenet_v3_large")}
 
 
 def explainable(model: bytes, size: int, layer: str, without: tuple = (), score: str | None = None,
@@ -217,6 +248,9 @@ def _explainable(mg, layer: str, score: str | None, anchor: int | None = None):
         if init.name in rw.weights:
             init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(rw.weights[init.name]), init.name))
     seed = np.zeros((1, 1, *rw.score_shape[1:]), np.float32)
+    if len(rw.score_shape) == 4:  # a segmenter's (N, K, H, W): one class's mask; every pixel, the costliest mask
+        seed[0, 0, 1] = 1.0
+        return proto.SerializeToString(), layers[0], seed
     if mg.producer(mg.tensor(score)).op == "Softmax":  # SSD's (N, anchors, classes): class 1 of one anchor
         seed[0, 0, seed.shape[2] // 3 if anchor is None else anchor, 1] = 1.0
         return proto.SerializeToString(), layers[0], seed
@@ -367,7 +401,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", choices=list(MODELS), default="yolov8n",
                     help="yolov8n (ultralytics on PYTHONPATH), yolox (a YOLOX-tiny-style net built here; anchors as "
                     "YOLOv8's) or ssdlite (torchvision; anchors 0-2399 are stride 16, 2400-2999 stride 32, then 64, "
-                    "107, 160, 320)")
+                    "107, 160, 320); lraspp, deeplabv3 (torchvision's MobileNetV3-Large segmenters, seeded; one class's whole "
+                    "map seeded)")
     ap.add_argument("--size", type=int, default=320)
     ap.add_argument("--layers", default="auto,model.4",
                     help="comma-separated: auto, scales (each scale's own layer, differentiated apart: what `onnxcam "
