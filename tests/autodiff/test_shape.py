@@ -9,7 +9,10 @@ the gradient against the op the runtime really computes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import onnx
 import pytest
 
 from .gradcheck import Case, check_case
@@ -270,3 +273,60 @@ def test_nearest_repeat_gradient_is_a_block_sum(name):
     got = sess.run([rewrite.grad_name("x")], {"x": X.astype(np.float32), rewrite.SEED: u.astype(np.float32)[:, None]})
     want = u.reshape(2, 3, X.shape[2], block[0], X.shape[3], block[1]).sum(axis=(3, 5))
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
+
+
+BANDS = {  # id -> (Resize case on a (1, 2, 40, 32) map, whether each resized axis runs as a band)
+    "segmenter-8x-linear": (resize(13, [1, 1, 8, 8], mode="linear"), True),
+    "pytorch-half-pixel-4x": (resize(13, [1, 1, 4, 4], mode="linear",
+                                     coordinate_transformation_mode="pytorch_half_pixel"), True),
+    "asymmetric-4x": (resize(13, [1, 1, 4, 4], mode="linear", coordinate_transformation_mode="asymmetric"), True),
+    "cubic-4x": (resize(13, [1, 1, 4, 4], mode="cubic"), True),
+    "width-only": (resize(13, [1, 1, 1, 4], mode="linear"), True),
+    "linear-2x": (resize(13, [1, 1, 2, 2], mode="linear"), False),  # the dense product is cheaper
+    "align-corners-4x": (resize(13, sizes=[1, 2, 160, 128], mode="linear",
+                                coordinate_transformation_mode="align_corners"), False),  # not periodic
+    "non-integer": (resize(13, [1, 1, 1.5, 2.5], mode="linear"), False),
+}
+
+
+def _axis_matrix64(attrs: dict, size_in: int, size_out: int) -> np.ndarray:
+    """m[i, j]: the weight of input i in output j of a resize along one axis, from onnx's float64 evaluator run
+    on an identity basis (independent of onnxruntime and of the rule's own measurement)."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+    node = helper.make_node("Resize", ["x", "", "", "z"], ["y"], **attrs)
+    graph = helper.make_graph([node], "axis", [helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, None)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, None)],
+                              [onnx.numpy_helper.from_array(np.array([1, size_in, 1, size_out], np.int64), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    basis = np.eye(size_in).reshape(1, size_in, 1, size_in)
+    return ReferenceEvaluator(model).run(None, {"x": basis})[0].reshape(size_in, size_out)
+
+
+@pytest.mark.parametrize("name", BANDS)
+def test_integer_upsampling_gradient_runs_as_a_band(name):
+    """An integer upsampling's gradient along each axis is a strided depthwise Conv with the matrix's band, plus
+    products over the border columns where the clamped coordinates differ from the band (resize_band.py);
+    non-periodic matrices and small factors keep the dense products. Values: the transposed per-axis matrices of
+    onnx's float64 evaluator applied to a random seed."""
+    from onnxcam import rewrite
+    from onnxcam.graph.model import ModelGraph
+    from onnxcam.runtime import cpu_session
+
+    from .gradcheck import _model
+
+    c, band = BANDS[name]
+    x = np.random.default_rng(3).standard_normal((1, 2, 40, 32))
+    model = _model(dataclasses.replace(c, inputs={**c.inputs, "x": x}), np.float32)
+    rw = rewrite.build(ModelGraph(model), ["x"], "y0")
+    convs = [n for n in rw.model.graph.node if n.name.startswith("onnxcam_grad") and n.op_type == "Conv"]
+    assert bool(convs) == band, [n.op_type for n in rw.model.graph.node]
+    out_shape = rw.score_shape
+    u = np.random.default_rng(4).standard_normal((1, *out_shape[1:]))
+    want = u
+    for axis in (2, 3):
+        m = _axis_matrix64(c.attrs, x.shape[axis], out_shape[axis])
+        want = np.moveaxis(np.moveaxis(want, axis, -1) @ m.T, -1, axis)
+    sess = cpu_session(rw.model.SerializeToString(), rw.initializer_arrays())
+    got = sess.run([rewrite.grad_name("x")], {"x": x.astype(np.float32), rewrite.SEED: u.astype(np.float32)[:, None]})
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -11,6 +11,7 @@ import numpy as np
 
 from ...graph.evaluate import run_node
 from . import rule
+from .resize_band import band_gradient, banded
 from .select import slice_at_run_time
 
 BIG = 2**62  # an end index past any axis, for Slice
@@ -263,7 +264,8 @@ def _resize(b, n, gy):
     """Every mode of Resize is separable: each resized axis maps through a matrix. Each axis' matrix is measured
     by running the op itself, with the node's attributes, on an identity basis laid along the channels of a
     [1, L, 1, L] input (only the last axis resized), so nearest_mode, coordinate transformations, cubic
-    coefficients and antialiasing follow the runtime exactly; the gradient multiplies by the transposes.
+    coefficients and antialiasing follow the runtime exactly; the gradient multiplies by the transposes, or, for
+    an integer upsampling of a float32 map, runs each axis' band as a strided depthwise Conv (resize_band.py).
     """
     x, y = n.inputs[0], n.outputs[0]
     in_shape, out_shape = b.shape(x), b.shape(y)
@@ -282,8 +284,10 @@ def _resize(b, n, gy):
         if blocks is not None:
             return _block_sums(b, x, gy[0], blocks)
         g = gy[0]
+        channels = b.shape(x)[1] if rank == 4 else None
         for a, m in matrices.items():
-            g = b.axis_matmul(g, a, rank, m.T)
+            found = (banded(m) if b.dtype == np.float32 and a >= 2 and isinstance(channels, int) else None)
+            g = band_gradient(b, g, a, channels, m, found) if found else b.axis_matmul(g, a, rank, m.T)
         return g
     return (grad,) + (None,) * (len(n.inputs) - 1)
 
