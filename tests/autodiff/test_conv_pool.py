@@ -138,6 +138,10 @@ CONV = [
     conv((1, 2, 6, 6), (3, 2, 3, 3), opset=11, pads=[0, 1, 1, 0], strides=[2, 2]),
     conv((1, 4, 6, 6), (4, 1, 3, 3), opset=13, group=4, auto_pad="SAME_UPPER"),
     conv((1, 2, 6, 6), (2, 2, 2, 2), opset=22, strides=[2, 2], dilations=[2, 2]),
+    # taps that only ever read padding (DeepLab's ASPP on a small map): the centre alone, one side, strided
+    conv((1, 2, 5, 5), (3, 2, 3, 3), dilations=[6, 6], pads=[6, 6, 6, 6]),
+    conv((1, 2, 5, 6), (3, 2, 3, 3), dilations=[5, 2], pads=[10, 2, 0, 2]),
+    conv((1, 2, 7, 7), (3, 2, 3, 3), strides=[2, 2], dilations=[8, 1], pads=[8, 1, 8, 1]),
 ]
 
 CONV_TRANSPOSE = [
@@ -261,3 +265,19 @@ def test_pool_ceil_mode_window_in_end_padding():
     graph/model.py measures every shape of models with ceil_mode pools, so the seed gets the runtime's shape."""
     check_case(pool("AveragePool", (1, 2, 6, 6), kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 0, 1],
                     ceil_mode=1))
+
+
+def test_taps_that_only_read_padding_leave_the_adjoint():
+    """A 3x3 convolution with dilation 6 on a 5x5 map only ever reads the input through its centre tap: its
+    adjoint is a 1x1 Conv without padding (the centre weights), not a dilated 3x3 over a padded map. Values: the
+    float64 finite-difference check of the same case in CONV."""
+    from onnxcam import rewrite
+    from onnxcam.graph.model import ModelGraph
+
+    from .gradcheck import _model
+
+    c = conv((1, 2, 5, 5), (3, 2, 3, 3), dilations=[6, 6], pads=[6, 6, 6, 6])
+    rw = rewrite.build(ModelGraph(_model(c, np.float32)), ["x"], "y0")
+    (grad,) = [n for n in rw.model.graph.node if n.name.startswith("onnxcam_grad") and n.op_type == "Conv"]
+    pads = next(list(a.ints) for a in grad.attribute if a.name == "pads")
+    assert pads == [0, 0, 0, 0]

@@ -51,6 +51,7 @@ def transposed_conv(b, g, weight, *, group, strides, dilations, begin, in_sz, ou
     Slice and fill the input's uncovered tail with Pad (asymmetric ConvTranspose pads are unreliable in onnxruntime).
     """
     nd = len(kernel)
+    weight, kernel, begin = _live_taps(b, weight, strides, dilations, begin, in_sz, out_sz, kernel)
     if all(s == 1 for s in strides) and b.opset >= 10:
         flipped = _as_stride1_conv(b, g, weight, group, dilations, begin, in_sz, out_sz, kernel)
         if flipped is not None:
@@ -67,6 +68,36 @@ def transposed_conv(b, g, weight, *, group, strides, dilations, begin, in_sz, ou
     if any(tail):
         g = b.pad(g, [0, 0] + [0] * nd + [0, 0] + tail)
     return g
+
+
+def _live_taps(b, weight, strides, dilations, begin, in_sz, out_sz, kernel):
+    """(weight, kernel, begin) of the same convolution without the taps that read padding at every output.
+
+    A dilated convolution on a map smaller than its dilation (DeepLab's ASPP: rates 24 and 36 on a 20x20 map)
+    has taps that never land inside the input: they multiply zeros, and their part of the gradient is zero. The
+    kernel cut to the taps that do (a contiguous range per axis), with the begin pad moved by the taps cut before
+    it, computes the same outputs; its adjoint reads 1/9 of the weights of a 3x3 left with its centre tap.
+    Unchanged where every tap is live or the cut would leave a negative pad."""
+    nd = len(kernel)
+    live = []
+    for i in range(nd):
+        first_read = [t * dilations[i] - begin[i] for t in range(kernel[i])]  # input position read at output 0
+        last_read = [p + (out_sz[i] - 1) * strides[i] for p in first_read]
+        taps = [t for t in range(kernel[i]) if first_read[t] < in_sz[i] and last_read[t] >= 0]
+        if not taps:
+            return weight, kernel, begin
+        live.append((taps[0], taps[-1] + 1))
+    if all(lo == 0 and hi == k for (lo, hi), k in zip(live, kernel)):
+        return weight, kernel, begin
+    new_begin = [begin[i] - live[i][0] * dilations[i] for i in range(nd)]
+    span = [(live[i][1] - live[i][0] - 1) * dilations[i] for i in range(nd)]
+    new_end = [(out_sz[i] - 1) * strides[i] + span[i] + 1 - in_sz[i] - new_begin[i] for i in range(nd)]
+    if min(new_begin + new_end) < 0:
+        return weight, kernel, begin
+    kernel = [hi - lo for lo, hi in live]
+    cut = b.slice(weight, [lo for lo, _ in live], [hi for _, hi in live], list(range(2, 2 + nd)))
+    cut.shape, cut.dtype = list(b.static_dims(weight, [0, 1])) + kernel, weight.dtype  # for the adjoint's sizes
+    return cut, kernel, new_begin
 
 
 def _as_stride1_conv(b, g, weight, group, dilations, begin, in_sz, out_sz, kernel):
