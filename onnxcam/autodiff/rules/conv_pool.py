@@ -77,7 +77,7 @@ def _live_taps(b, weight, strides, dilations, begin, in_sz, out_sz, kernel):
     has taps that never land inside the input: they multiply zeros, and their part of the gradient is zero. The
     kernel cut to the taps that do (a contiguous range per axis), with the begin pad moved by the taps cut before
     it, computes the same outputs; its adjoint reads 1/9 of the weights of a 3x3 left with its centre tap.
-    Unchanged where every tap is live or the cut would leave a negative pad."""
+    Unchanged where every tap is live, the cut would leave a negative pad, or the weight's channels are unknown."""
     nd = len(kernel)
     live = []
     for i in range(nd):
@@ -92,11 +92,12 @@ def _live_taps(b, weight, strides, dilations, begin, in_sz, out_sz, kernel):
     new_begin = [begin[i] - live[i][0] * dilations[i] for i in range(nd)]
     span = [(live[i][1] - live[i][0] - 1) * dilations[i] for i in range(nd)]
     new_end = [(out_sz[i] - 1) * strides[i] + span[i] + 1 - in_sz[i] - new_begin[i] for i in range(nd)]
-    if min(new_begin + new_end) < 0:
+    shape = b.model.shape(weight)
+    if min(new_begin + new_end) < 0 or shape is None or not all(isinstance(d, int) for d in shape[:2]):
         return weight, kernel, begin
     kernel = [hi - lo for lo, hi in live]
     cut = b.slice(weight, [lo for lo, _ in live], [hi for _, hi in live], list(range(2, 2 + nd)))
-    cut.shape, cut.dtype = list(b.static_dims(weight, [0, 1])) + kernel, weight.dtype  # for the adjoint's sizes
+    cut.shape, cut.dtype = list(shape[:2]) + kernel, weight.dtype  # for the adjoint's sizes
     return cut, kernel, new_begin
 
 
