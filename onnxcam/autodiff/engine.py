@@ -11,6 +11,8 @@ import onnx_graphsurgeon as gs
 from ..errors import UnsupportedOpError
 from .builder import Builder
 from .passes import fold_silu, pool_indices, pool_indices_gradient, silu_gradient
+from .passes_channels import RULE as CHANNELS_RULE
+from .passes_channels import seed_channels, seed_channels_gradient
 from .passes_regions import ROI_RULE, region_rows, roi_rows, roi_rows_gradient
 from .rules import find_rule, load_all
 
@@ -38,6 +40,7 @@ def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Te
     nodes, on_path, top, seed = region_rows(b, nodes, on_path, score, seed)  # the passes below see its row views
     silu = fold_silu(b, nodes)
     pools = pool_indices(b, nodes)
+    channels = seed_channels(b, nodes, top, seed)
     on_path = on_path - {s.name for s in silu.values()}  # a folded Sigmoid's output gets no gradient of its own
     grads: dict[str, list[gs.Tensor]] = {top.name: [seed]}
     for node in reversed(nodes):
@@ -52,6 +55,9 @@ def backward(b: Builder, targets: list[gs.Tensor], score: gs.Tensor, seed: gs.Te
         elif id(node) in pools:
             b.rule = "passes.pool_indices"
             makers = pool_indices_gradient(b, node, gy)
+        elif id(node) in channels:
+            b.rule = CHANNELS_RULE
+            makers = seed_channels_gradient(b, node, gy)
         elif id(node) in rois:
             b.rule = ROI_RULE
             makers = roi_rows_gradient(b, node, gy, r)

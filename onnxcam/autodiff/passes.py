@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 _TO_THE_END = 2**31 - 1  # a Slice end at least this large keeps the whole axis
 # Passes whose nodes (If, crops with run-time bounds) have no gradient rule: off in a graph differentiated again.
-SEED_PASSES = frozenset({"crop_seed_windows", "skip_zero_slabs"})
+SEED_PASSES = frozenset({"crop_seed_windows", "skip_zero_slabs", "seed_channels"})
 
 
 def fold_silu(b: Builder, nodes: list[gs.Node]) -> dict[int, gs.Tensor]:

@@ -330,3 +330,39 @@ def test_integer_upsampling_gradient_runs_as_a_band(name):
     sess = cpu_session(rw.model.SerializeToString(), rw.initializer_arrays())
     got = sess.run([rewrite.grad_name("x")], {"x": x.astype(np.float32), rewrite.SEED: u.astype(np.float32)[:, None]})
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_seeded_class_maps_alone_cross_the_last_upsampling():
+    """A segmenter's seed fills one or a few of its K class maps: the last Resize's adjoint runs on the channels
+    some sample's seed fills, as one-channel maps (passes_channels.seed_channels), and the rest of the gradient
+    is zeros. Values, for two samples and two seeds filling different channels, and for an all-zero seed: the
+    transposed per-axis matrices of onnx's float64 evaluator, channel by channel."""
+    from onnxcam import rewrite
+    from onnxcam.graph.model import ModelGraph
+    from onnxcam.runtime import cpu_session
+
+    from .gradcheck import _model
+
+    c = resize(13, [1, 1, 8, 8], mode="linear")
+    x = np.random.default_rng(5).standard_normal((2, 5, 40, 32))
+    model = _model(dataclasses.replace(c, inputs={**c.inputs, "x": x}), np.float32)
+    rw = rewrite.build(ModelGraph(model), ["x"], "y0", n_seeds=2)
+    ops = [n.op_type for n in rw.model.graph.node]
+    assert "NonZero" in ops and "ScatterElements" in ops, ops
+    convs = [n for n in rw.model.graph.node if n.name.startswith("onnxcam_grad") and n.op_type == "Conv"]
+    weights = {i.name: i for i in rw.model.graph.initializer}
+    assert convs and all(weights[n.input[1]].dims[0] == 1 for n in convs)  # one channel's band
+    seeds = np.zeros((2, 2, 5, 320, 256))
+    rng = np.random.default_rng(6)
+    seeds[0, 0, 1] = rng.standard_normal((320, 256))  # sample 0: class 1; sample 1: classes 1 and 3
+    seeds[1, 0, 3, 10:90, 40:] = -2.0
+    seeds[1, 0, 1, 5] = 0.5
+    seeds[:, 1, 4] = rng.standard_normal((2, 320, 256))  # the second seed: class 4 in both
+    m_h, m_w = _axis_matrix64(c.attrs, 40, 320), _axis_matrix64(c.attrs, 32, 256)
+    want = np.einsum("nskhw,ih,jw->nskij", seeds, m_h, m_w)
+    sess = cpu_session(rw.model.SerializeToString(), rw.initializer_arrays())
+    got = sess.run([rewrite.grad_name("x")], {"x": x.astype(np.float32), rewrite.SEED: seeds.astype(np.float32)})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert np.all(got[:, :, [0, 2]] == 0)
+    zero = sess.run([rewrite.grad_name("x")], {"x": x.astype(np.float32), rewrite.SEED: np.zeros_like(seeds, np.float32)})
+    assert zero[0].shape == got.shape and not zero[0].any()

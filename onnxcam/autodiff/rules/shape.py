@@ -272,27 +272,35 @@ def _resize(b, n, gy):
     rank = len(in_shape)
     if _attr(n, "keep_aspect_ratio_policy", "stretch") != "stretch":
         raise b.error("uses keep_aspect_ratio_policy; not supported")
-    scales, sizes, roi = _resize_params(b, n, rank)
 
     def grad():
-        matrices = {}
-        for a in range(rank):
-            if _resizes_axis(scales, sizes, roi, in_shape, out_shape, a, n):
-                size_in, size_out = b.static_dims(x, [a])[0], b.static_dims(y, [a])[0]
-                matrices[a] = _resize_matrix(b, n, a, size_in, size_out, scales, sizes, roi, rank)
-        blocks = _repeat_blocks(b, x, matrices, rank)
-        if blocks is not None:
-            return _block_sums(b, x, gy[0], blocks)
-        g = gy[0]
-        channels = b.shape(x)[1] if rank == 4 else None
-        for a, m in matrices.items():
-            found = (banded(m) if b.dtype == np.float32 and a >= 2 and isinstance(channels, int) else None)
-            g = band_gradient(b, g, a, channels, m, found) if found else b.axis_matmul(g, a, rank, m.T)
-        return g
+        return resize_adjoint(b, n, gy[0], b.shape(x)[1] if rank == 4 else None)
     return (grad,) + (None,) * (len(n.inputs) - 1)
 
 
-def _repeat_blocks(b, x, matrices: dict, rank: int) -> list[int] | None:
+def resize_adjoint(b, n, g, channels):
+    """g (shaped like Resize n's output) times the transposes of n's per-axis matrices; `channels`: g's static
+    channel count (a band or block sum is then one depthwise Conv per channel), None when unknown.
+    passes_channels.py also calls it on the seeded class maps alone, as one channel."""
+    x, y = n.inputs[0], n.outputs[0]
+    in_shape, out_shape = b.shape(x), b.shape(y)
+    rank = len(in_shape)
+    scales, sizes, roi = _resize_params(b, n, rank)
+    matrices = {}
+    for a in range(rank):
+        if _resizes_axis(scales, sizes, roi, in_shape, out_shape, a, n):
+            size_in, size_out = b.static_dims(x, [a])[0], b.static_dims(y, [a])[0]
+            matrices[a] = _resize_matrix(b, n, a, size_in, size_out, scales, sizes, roi, rank)
+    blocks = _repeat_blocks(b, channels, matrices, rank)
+    if blocks is not None:
+        return _block_sums(b, channels, g, blocks)
+    for a, m in matrices.items():
+        found = (banded(m) if b.dtype == np.float32 and a >= 2 and isinstance(channels, int) else None)
+        g = band_gradient(b, g, a, channels, m, found) if found else b.axis_matmul(g, a, rank, m.T)
+    return g
+
+
+def _repeat_blocks(b, channels, matrices: dict, rank: int) -> list[int] | None:
     """Per spatial axis, the factor k by which a nearest-neighbour Resize repeats each element k times in a row
     (output j reads input j // k: the FPN's 2x upsampling); None when the resize is anything else.
 
@@ -303,7 +311,6 @@ def _repeat_blocks(b, x, matrices: dict, rank: int) -> list[int] | None:
     """
     if b.dtype != np.float32 or rank < 3 or any(a < 2 for a in matrices) or not matrices:
         return None
-    channels = b.shape(x)[1]
     if not isinstance(channels, int):
         return None
     blocks = []
@@ -321,9 +328,8 @@ def _repeat_blocks(b, x, matrices: dict, rank: int) -> list[int] | None:
     return blocks
 
 
-def _block_sums(b, x, g, blocks: list[int]):
-    """The sum of each `blocks`-sized block of g, per channel of x: a depthwise Conv with ones, stride = kernel."""
-    channels = b.shape(x)[1]
+def _block_sums(b, channels: int, g, blocks: list[int]):
+    """The sum of each `blocks`-sized block of g, per channel: a depthwise Conv with ones, stride = kernel."""
     weight = np.ones([channels, 1] + blocks, np.float32)
     return b.op("Conv", g, weight, group=channels, kernel_shape=blocks, strides=blocks)
 
