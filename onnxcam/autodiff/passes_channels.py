@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .builder import Builder
 from ..errors import UnsupportedOpError
+from .builder import Builder
 from .rules.shape import _resize_params, _resizes_axis, resize_adjoint
 
 RULE = "passes_channels.seed_channels"

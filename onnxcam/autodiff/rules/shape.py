@@ -267,9 +267,8 @@ def _resize(b, n, gy):
     coefficients and antialiasing follow the runtime exactly; the gradient multiplies by the transposes, or, for
     an integer upsampling of a float32 map, runs each axis' band as a strided depthwise Conv (resize_band.py).
     """
-    x, y = n.inputs[0], n.outputs[0]
-    in_shape, out_shape = b.shape(x), b.shape(y)
-    rank = len(in_shape)
+    x = n.inputs[0]
+    rank = len(b.shape(x))
     if _attr(n, "keep_aspect_ratio_policy", "stretch") != "stretch":
         raise b.error("uses keep_aspect_ratio_policy; not supported")
 
