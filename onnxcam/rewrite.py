@@ -33,7 +33,6 @@ from .autodiff.engine import backward
 from .autodiff.passes import (
     SEED_PASSES,
     blocked_complements,
-    concat_slab_gradients,
     crop_seed_windows,
     fold_crops,
     skip_zero_slabs,
@@ -202,7 +201,6 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     take_class_rows(b)
     fold_crops(b)
     split_conv_channels(b)
-    concat_slab_gradients(b)
     crop_seed_windows(b)
     skip_zero_slabs(b)
     blocked_complements(b)

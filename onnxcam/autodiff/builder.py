@@ -35,8 +35,8 @@ def _onnx_dtype(dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
-PASSES = ("fold_silu", "pool_indices", "take_class_rows", "fold_crops", "split_conv_channels", "concat_slab_gradients",
-          "crop_seed_windows", "skip_zero_slabs", "blocked_complements", "region_rows", "roi_rows", "seed_channels")
+PASSES = ("fold_silu", "pool_indices", "take_class_rows", "fold_crops", "split_conv_channels", "crop_seed_windows",
+          "skip_zero_slabs", "blocked_complements", "region_rows", "roi_rows", "seed_channels")
 
 
 class Builder:

@@ -6,7 +6,7 @@ A rule sees one forward node while the walk is under way and writes its formula 
 - pool_indices, also before the walk, picks the MaxPools whose gradient scatters to the argmax positions the
   forward node reports in its Indices output, in place of the MaxPool rule's recomputed argmax. It is the one
   place that may alter the forward graph: it asks a MaxPool for that output (same values, one more output);
-- take_class_rows, fold_crops, split_conv_channels and concat_slab_gradients run once every gradient node exists, so they see every
+- take_class_rows, fold_crops and split_conv_channels run once every gradient node exists, so they see every
   reader of a tensor and can change a node that other branches might read (Add, Sum, Identity and Expand hand one
   gradient tensor to several rules);
 - crop_seed_windows and skip_zero_slabs, last, use where a detection's seed is zero: each scale's head branch and
@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from .builder import Builder
 from .windows import Region, window_region
 
-__all__ = ["SEED_PASSES", "concat_slab_gradients", "crop_seed_windows", "fold_crops", "fold_silu", "pool_indices", "pool_indices_gradient",
+__all__ = ["SEED_PASSES", "crop_seed_windows", "fold_crops", "fold_silu", "pool_indices", "pool_indices_gradient",
            "silu_gradient", "skip_zero_slabs", "split_conv_channels", "take_class_rows"]
 
 log = logging.getLogger(__name__)
@@ -401,92 +401,6 @@ def _channel_slabs(b: Builder, conv: gs.Node, readers: dict, outputs: set) -> li
         if axes.tolist() != [1] or np.asarray(sl.inputs[1].values).size != 1:
             return None
     return slabs
-
-
-def concat_slab_gradients(b: Builder) -> int:
-    """Replace each fan-in Sum of zero-padded slabs that tile one axis by the Concat of the slabs; return how many.
-
-    A tensor read by several Slices that cut it into contiguous pieces along one axis (YOLOv8's C2f splits its
-    first convolution's output in two halves with two Slices; chunk() exports so) gets one gradient per Slice,
-    each padded with zeros back to the whole axis (shape._slice), and their Sum. The Concat of the pieces in
-    order is the same tensor, bit for bit (each element is one piece's value plus zeros), in one copy instead of
-    a Pad per piece and a Sum; and onnxruntime keeps a channel Concat of maps in its blocked layout (NCHWc) where
-    Pad and the Sum of the padded maps made it reorder the maps, the SiLU factor they meet and the convolution
-    gradient after back and forth (YOLOv8n: seven C2f blocks on a backbone layer's gradient path).
-    Precondition: the Sum and the Pads are gradient nodes, each Pad is a zero Pad of the one same axis with
-    constant pads, read by the Sum alone, the pieces cover the axis' static size without gaps or overlaps.
-    """
-    if "concat_slab_gradients" not in b.passes:
-        return 0
-    readers: dict[str, int] = Counter(t.name for n in b.graph.nodes for t in n.inputs)
-    outputs = {t.name for t in b.graph.outputs}
-    done = 0
-    for total in list(b.graph.nodes):
-        pieces = _tiling_pads(b, total, readers, outputs)
-        if pieces is None:
-            continue
-        axis, ordered = pieces
-        before = b.node, b.rule
-        origin = b.origins[total.name]
-        b.node, b.rule = gs.Node(origin[1], name=origin[0]), "passes.concat_slab_gradients"
-        try:
-            joined = b.op("Concat", *[pad.inputs[0] for pad in ordered], axis=axis).inputs[0]
-        finally:
-            b.node, b.rule = before
-        out = total.outputs[0]
-        for n in [total, *ordered]:
-            n.inputs.clear()
-            n.outputs.clear()
-        joined.outputs.clear()
-        joined.outputs.append(out)  # the Concat writes the Sum's tensor, which its readers keep
-        done += 1
-    if done:
-        log.debug("joined %d fan-in sums of padded slabs as concatenations", done)
-    return done
-
-
-def _tiling_pads(b: Builder, total: gs.Node, readers: Counter, outputs: set) -> tuple[int, list] | None:
-    """(axis, the Pads in order) when gradient Sum `total` adds zero Pads that tile one axis; else None."""
-    if total.op != "Sum" or total.name not in b.origins or len(total.inputs) < 2 or len(total.outputs) != 1:
-        return None
-    if id(total.outputs[0]) not in b.gradient_of:
-        return None
-    shape = b.shape(b.gradient_of[id(total.outputs[0])][1])
-    spans = []
-    for t in total.inputs:
-        pad = t.inputs[0] if len(t.inputs) == 1 else None
-        if pad is None or pad.op != "Pad" or pad.name not in b.origins or readers[t.name] != 1 or t.name in outputs:
-            return None
-        widths = _zero_pads(pad)
-        if widths is None or shape is None or len(widths) != 2 * len(shape):
-            return None
-        rank = len(shape)
-        axes = [a for a in range(rank) if widths[a] or widths[a + rank]]
-        if len(axes) != 1 or not isinstance(shape[axes[0]], int):
-            return None
-        a = axes[0]
-        spans.append((a, int(widths[a]), shape[a] - int(widths[a + rank]), pad))
-    if len({a for a, *_ in spans}) != 1:
-        return None
-    spans.sort(key=lambda s: s[1])
-    ends = [0] + [stop for _, _, stop, _ in spans]
-    if any(start != end for (_, start, _, _), end in zip(spans, ends)) or ends[-1] != shape[spans[0][0]]:
-        return None
-    return spans[0][0], [pad for *_, pad in spans]
-
-
-def _zero_pads(pad: gs.Node) -> list[int] | None:
-    """The pads of a constant-mode Pad with zero fill and constant widths (no axes input), else None."""
-    if pad.attrs.get("mode", "constant") not in ("constant", b"constant"):
-        return None
-    if "pads" in pad.attrs:  # opset < 11
-        return None if float(pad.attrs.get("value", 0.0)) != 0.0 else [int(p) for p in pad.attrs["pads"]]
-    if len(pad.inputs) < 2 or not isinstance(pad.inputs[1], gs.Constant) or (len(pad.inputs) > 3 and pad.inputs[3].name):
-        return None
-    if len(pad.inputs) > 2 and pad.inputs[2].name and not (isinstance(pad.inputs[2], gs.Constant)
-                                                           and not np.any(pad.inputs[2].values)):
-        return None
-    return [int(p) for p in np.asarray(pad.inputs[1].values).reshape(-1)]
 
 
 # Gradient ops that keep each value where it is (or only move it): a tensor made from the seed by these alone is

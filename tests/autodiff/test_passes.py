@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcam.autodiff.builder import PASSES, Builder
 from onnxcam.autodiff.engine import backward
-from onnxcam.autodiff.passes import concat_slab_gradients, fold_crops, split_conv_channels, take_class_rows
+from onnxcam.autodiff.passes import fold_crops, split_conv_channels, take_class_rows
 from onnxcam.graph.model import ModelGraph
 from onnxcam.runtime import cpu_session
 
@@ -48,7 +48,6 @@ def gradients64(proto: onnx.ModelProto, targets: list[str], passes, x, u) -> tup
     take_class_rows(b)  # as rewrite.build runs them
     fold_crops(b)
     split_conv_channels(b)
-    concat_slab_gradients(b)
     mg.graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(mg.graph, do_type_check=False)
     sess = cpu_session(out.SerializeToString(), mg.weights)
@@ -338,42 +337,3 @@ def test_split_conv_channels(variant):
     slices = [n for n in b_on.graph.nodes if n.op == "Slice" and n.name in b_on.origins and n.outputs
               and b_on.origins[n.name][1] == "Concat"]
     assert (len(slices) == 0) == split  # the Concat rule's slabs are gone exactly where the Conv was split
-
-
-SLAB_CUTS = {"tiles": [(0, 1), (1, 3)], "three-tiles": [(2, 3), (0, 1), (1, 2)], "gap": [(0, 1), (2, 3)],
-             "overlap": [(0, 2), (1, 3)]}
-
-
-@pytest.mark.parametrize("cuts", SLAB_CUTS)
-def test_concat_slab_gradients(cuts):
-    """x cut by Slices into channel pieces, each piece read as it is and squared, y the mean of all: the gradient
-    of x is the Concat of the pieces' gradients where they tile the channels (YOLOv8's C2f halves), the Sum of
-    their zero-padded copies where they leave a gap or overlap. Values: the closed form, d/dx of mean(p) +
-    mean(p^2) over each piece p, accumulated per channel (and equal to the graph built without the pass)."""
-    pieces = SLAB_CUTS[cuts]
-    nodes, parts = [], []
-    for i, (lo, hi) in enumerate(pieces):
-        nodes.append(helper.make_node("Slice", ["x", f"lo{i}", f"hi{i}", "axis"], [f"p{i}"]))
-        nodes.append(helper.make_node("Mul", [f"p{i}", f"p{i}"], [f"q{i}"]))
-        parts += [f"p{i}", f"q{i}"]
-    nodes += [helper.make_node("Concat", parts, ["cat"], axis=1), *head("cat")]
-    inits = {"axis": np.array([1], np.int64)}
-    for i, (lo, hi) in enumerate(pieces):
-        inits[f"lo{i}"], inits[f"hi{i}"] = np.array([lo], np.int64), np.array([hi], np.int64)
-    width = sum(2 * (hi - lo) for lo, hi in pieces)
-    x, u = rng.standard_normal(X_SHAPE), rng.standard_normal((2, width))
-    on, b_on = gradients64(model(nodes, inits), ["x"], PASSES, x, u)
-    off, _ = gradients64(model(nodes, inits), ["x"], set(PASSES) - {"concat_slab_gradients"}, x, u)
-    want, col = np.zeros(X_SHAPE), 0
-    area = X_SHAPE[2] * X_SHAPE[3]
-    for lo, hi in pieces:
-        n = hi - lo
-        w_p, w_q = u[:, col:col + n, None, None] / area, u[:, col + n:col + 2 * n, None, None] / area
-        want[:, lo:hi] += w_p + 2 * x[:, lo:hi] * w_q
-        col += 2 * n
-    np.testing.assert_allclose(on["x"], want, rtol=1e-12, atol=1e-14)
-    np.testing.assert_array_equal(on["x"], off["x"])
-    joined = any(rule == "passes.concat_slab_gradients" for *_, rule in b_on.origins.values())
-    assert joined == (cuts in ("tiles", "three-tiles"))
-    pads = [n for n in b_on.graph.nodes if n.op == "Pad" and n.outputs and n.name in b_on.origins]
-    assert (len(pads) == 0) == joined
