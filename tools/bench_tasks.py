@@ -27,6 +27,8 @@ scores alone (the box branch then carries no gradient) and `--without` leaves pa
     # A/B against another onnxcam tree (e.g. `git archive HEAD | tar -x -C /tmp/head`): save there, time here
     PYTHONPATH=/tmp/head:/tmp/ulib python tools/bench_tasks.py --layers model.4 --save /tmp/head-m4.onnx --reps 0
     PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --layers model.4 --compare head=/tmp/head-m4.onnx --reps 30
+    # five targets of one picture on one forward (n_seeds backward copies) against one target's run
+    python tools/bench_tasks.py --model yolox --layers scales,dark3 --seeds 5 --reps 15
 """
 
 from __future__ import annotations
@@ -212,11 +214,13 @@ MODELS = {"yolov8n": export_yolov8n, "ssdlite": export_ssdlite, "yolox": export_
 
 
 def explainable(model: bytes, size: int, layer: str, without: tuple = (), score: str | None = None,
-                anchor: int | None = None):
+                anchor: int | None = None, n_seeds: int = 1):
     """(onnx bytes with weights inside, the layer's tensor name, the dense seed) for one class score at `layer`;
     `without`: passes of onnxcam/autodiff/passes.py left out; `score`: a tensor to seed in place of the model's
     output (e.g. the class scores alone, before the head's Concat with the boxes); `anchor`: the seeded anchor
-    (default a third of the way, in the stride-8 scale)."""
+    (default a third of the way, in the stride-8 scale); n_seeds: that many seeds on one image (rewrite.build's
+    backward copies sharing one forward), the k-th on class k + 1 of a segmenter or on an anchor k / n_seeds of the
+    way along a detector's anchors (the first the chosen anchor)."""
     import onnx
 
     from onnxcam.autodiff import builder
@@ -224,12 +228,13 @@ def explainable(model: bytes, size: int, layer: str, without: tuple = (), score:
     every = builder.PASSES
     builder.PASSES = tuple(p for p in every if p not in without)
     try:
-        return _explainable(ModelGraph(onnx.load_from_string(model), (1, 3, size, size)), layer, score, anchor)
+        return _explainable(ModelGraph(onnx.load_from_string(model), (1, 3, size, size)), layer, score, anchor,
+                            n_seeds)
     finally:
         builder.PASSES = every
 
 
-def _explainable(mg, layer: str, score: str | None, anchor: int | None = None):
+def _explainable(mg, layer: str, score: str | None, anchor: int | None = None, n_seeds: int = 1):
     import onnx
 
     from onnxcam.rewrite import build, resolve_layers
@@ -242,24 +247,32 @@ def _explainable(mg, layer: str, score: str | None, anchor: int | None = None):
     score = score or mg.default_score()
     layers = list(found.names) if apart else resolve_layers(mg, None if layer == "auto" else layer.split("+"),
                                                             score)
-    rw = build(mg, layers, score, apart=apart)
+    rw = build(mg, layers, score, apart=apart, n_seeds=n_seeds)
     proto = rw.model
     for init in proto.graph.initializer:  # the placeholders take their values: one self-contained model file
         if init.name in rw.weights:
             init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(rw.weights[init.name]), init.name))
-    seed = np.zeros((1, 1, *rw.score_shape[1:]), np.float32)
-    if len(rw.score_shape) == 4:  # a segmenter's (N, K, H, W): one class's mask; every pixel, the costliest mask
-        seed[0, 0, 1] = 1.0
-        return proto.SerializeToString(), layers[0], seed
-    if mg.producer(mg.tensor(score)).op == "Softmax":  # SSD's (N, anchors, classes): class 1 of one anchor
-        seed[0, 0, seed.shape[2] // 3 if anchor is None else anchor, 1] = 1.0
-        return proto.SerializeToString(), layers[0], seed
-    if rw.score_shape[1] > rw.score_shape[2]:  # YOLOX/YOLOv5's (N, anchors, 5 + classes): class 7 of one anchor
-        seed[0, 0, seed.shape[2] // 3 if anchor is None else anchor, 5 + 7] = 1.0
-        return proto.SerializeToString(), layers[0], seed
-    row = 7 if rw.score_shape[1] == 80 else 4 + 7  # the class scores alone, or after the 4 box rows
-    seed[0, 0, row, seed.shape[-1] // 3 if anchor is None else anchor] = 1.0  # one class score of one anchor
+    seed = np.zeros((1, n_seeds, *rw.score_shape[1:]), np.float32)
+    softmax = mg.producer(mg.tensor(score)).op == "Softmax"
+    for k in range(n_seeds):
+        _seed_one(seed[0, k], rw.score_shape, softmax, anchor, k / n_seeds, k)
     return proto.SerializeToString(), layers[0], seed
+
+
+def _seed_one(seed: np.ndarray, score_shape: tuple, softmax: bool, anchor: int | None, along: float, k: int) -> None:
+    """One class score of one anchor (a detector), or one class's whole map (a segmenter), set to 1 in `seed`."""
+    if len(score_shape) == 4:  # a segmenter's (N, K, H, W): one class's mask; every pixel, the costliest mask
+        seed[(1 + k) % seed.shape[0]] = 1.0
+        return
+    anchors = seed.shape[0] if softmax or score_shape[1] > score_shape[2] else seed.shape[-1]
+    first = anchors // 3 if anchor is None else anchor
+    at = (first + int(along * anchors)) % anchors
+    if softmax:  # SSD's (N, anchors, classes): class 1 of one anchor
+        seed[at, 1] = 1.0
+    elif score_shape[1] > score_shape[2]:  # YOLOX/YOLOv5's (N, anchors, 5 + classes): class 7 of one anchor
+        seed[at, 5 + 7] = 1.0
+    else:  # the class scores alone, or after the 4 box rows
+        seed[7 if score_shape[1] == 80 else 4 + 7, at] = 1.0
 
 
 def cpu_kind() -> str:
@@ -420,6 +433,8 @@ def main(argv=None) -> None:
                     "each layer is then also timed as LAYER-without (and LAYER-classes-without)")
     ap.add_argument("--class-score", help="also time each layer seeding this tensor (the head's class scores, "
                     "e.g. /model.22/Sigmoid_output_0) in place of the output, as LAYER-classes")
+    ap.add_argument("--seeds", type=int, default=0, help="also time each layer with this many seeds on one image "
+                    "(one forward, that many backward copies) as LAYER-seedsN, and print what building it took")
     ap.add_argument("--save", help="write the (first) explainable model to this file and stop unless --reps")
     ap.add_argument("--compare", action="append", default=[], help="NAME=FILE: an explainable model saved by --save "
                     "(by another onnxcam tree) timed alongside")
@@ -449,6 +464,13 @@ def main(argv=None) -> None:
             s = make_session(model, args.threads)
             modes[f"{layer}-classes"] = (s, feeds_for(s, image, cseed))
             models[f"{layer}-classes"] = model
+        if args.seeds > 1:
+            t0 = time.perf_counter()
+            model, _, nseed = explainable(plain, args.size, layer, anchor=args.anchor, n_seeds=args.seeds)
+            s = make_session(model, args.threads)
+            print(f"layer {layer} with {args.seeds} seeds: built with its session in {time.perf_counter() - t0:.1f} s")
+            modes[f"{layer}-seeds{args.seeds}"] = (s, feeds_for(s, image, nseed))
+            models[f"{layer}-seeds{args.seeds}"] = model
         if args.without:
             left_out = tuple(args.without.split(","))
             model, _, _ = explainable(plain, args.size, layer, left_out, anchor=args.anchor)
