@@ -33,6 +33,7 @@ from .autodiff.engine import backward
 from .autodiff.passes import (
     SEED_PASSES,
     blocked_complements,
+    blocked_hard_swish,
     crop_seed_windows,
     fold_crops,
     skip_zero_slabs,
@@ -204,6 +205,7 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     crop_seed_windows(b)
     skip_zero_slabs(b)
     blocked_complements(b)
+    blocked_hard_swish(b)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = mg.proto.ir_version

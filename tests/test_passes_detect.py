@@ -168,6 +168,56 @@ def test_blocked_complements_and_the_ifs_declared_shapes(monkeypatch):
         np.testing.assert_allclose(got[t], plain[t], rtol=1e-6, atol=1e-6 * np.abs(plain[t]).max())
 
 
+def hard_swish_head() -> onnx.ModelProto:
+    """head_model with HardSwish for SiLU (MobileNetV3's activation): f's is differentiated outside the Ifs (both
+    scales read f), g's inside the stride-1 scale's branch."""
+    proto = head_model()
+    nodes = [n for n in proto.graph.node if n.op_type != "Mul" and n.output[0] not in ("sa", "se")]
+    acts = [helper.make_node("HardSwish", ["a"], ["f"], name="hardswish_f"),
+            helper.make_node("HardSwish", ["e"], ["g"], name="hardswish_g")]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes[:1] + acts[:1] + nodes[1:2] + acts[1:] + nodes[2:])
+    proto.opset_import[0].version = 17
+    return proto
+
+
+def test_blocked_hard_swish_outside_the_branches(monkeypatch):
+    """blocked_hard_swish writes the slope of f's HardSwish, whose gradient product stays in the main graph, with
+    clipped depthwise Convs (no Where left for it), and leaves g's, whose product is in the stride-1 branch, to the
+    rule's Wheres; the gradients (at a, before f's HardSwish, and at d) match float64 torch autograd and the build
+    without the pass."""
+    seed = SEEDS["one sample each"]
+    every = builder.PASSES
+    results = {}
+    for name, passes in (("with", every), ("without", tuple(p for p in every if p != "blocked_hard_swish"))):
+        monkeypatch.setattr(builder, "PASSES", passes)
+        rw = build(ModelGraph(hard_swish_head(), X.shape), ["a", "d"], "y")
+        sess = cpu_session(rw.model.SerializeToString(), rw.weights)
+        values = sess.run([grad_name(t) for t in ("a", "d")], {"x": X, SEED: seed[:, None].astype(np.float32)})
+        results[name] = (dict(zip(("a", "d"), values)), rw.model)
+    (got, model), (plain, before) = results["with"], results["without"]
+    origin = {n.name: n for n in model.graph.node}
+
+    def wheres(m: onnx.ModelProto, of: str) -> list:
+        branches = [n for i in ifs(m) for a in i.attribute if a.type == onnx.AttributeProto.GRAPH for n in a.g.node]
+        return [n for n in [*m.graph.node, *branches] if n.op_type == "Where" and f"/{of}/" in n.name]
+    assert wheres(before, "hardswish_f") and not wheres(model, "hardswish_f")
+    assert any(n.op_type == "Clip" and "/hardswish_f/" in n.name for n in origin.values())
+    assert wheres(model, "hardswish_g")  # g's slope: the rule's Wheres
+    w = {k: torch.tensor(v, dtype=torch.float64) for k, v in WEIGHTS.items()}
+    a = torch.nn.functional.conv2d(torch.tensor(X, dtype=torch.float64), w["wa"], padding=1).requires_grad_(True)
+    f = torch.nn.functional.hardswish(a)
+    d = torch.nn.functional.conv2d(f, w["wd"], padding=1, stride=2)
+    d.retain_grad()
+    e = torch.nn.functional.conv2d(f, w["w0a"], padding=1)
+    c0 = torch.nn.functional.conv2d(torch.nn.functional.hardswish(e), w["w0"], padding=1).reshape(N, CLASSES, A0)
+    c1 = torch.nn.functional.conv2d(d, w["w1"]).reshape(N, CLASSES, A1)
+    (torch.sigmoid(torch.cat([c0, c1], 2)) * torch.tensor(seed, dtype=torch.float64)).sum().backward()
+    for t, want in (("a", a.grad.numpy()), ("d", d.grad.numpy())):
+        np.testing.assert_allclose(got[t], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        np.testing.assert_allclose(got[t], plain[t], rtol=1e-6, atol=1e-6 * np.abs(plain[t]).max())
+
+
 def test_skip_zero_slabs_leaves_cheap_or_dense_gradients_alone(monkeypatch):
     """Preconditions: slabs that reach the targets through no convolution are not worth a test (no If), and a
     Concat whose gradient comes out of a convolution (dense, not the seed's), here through a Sigmoid, gives no

@@ -36,7 +36,8 @@ def _onnx_dtype(dtype) -> int:
 
 
 PASSES = ("fold_silu", "pool_indices", "take_class_rows", "fold_crops", "split_conv_channels", "crop_seed_windows",
-          "skip_zero_slabs", "blocked_complements", "region_rows", "roi_rows", "seed_channels")
+          "skip_zero_slabs", "blocked_complements", "blocked_hard_swish", "region_rows", "roi_rows",
+          "seed_channels")
 
 
 class Builder:

@@ -135,3 +135,37 @@ def test_numpy_reference_is_what_onnxruntime_computes(case):
     x = np.asarray(case.inputs["x"], np.float32)
     got = cpu_session(model.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, _numpy_reference(case)(case, {"x": x.astype(np.float64)}), rtol=1e-5, atol=1e-6)
+
+
+def test_hard_swish_slope_of_a_float32_map_is_exact_at_its_kinks():
+    """A float32 4-D map's HardSwish slope comes from clipped depthwise 1x1 convolutions (ops onnxruntime keeps in
+    its blocked layout): [x > 3] = clip(2^22 (x - 3), 0, 1) must be exact for every float, the kinks and their
+    neighbours included. Values: torch's hardswish_backward rule (0 below -3, x/3 + 1/2 up to 3 included, 1 above)
+    in float64 on the same float32 inputs."""
+    from onnx import TensorProto, helper
+
+    from onnxcam import rewrite
+    from onnxcam.graph.model import ModelGraph
+    from onnxcam.runtime import cpu_session
+
+    near = []
+    for k in (-3.0, 3.0):
+        f = np.float32(k)
+        near += [np.nextafter(f, np.float32(-np.inf)), f, np.nextafter(f, np.float32(np.inf))]
+    special = np.float32([*near, 0.0, -0.0, 1.5, -1.5, 6.0, -6.0, 1e-30, -1e-30, 3e38, -3e38, 1e6, -1e6])
+    rng = np.random.default_rng(7)
+    x = np.concatenate([special, rng.uniform(-8, 8, 64 - special.size).astype(np.float32)]).reshape(1, 4, 4, 4)
+    node = helper.make_node("HardSwish", ["x"], ["y"])
+    graph = helper.make_graph([node], "hs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    rw = rewrite.build(ModelGraph(model), ["x"], "y")
+    ops = [n.op_type for n in rw.model.graph.node if n.name.startswith("onnxcam_grad")]
+    assert "Conv" in ops and "Where" not in ops, ops
+    u = rng.standard_normal(x.shape).astype(np.float32)
+    sess = cpu_session(rw.model.SerializeToString(), rw.initializer_arrays())
+    got = sess.run([rewrite.grad_name("x")], {"x": x, rewrite.SEED: u[:, None]})[0]
+    x64 = x.astype(np.float64)
+    slope = np.where(x64 < -3, 0.0, np.where(x64 <= 3, x64 / 3 + 0.5, 1.0))
+    np.testing.assert_allclose(got, u * slope, rtol=1e-6, atol=1e-30)

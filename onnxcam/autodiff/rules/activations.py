@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from . import rule
 
 
@@ -153,8 +155,27 @@ def _hard_swish(b, n, gy):
     def grad():
         mid = b.op("Add", b.op("Mul", x, 1.0 / 3.0), 0.5)
         slope = b.op("Where", b.op("Less", x, -3.0), 0.0, b.op("Where", b.op("Greater", x, 3.0), 1.0, mid))
-        return b.op("Mul", _guide(b, gy[0]), slope)
+        return b.op("Mul", _guide(b, gy[0]), slope)  # passes.blocked_hard_swish may write the slope otherwise
     return (grad,)
+
+
+_STEP = 2.0 ** 22  # (x - 3) * 2^22 is at least 1 for every float32 x above 3 (the spacing of floats near 3 is 2^-22)
+
+
+def blocked_hard_swish_slope(b, x, c: int):
+    """HardSwish's slope on a float32 (N, c, H, W) map x from depthwise 1x1 convolutions (clipped), sums and
+    products of maps only, ops onnxruntime runs in its blocked layout: [x > 3] = clip(2^22 x - 3 * 2^22, 0, 1),
+    exactly (2^22 x is exact, the difference keeps its sign and is exact near 3, where floats are 2^-22 apart),
+    [x < -3] likewise, slope = (x/3 + 1/2) [-3 <= x <= 3] + [x > 3] (torch's hardswish_backward, 3 and -3 inside).
+    """
+
+    def affine(scale, shift):
+        return b.op("Conv", x, np.full((c, 1, 1, 1), scale, np.float32), np.full(c, shift, np.float32), group=c)
+    above = b.clip(affine(_STEP, -3 * _STEP), 0.0, 1.0)
+    below = b.clip(affine(-_STEP, -3 * _STEP), 0.0, 1.0)
+    outside = b.op("Add", above, below)
+    inside = b.op("Conv", outside, np.full((c, 1, 1, 1), -1.0, np.float32), np.ones(c, np.float32), group=c)
+    return b.op("Add", b.op("Mul", affine(1.0 / 3.0, 0.5), inside), above)
 
 
 @rule("Erf")
