@@ -163,19 +163,20 @@ _STEP = 2.0 ** 22  # (x - 3) * 2^22 is at least 1 for every float32 x above 3 (t
 
 
 def blocked_hard_swish_slope(b, x, c: int):
-    """HardSwish's slope on a float32 (N, c, H, W) map x from depthwise 1x1 convolutions (clipped), sums and
-    products of maps only, ops onnxruntime runs in its blocked layout: [x > 3] = clip(2^22 x - 3 * 2^22, 0, 1),
-    exactly (2^22 x is exact, the difference keeps its sign and is exact near 3, where floats are 2^-22 apart),
-    [x < -3] likewise, slope = (x/3 + 1/2) [-3 <= x <= 3] + [x > 3] (torch's hardswish_backward, 3 and -3 inside).
-    """
+    """HardSwish's slope on a float32 (N, c, H, W) map x as three clipped depthwise 1x1 convolutions and their Sum,
+    ops onnxruntime runs in its blocked layout: clip(x/3 + 1/2, -1/2, 3/2) (the slope between the kinks, its end
+    values outside), plus 1/2 [x < -3] and minus 1/2 [x > 3]. The steps are exact for every float32:
+    [x > 3] / 2 = -clip(3 * 2^22 - 2^22 x, -1/2, 0), 2^22 x being exact and the difference keeping its sign (exact
+    near 3, where floats lie 2^-22 apart, so at least 1 in magnitude there); the sums of halves are exact. Torch's
+    hardswish_backward puts -3 and 3 between the kinks: so do these (slope -1/2 and 3/2 there)."""
 
-    def affine(scale, shift):
-        return b.op("Conv", x, np.full((c, 1, 1, 1), scale, np.float32), np.full(c, shift, np.float32), group=c)
-    above = b.clip(affine(_STEP, -3 * _STEP), 0.0, 1.0)
-    below = b.clip(affine(-_STEP, -3 * _STEP), 0.0, 1.0)
-    outside = b.op("Add", above, below)
-    inside = b.op("Conv", outside, np.full((c, 1, 1, 1), -1.0, np.float32), np.ones(c, np.float32), group=c)
-    return b.op("Add", b.op("Mul", affine(1.0 / 3.0, 0.5), inside), above)
+    def clipped(scale, shift, lo, hi):
+        w, bias = np.full((c, 1, 1, 1), scale, np.float32), np.full(c, shift, np.float32)
+        return b.clip(b.op("Conv", x, w, bias, group=c), lo, hi)
+    between = clipped(1.0 / 3.0, 0.5, -0.5, 1.5)
+    below = clipped(-_STEP, -3 * _STEP, 0.0, 0.5)  # 1/2 where x < -3
+    above = clipped(-_STEP, 3 * _STEP, -0.5, 0.0)  # -1/2 where x > 3
+    return b.op("Sum", between, below, above)
 
 
 @rule("Erf")
