@@ -12,7 +12,10 @@ A rule sees one forward node while the walk is under way and writes its formula 
 - crop_seed_windows and skip_zero_slabs, last, use where a detection's seed is zero: each scale's head branch and
   the neck and backbone after it run on the windows its anchors reach (windows.py), and only for the scales the
   seed touches (an If). Their nodes have no gradient rules: a graph that will be differentiated again
-  (hessian.py) is built without them (SEED_PASSES).
+  (hessian.py) is built without them (SEED_PASSES);
+- blocked_complements and blocked_hard_swish, after them, write seed-independent factors left in the main graph
+  (a SiLU's 1 - s, a HardSwish's slope) with ops onnxruntime keeps in its blocked layout (NCHWc).
+(passes_channels.py and passes_regions.py hold the passes that change how the walk starts from the seed.)
 Builder.passes names the passes that run (all by default); tests switch one off to compare the graphs.
 """
 
@@ -28,8 +31,9 @@ from .builder import Builder
 from .rules.activations import blocked_hard_swish_slope
 from .windows import Region, window_region
 
-__all__ = ["SEED_PASSES", "blocked_hard_swish", "crop_seed_windows", "fold_crops", "fold_silu", "pool_indices", "pool_indices_gradient",
-           "silu_gradient", "skip_zero_slabs", "split_conv_channels", "take_class_rows"]
+__all__ = ["SEED_PASSES", "blocked_complements", "blocked_hard_swish", "crop_seed_windows", "fold_crops", "fold_silu",
+           "pool_indices", "pool_indices_gradient", "silu_gradient", "skip_zero_slabs", "split_conv_channels",
+           "take_class_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +112,10 @@ def blocked_hard_swish(b: Builder) -> int:
     convolutions, exact at the kinks); return how many.
 
     The HardSwish rule's comparisons and Wheres run in NCHW only: every HardSwish's input was reordered out of the
-    blocked layout for them and the slope reordered back (MobileNetV3 middle layers: LRASPP's backbone.12 2.32x ->
-    2.18x, DeepLabV3's backbone.6 2.62x -> 2.52x). Where the product is inside an If's branch (a detector's deeper
-    levels) the transform does not run there, and the Wheres stay: the convolutions cost more than they save."""
+    blocked layout for them and the slope reordered back (MobileNetV3 middle layers, tools/bench_tasks.py: LRASPP's
+    backbone.12 2.33x -> 2.10x, DeepLabV3's backbone.6 2.69x -> 2.50x). Where the product is inside an If's branch
+    (a detector's deeper levels) the transform does not run there, and the Wheres stay: the convolutions would
+    cost more than they save."""
     if "blocked_hard_swish" not in b.passes:
         return 0
     read_here = {t.name for n in b.graph.nodes for t in n.inputs}
