@@ -29,6 +29,8 @@ scores alone (the box branch then carries no gradient) and `--without` leaves pa
     PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --layers model.4 --compare head=/tmp/head-m4.onnx --reps 30
     # five targets of one picture on one forward (n_seeds backward copies) against one target's run
     python tools/bench_tasks.py --model yolox --layers scales,dark3 --seeds 5 --reps 15
+    # what a picture's first run (a zero seed) and the Python API's own checks add
+    python tools/bench_tasks.py --model lraspp --layers auto --zero-seed --api --reps 15
 """
 
 from __future__ import annotations
@@ -275,6 +277,21 @@ def _seed_one(seed: np.ndarray, score_shape: tuple, softmax: bool, anchor: int |
         seed[7 if score_shape[1] == 80 else 4 + 7, at] = 1.0
 
 
+class _ApiRun:
+    """onnxcam.Explainer.run on the plain model at one layer, with the bench's seed, behind a session's run()."""
+
+    def __init__(self, plain: bytes, layer: str, image: np.ndarray, seed: np.ndarray, threads: int):
+        import onnxcam
+        from onnxcam import runtime
+        runtime.SESSION_CONFIG.update({"onnxcam.intra_op_threads": str(threads),
+                                       "session.intra_op.allow_spinning": "0"})
+        self.explainer = onnxcam.Explainer(plain, layers=[layer], device="cpu")
+        self.image, self.seed = image, seed
+
+    def run(self, _names, _feeds):
+        return self.explainer.run(self.image, seed=self.seed)
+
+
 def cpu_kind() -> str:
     """The CPU's model name and widest vector extension: onnxruntime's convolution kernels (MLAS, blocked NCHWc)
     run about twice as fast with AVX-512 as with AVX2 while the gradient's elementwise, pooling-position and
@@ -435,6 +452,10 @@ def main(argv=None) -> None:
                     "e.g. /model.22/Sigmoid_output_0) in place of the output, as LAYER-classes")
     ap.add_argument("--seeds", type=int, default=0, help="also time each layer with this many seeds on one image "
                     "(one forward, that many backward copies) as LAYER-seedsN, and print what building it took")
+    ap.add_argument("--zero-seed", action="store_true", help="also time each layer's model with a zero seed as "
+                    "LAYER-zero (what `onnxcam explain`'s first run of a picture, which reads its outputs, costs)")
+    ap.add_argument("--api", action="store_true", help="also time each layer through onnxcam.Explainer.run (the "
+                    "Python API: its input and seed checks, its outputs' NaN checks) as LAYER-api")
     ap.add_argument("--save", help="write the (first) explainable model to this file and stop unless --reps")
     ap.add_argument("--compare", action="append", default=[], help="NAME=FILE: an explainable model saved by --save "
                     "(by another onnxcam tree) timed alongside")
@@ -459,6 +480,10 @@ def main(argv=None) -> None:
         s = make_session(model, args.threads)
         modes[layer] = (s, feeds_for(s, image, seed))
         models[layer] = model
+        if args.zero_seed:
+            modes[f"{layer}-zero"] = (s, feeds_for(s, image, np.zeros_like(seed)))
+        if args.api and layer != "scales":
+            modes[f"{layer}-api"] = (_ApiRun(plain, tensor, image, seed[:, 0], args.threads), {})
         if args.class_score:
             model, _, cseed = explainable(plain, args.size, layer, score=args.class_score, anchor=args.anchor)
             s = make_session(model, args.threads)
