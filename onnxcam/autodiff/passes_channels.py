@@ -23,12 +23,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..errors import UnsupportedOpError
 from .builder import Builder
-from .rules.shape import _resize_params, _resizes_axis, resize_adjoint
+from .rules.shape import resize_adjoint, resizes_spatial_axes_only
 
 RULE = "passes_channels.seed_channels"
-_MIN_CHANNELS = 4  # below, gathering the seeded maps saves less than the ReduceL1 over the seed costs
+_MIN_CHANNELS = 4  # below, gathering the seeded maps saves less than the two reductions over the seed cost
 
 
 def seed_channels(b: Builder, nodes: list[gs.Node], score: gs.Tensor, seed: gs.Tensor) -> set[int]:
@@ -41,24 +40,14 @@ def seed_channels(b: Builder, nodes: list[gs.Node], score: gs.Tensor, seed: gs.T
     if n is None or n.op not in ("Resize", "Upsample") or not any(m is n for m in nodes):
         return set()
     x = n.inputs[0]
-    in_shape, out_shape = b.shape(x), b.shape(score)
+    in_shape, out_shape = b.model.shape(x), b.model.shape(score)
     if len(in_shape or ()) != 4 or len(out_shape or ()) != 4 or not isinstance(in_shape[1], int):
         return set()
-    if in_shape[1] != out_shape[1] or in_shape[1] < _MIN_CHANNELS or not _spatial_only(b, n):
+    if in_shape[1] != out_shape[1] or in_shape[1] < _MIN_CHANNELS or not resizes_spatial_axes_only(b, n):
         return set()
     if not all(isinstance(d, int) for d in out_shape[2:]):
         return set()
     return {id(n)}
-
-
-def _spatial_only(b: Builder, n: gs.Node) -> bool:
-    """Whether Resize n leaves the batch and channel axes as they are (scale 1, no crop)."""
-    in_shape, out_shape = b.shape(n.inputs[0]), b.shape(n.outputs[0])
-    try:
-        scales, sizes, roi = _resize_params(b, n, 4)
-    except UnsupportedOpError:  # scales or sizes computed at run time: not a fixed upsampling
-        return False
-    return not any(_resizes_axis(scales, sizes, roi, in_shape, out_shape, a, n) for a in (0, 1))
 
 
 def seed_channels_gradient(b: Builder, n: gs.Node, gy: list) -> list:

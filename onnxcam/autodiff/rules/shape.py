@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...errors import UnsupportedOpError
 from ...graph.evaluate import run_node
 from . import rule
 from .resize_band import band_gradient, banded
@@ -297,6 +298,17 @@ def resize_adjoint(b, n, g, channels):
         found = (banded(m) if b.dtype == np.float32 and a >= 2 and isinstance(channels, int) else None)
         g = band_gradient(b, g, a, channels, m, found) if found else b.axis_matmul(g, a, rank, m.T)
     return g
+
+
+def resizes_spatial_axes_only(b, n) -> bool:
+    """Whether a rank-4 Resize n leaves the batch and channel axes as they are (scale 1, no crop); False when its
+    scales or sizes are computed at run time."""
+    in_shape, out_shape = b.shape(n.inputs[0]), b.shape(n.outputs[0])
+    try:
+        scales, sizes, roi = _resize_params(b, n, 4)
+    except UnsupportedOpError:
+        return False
+    return not any(_resizes_axis(scales, sizes, roi, in_shape, out_shape, a, n) for a in (0, 1))
 
 
 def _repeat_blocks(b, channels, matrices: dict, rank: int) -> list[int] | None:
