@@ -292,6 +292,24 @@ class _ApiRun:
         return self.explainer.run(self.image, seed=self.seed)
 
 
+def tail_mode(plain: bytes, tensor: str, image: np.ndarray, threads: int, output: str | None = None) -> tuple:
+    """(session, feeds) of the plain model's part after `tensor` up to `output` (default: its first output;
+    graph/cut.py's tail; the tensors it reads from before the layer fed from one plain run)."""
+    import onnx
+
+    from onnxcam.graph.cut import tail_model, tail_nodes
+    proto = onnx.load_from_string(plain)
+    output = output or proto.graph.output[0].name
+    _, fed = tail_nodes(proto, tensor, output)
+    typed = {v.name: v for v in onnx.shape_inference.infer_shapes(proto).graph.value_info}
+    probe = onnx.load_from_string(plain)
+    probe.graph.output.extend(typed[name] for name in fed)
+    values = dict(zip(fed, make_session(probe.SerializeToString(), threads).run(fed, {"images": image})))
+    tail, names = tail_model(proto, tensor, output, values)
+    s = make_session(tail.SerializeToString(), threads)
+    return s, {name: values[name] for name in names}
+
+
 def cpu_kind() -> str:
     """The CPU's model name and widest vector extension: onnxruntime's convolution kernels (MLAS, blocked NCHWc)
     run about twice as fast with AVX-512 as with AVX2 while the gradient's elementwise, pooling-position and
@@ -456,6 +474,12 @@ def main(argv=None) -> None:
                     "LAYER-zero (what `onnxcam explain`'s first run of a picture, which reads its outputs, costs)")
     ap.add_argument("--api", action="store_true", help="also time each layer through onnxcam.Explainer.run (the "
                     "Python API: its input and seed checks, its outputs' NaN checks) as LAYER-api")
+    ap.add_argument("--tail", action="store_true", help="also time the plain model's part after each layer (cut "
+                    "there, graph/cut.py) as LAYER-tail: 1 + its ratio is what the explanation would cost with a "
+                    "gradient as fast as that part's forward (an upper estimate of that floor: the tail computes "
+                    "every output, where a detection's gradient crosses its own scale's branch only: --tail-to)")
+    ap.add_argument("--tail-to", help="end the tails at this tensor (e.g. the seeded scale's head output: YOLOX-style "
+                    "stride 32 '/Reshape_2_output_0', YOLOv8n's stride-32 class scores '/model.22/Reshape_5_output_0')")
     ap.add_argument("--save", help="write the (first) explainable model to this file and stop unless --reps")
     ap.add_argument("--compare", action="append", default=[], help="NAME=FILE: an explainable model saved by --save "
                     "(by another onnxcam tree) timed alongside")
@@ -484,6 +508,8 @@ def main(argv=None) -> None:
             modes[f"{layer}-zero"] = (s, feeds_for(s, image, np.zeros_like(seed)))
         if args.api and layer != "scales":
             modes[f"{layer}-api"] = (_ApiRun(plain, tensor, image, seed[:, 0], args.threads), {})
+        if args.tail and "+" not in tensor and layer != "scales":
+            modes[f"{layer}-tail"] = tail_mode(plain, tensor, image, args.threads, args.tail_to)
         if args.class_score:
             model, _, cseed = explainable(plain, args.size, layer, score=args.class_score, anchor=args.anchor)
             s = make_session(model, args.threads)
@@ -532,6 +558,11 @@ def main(argv=None) -> None:
         for m, t in times.items():
             med, lo = statistics.median(t), min(t)
             print(f"{m:<{width}} {med * 1e3:10.1f} {lo * 1e3:11.1f} {med / med0:9.2f} {lo / min0:10.2f}")
+    for m, t in cpu.items():
+        if m.endswith("-tail"):
+            med0, min0 = statistics.median(cpu["plain"]), min(cpu["plain"])
+            print(f"{m[:-5]}: with a gradient at the forward's speed after the layer, "
+                  f"{1 + statistics.median(t) / med0:.2f}x / {1 + min(t) / min0:.2f}x plain (thread CPU)")
 
 if __name__ == "__main__":
     main()
