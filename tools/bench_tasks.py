@@ -301,10 +301,12 @@ def tail_mode(plain: bytes, tensor: str, image: np.ndarray, threads: int, output
     proto = onnx.load_from_string(plain)
     output = output or proto.graph.output[0].name
     _, fed = tail_nodes(proto, tensor, output)
+    given = {"images": image}
+    computed = [name for name in fed if name not in given]  # a skip connection may read the input itself
     typed = {v.name: v for v in onnx.shape_inference.infer_shapes(proto).graph.value_info}
     probe = onnx.load_from_string(plain)
-    probe.graph.output.extend(typed[name] for name in fed)
-    values = dict(zip(fed, make_session(probe.SerializeToString(), threads).run(fed, {"images": image})))
+    probe.graph.output.extend(typed[name] for name in computed)
+    values = {**given, **dict(zip(computed, make_session(probe.SerializeToString(), threads).run(computed, given)))}
     tail, names = tail_model(proto, tensor, output, values)
     s = make_session(tail.SerializeToString(), threads)
     return s, {name: values[name] for name in names}
