@@ -13,7 +13,7 @@ import onnx
 
 from . import rewrite, runtime
 from .cache import CACHE
-from .errors import InputError, ModelError, NumericalError
+from .errors import InputError, LayerError, ModelError, NumericalError
 from .graph.evaluate import runtime_failure
 from .graph.load import LoadedModel, with_weights
 from .graph.model import ModelGraph
@@ -134,6 +134,11 @@ class Explainer:
         embedding); None: the first input. Inherited from an Explainer given as the model.
     extra_inputs: {name: array} for the other inputs, fed to every run (run()'s extra_inputs add or replace them);
         a value with batch 1 is repeated over a batch when its input's batch is free. Inherited like input_name.
+    share_forward: a batch of copies of one sample with a dense seed each (several targets of one image, as
+        `onnxcam explain` runs a picture's items) runs that sample's forward once and the backward of every seed
+        over it (rewrite.build shared=: the same gradients), where the graph allows it (else, logged at INFO, the
+        copies run); a one-sample run then also takes that model (one build for both). False by default: the
+        copies' check and the Expands cost a plain run a few percent.
 
     The model is read once (graph/load.py LoadedModel): its skeleton stays, its large weights are dropped after
     each build, since onnxruntime holds its own copy. Anything that needs them later (a build at another size,
@@ -150,7 +155,8 @@ class Explainer:
 
     def __init__(self, model, layers: str | list[str] | None = None, score: str | None = None, device: str = "auto",
                  *, output: str | None = None, input_shape: tuple[int, ...] | None = None, guided: bool = False,
-                 apart: bool = False, base_dir=None, build: bool = True, input_name: str | None = None, extra_inputs: dict | None = None):
+                 apart: bool = False, base_dir=None, build: bool = True, input_name: str | None = None,
+                 extra_inputs: dict | None = None, share_forward: bool = False):
         if isinstance(model, Explainer):
             self._model = model._model
             input_name = model._input_choice if input_name is None else input_name
@@ -161,6 +167,8 @@ class Explainer:
         self.device = device
         self.guided = guided
         self.apart = bool(apart)
+        self.share_forward = bool(share_forward)
+        self._unshared: set = set()  # input shapes whose graph cannot share one forward between seeds
         self._graph_for_build = None
         self._lock = threading.RLock()  # one build at a time per Explainer: builds share the loaded model
         self._last_shape: tuple | None = None  # the input shape of the last run (dynamic sizes)
@@ -180,7 +188,7 @@ class Explainer:
         self._analysis = CACHE.get_or_build("analyses", key, analyse)
         self.input_name, self.score_name = self._analysis.input_name, self._analysis.score
         self._layers = None if self._analysis.layers is None else list(self._analysis.layers)
-        if self._analysis.build_shape is not None and build:
+        if self._analysis.build_shape is not None and build and not share_forward:
             self._compiled(self._analysis.build_shape)
 
     @property
@@ -237,10 +245,10 @@ class Explainer:
         use and kept in onnxcam.cache."""
         return self._compiled(self.resolved_input_shape(input_shape), n_seeds, by_class)
 
-    def _compiled(self, shape: tuple, n_seeds: int = 1, by_class: bool = True) -> Compiled:
+    def _compiled(self, shape: tuple, n_seeds: int = 1, by_class: bool = True, shared: bool = False) -> Compiled:
         self.choose_layers(shape)
         key = (self.digest, self.input_name, tuple(self._layers), self.score_name, tuple(shape[1:]), self.guided,
-               self.apart, self.device, n_seeds, by_class, _session_config())
+               self.apart, self.device, n_seeds, by_class, shared, _session_config())
         built = []
 
         def build() -> Compiled:
@@ -248,7 +256,7 @@ class Explainer:
                 start = time.perf_counter()
                 mg = self._graph_at(shape)
                 rw = rewrite.build(mg, self._layers, self.score_name, guided=self.guided, n_seeds=n_seeds,
-                                   by_class=by_class, apart=self.apart)
+                                   by_class=by_class, apart=self.apart, shared=shared)
                 quantization = _quantization(self.proto, mg, self._layers)
                 model, weights, data_file = self._session_inputs(rw)
                 # The session gets its own copy of the weights (or reads them from the model file itself): holding
@@ -404,6 +412,13 @@ class Explainer:
         side = self._side_feeds(extra_inputs, n)
         plan = _Plan.make(targets, top_k, seed, n)
         shape = self._analysis.build_shape or x.shape
+        shared = self._shared(shape, x, plan, side)
+        if shared is not None:
+            self._last_shape = tuple(x.shape)
+            result = self._run_one(shared, x[:1], plan, rows=n)
+            result = _broadcast_forward(result, shared.rewritten, n)
+            _check_finite(result, shared.rewritten.score)
+            return result
         compiled = self._compiled(shape, plan.n_seeds, plan.seed is None)
         self._last_shape = tuple(x.shape)
         rw = compiled.rewritten
@@ -415,9 +430,28 @@ class Explainer:
         _check_finite(result, rw.score)
         return result
 
-    def _run_one(self, compiled: Compiled, x, plan: _Plan, side: dict | None = None) -> Result:
+    def _shared(self, shape: tuple, x: np.ndarray, plan: _Plan, side: dict) -> Compiled | None:
+        """The model sharing one forward between the seeds (rewrite.build shared=) when share_forward is on, the
+        run has one dense seed per sample, no side inputs, and x's samples are one sample's copies; else None."""
+        if not self.share_forward or self._analysis.fixed_batch is not None:
+            return None
+        if plan.seed is None or plan.n_seeds != 1 or side or not _copies(x):
+            return None
+        key = tuple(shape[1:])
+        if key in self._unshared:
+            return None
+        try:
+            return self._compiled((1, *shape[1:]), 1, False, shared=True)
+        except LayerError as exc:  # the graph cannot broadcast its forward: the copies run, as without the option
+            log.info("the seeds of one image run on copies of it: %s", exc)
+            self._unshared.add(key)
+            return None
+
+    def _run_one(self, compiled: Compiled, x, plan: _Plan, side: dict | None = None, rows: int | None = None
+                 ) -> Result:
+        """rows: the seeds' count when the model shares x's one forward between them (x holds one sample)."""
         rw = compiled.rewritten
-        n = x.shape[0]
+        n = rows or x.shape[0]
         score_shape = tuple(n if not isinstance(d, int) else d for d in rw.score_shape)
         feeds = {rw.input_name: x, **(side or {}), **plan.feeds(score_shape, rw)}
         names = list(rw.original_outputs)
@@ -648,6 +682,26 @@ class _Plan:
     def sample(self, i: int) -> _Plan:
         pick = (lambda a: None if a is None else a[i:i + 1])
         return _Plan(self.n_seeds, self.ranked, self.single, pick(self.classes), pick(self.seed))
+
+
+def _copies(x: np.ndarray) -> bool:
+    """Whether every sample of x equals the first (a sparse look first: distinct images differ there at once)."""
+    first = x[:1]
+    if len(x) > 1 and not np.array_equal(x[:, ..., ::97], np.broadcast_to(first[..., ::97], x[:, ..., ::97].shape)):
+        return False
+    return bool(np.array_equal(x, np.broadcast_to(first, x.shape)))
+
+
+def _broadcast_forward(r: Result, rw: rewrite.Rewritten, n: int) -> Result:
+    """The result of a shared-forward run (one sample's forward, n seeds) shaped as n copies' run would be: the
+    forward's batched arrays (score, activations, batched outputs) broadcast to n rows (read-only views)."""
+    batched = {o.name for o in rw.model.graph.output
+               if o.type.tensor_type.shape.dim and o.type.tensor_type.shape.dim[0].dim_param}
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(a, (n, *a.shape[1:])) if a.ndim and a.shape[0] == 1 else a
+    return Result(rows(r.logits), r.targets, {k: rows(v) for k, v in r.activations.items()}, r.gradients,
+                  {k: rows(v) if k in batched else v for k, v in r.outputs.items()}, r.seed, r.quantized)
 
 
 def _region_entries(seed: np.ndarray | None, score_shape: tuple) -> dict:

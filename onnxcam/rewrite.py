@@ -40,6 +40,7 @@ from .autodiff.passes import (
     split_conv_channels,
     take_class_rows,
 )
+from .autodiff.passes_shared import share_forward
 from .errors import InternalError, LayerError
 from .graph import names
 from .graph.inputs import fmt_shape
@@ -91,6 +92,7 @@ class Rewritten:
     act_outputs: dict  # layer -> the graph output holding its activation
     by_class: bool = False  # seeds given as class indices (CLASSES/RANKED inputs), not as a dense SEED
     regions: bool = False  # per-region scores: seeds given as their nonzero rows (REGIONS/ROWS inputs)
+    shared: bool = False  # the seed's batch is S seeds of one sample (one forward): passes_shared.py
 
     def initializer_arrays(self) -> dict:
         """The weights to give onnxruntime (Explainer empties them once its session holds a copy)."""
@@ -121,12 +123,13 @@ def resolve_layers(mg: ModelGraph, layers: list[str] | None, score: str) -> list
 
 
 def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False, n_seeds: int = 1,
-          by_class: bool = False, twice: bool = False, apart: bool = False) -> Rewritten:
+          by_class: bool = False, twice: bool = False, apart: bool = False, shared: bool = False) -> Rewritten:
     """by_class: take the seeds as class indices (a 2-D score only; else the dense seed input is built). twice: the
     gradient graph will be differentiated again (hessian.py): without the passes whose nodes have no rule. apart:
     each layer's gradient along the paths to the score that cross no other layer (a multi-scale detector's
     per-scale layers, tasks/choose.py scale_layers: a detection's gradient is then non-zero at its own scale's
-    layer only, and exact there)."""
+    layer only, and exact there). shared: the seed's batch holds S seeds of one sample, whose forward runs once
+    (autodiff/passes_shared.py; LayerError where the graph cannot share it)."""
     graph = mg.graph
     score_t = mg.tensor(score)
     score_shape = mg.shape(score_t)
@@ -168,7 +171,7 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
         classes = b.op("Where", ranked, top, given)
         seed_of = [b.one_hot(b.op("Gather", classes, b.ints(i), axis=1), score_shape[1]) for i in range(n_seeds)]
     else:
-        seeds = gs.Variable(SEED, dtype=dtype, shape=[score_shape[0], n_seeds, *score_shape[1:]])
+        seeds = seed_input = gs.Variable(SEED, dtype=dtype, shape=[score_shape[0], n_seeds, *score_shape[1:]])
         graph.inputs.append(seeds)
         if has_ranking:
             graph.inputs.append(ranked)
@@ -178,6 +181,8 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
         # (1, 21, 320, 320) map)
         seed_of = ([b.squeeze(seeds, [1])] if n_seeds == 1
                    else [b.op("Gather", seeds, b.ints(i), axis=1) for i in range(n_seeds)])
+    if shared:
+        _check_shareable(mg, score, one_image or by_class or has_ranking, n_seeds, twice)
     targets = [mg.tensor(name) for name in layers]
     per_seed = [backward(b, targets, score_t, seed) for seed in seed_of]
     exposed = _expose(b, ([] if one_image else [score_t]) + targets, set(original_outputs))
@@ -206,6 +211,8 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     skip_zero_slabs(b)
     blocked_complements(b)
     blocked_hard_swish(b)
+    if shared:
+        share_forward(b, seed_input)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = mg.proto.ir_version
@@ -219,7 +226,7 @@ def build(mg: ModelGraph, layers: list[str], score: str, *, guided: bool = False
     used = {t.name for t in model.graph.initializer}
     weights = {name: a for name, a in mg.weights.items() if name in used}
     return Rewritten(model, mg.input_name, score, layers, score_shape, has_ranking, n_seeds, mg.fixed_batch,
-                     original_outputs, weights, act_outputs, by_class, one_image)
+                     original_outputs, weights, act_outputs, by_class, one_image, shared)
 
 
 # Ops whose outputs' sizes depend on the input's values (a detector's proposals per FPN level, its NMS results)
@@ -262,6 +269,15 @@ def _region_seeds(b: Builder, score_t: gs.Tensor, classes: int, n_seeds: int) ->
         seeds.append(b.op("Mul", b.op("Gather", given, row, axis=0), found))
         b.region_seeds[seeds[-1].name] = (row, found, given)  # the seeded rows alone: passes_regions.region_rows
     return seeds
+
+
+def _check_shareable(mg: ModelGraph, score: str, seeded_otherwise: bool, n_seeds: int, twice: bool) -> None:
+    """LayerError unless the seeds of one forward can be a dense seed's batch (passes_shared.py)."""
+    if mg.fixed_batch:
+        raise LayerError(f"input {mg.input_name!r} fixes its batch: the seeds cannot be a batch of their own")
+    if seeded_otherwise or n_seeds != 1 or twice:
+        raise LayerError(f"the score {score!r} is seeded by class or by region, or several seeds per sample, or "
+                         "twice differentiated: one forward for several seeds takes one dense seed per sample")
 
 
 def _one_image_shape(mg: ModelGraph, score: str, shape: tuple) -> tuple:

@@ -200,6 +200,29 @@ def test_nms_keeps_the_best_of_overlapping_boxes_per_class():
     assert kept.tolist() == [0, 2, 3]
 
 
+def test_nms_of_thousands_of_candidates_is_the_greedy_one():
+    """The vectorized loop keeps what the textbook greedy NMS keeps (ties in score broken by position)."""
+    rng = np.random.default_rng(5)
+    xy = rng.random((2000, 2)) * 100
+    boxes = np.concatenate([xy, xy + rng.random((2000, 2)) * 30 + 1], axis=1)
+    scores = np.round(rng.random(2000), 2)  # ties
+    labels = rng.integers(0, 3, 2000)
+    shifted = boxes + (labels * (boxes.max() + 1))[:, None]
+    overlap = detect.box_iou(shifted, shifted)
+
+    def greedy(iou):
+        order, kept = list(np.argsort(-scores, kind="stable")), []
+        while order:
+            i = order.pop(0)
+            kept.append(i)
+            order = [j for j in order if overlap[i, j] <= iou]
+        return kept
+    for iou in (0.3, 0.7):
+        want = greedy(iou)
+        assert 200 < len(want) < 1990  # some suppressed, many kept
+        assert detect.nms(boxes, scores, iou, labels).tolist() == want
+
+
 def _forward_nodes_of_gradient(mg: ModelGraph, layer: str | list, score: str, apart: bool = False) -> set:
     """Names of the forward nodes whose gradient rules the explainable model runs (rewrite._sign's origins), built
     on a fresh copy of mg: a build changes the graph it is given, so a second build on it would not be this one."""

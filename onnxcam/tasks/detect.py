@@ -211,13 +211,12 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.45, labels: np.nda
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     if labels is not None and len(boxes):
         boxes = boxes + (np.asarray(labels, np.float64) * (boxes.max() + 1))[:, None]
-    order, kept = list(np.argsort(-np.asarray(scores), kind="stable")), []
-    while order:
-        i = order.pop(0)
+    order, kept = np.argsort(-np.asarray(scores), kind="stable"), []
+    while order.size:  # one IoU row per kept box (a --conf near 0 leaves thousands of candidates)
+        i, order = order[0], order[1:]
         kept.append(i)
-        if order:
-            overlaps = box_iou(boxes[i], boxes[order])[0]
-            order = [j for j, o in zip(order, overlaps) if o <= iou]
+        if order.size:
+            order = order[box_iou(boxes[i], boxes[order])[0] <= iou]
     return np.asarray(kept, np.int64)
 
 

@@ -140,8 +140,9 @@ class TaskRunner:
         if self.selection is not None and self.selection.regions:  # Faster R-CNN: (R, C), explained as (1, R, C)
             self.seed_shape = (self.selection.anchors, self.selection.classes)  # the probe's R: a zero seed fits any
             self._refuse_own_runs()
+        # share_forward: a picture's items (copies of it, a seed each) share one forward where the model allows
         self.explainer = Explainer(loaded, layers=self.layers, score=seeded, device=device,
-                                   input_shape=self.pre.input_shape(1), apart=self.apart)
+                                   input_shape=self.pre.input_shape(1), apart=self.apart, share_forward=True)
         self.layers = self.explainer.layers
         self.cam = method_object(self.explainer, self.method)
 
