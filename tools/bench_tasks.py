@@ -29,6 +29,8 @@ scores alone (the box branch then carries no gradient) and `--without` leaves pa
     PYTHONPATH=/tmp/ulib python tools/bench_tasks.py --layers model.4 --compare head=/tmp/head-m4.onnx --reps 30
     # five targets of one picture on one forward (n_seeds backward copies) against one target's run
     python tools/bench_tasks.py --model yolox --layers scales,dark3 --seeds 5 --reps 15
+    # five items of one picture: the image repeated (today's copies) against one forward shared by the seeds
+    python tools/bench_tasks.py --model yolox --free-batch --layers auto,dark3 --shared 5 --reps 15
     # what a picture's first run (a zero seed) and the Python API's own checks add
     python tools/bench_tasks.py --model lraspp --layers auto --zero-seed --api --reps 15
 """
@@ -54,7 +56,7 @@ sys.path.append(ROOT)  # last: a tree given in PYTHONPATH (A/B) wins over this o
 
 def export_yolov8n(size: int) -> bytes:
     """YOLOv8n (80 classes) as ultralytics builds it from yolov8n.yaml, seeded, exported at batch 1."""
-    path = os.path.join(tempfile.gettempdir(), f"onnxcam-bench-yolov8n-{size}.onnx")
+    path = os.path.join(tempfile.gettempdir(), f"onnxcam-bench-yolov8n-{size}{_FREE[0]}.onnx")
     if os.path.exists(path):
         with open(path, "rb") as f:
             return f.read()
@@ -74,14 +76,19 @@ def export_yolov8n(size: int) -> bytes:
     return _export_to(path, model, size, "output0")
 
 
+_FREE = [""]  # "-free" with --free-batch: exports whose batch axis is free (their own cache files)
+
+
 def _export_to(path: str, model, size: int, output: str) -> bytes:
-    """The model's TorchScript export at opset 17, batch 1 (input "images"), also written to path (the cache)."""
+    """The model's TorchScript export at opset 17, batch 1 (input "images"; a free batch with --free-batch), also
+    written to path (the cache)."""
     import io
 
     import torch
     f = io.BytesIO()
+    axes = {"images": {0: "N"}, output: {0: "N"}} if _FREE[0] else None
     torch.onnx.export(model, (torch.zeros(1, 3, size, size),), f, dynamo=False, opset_version=17,
-                      input_names=["images"], output_names=[output])
+                      input_names=["images"], output_names=[output], dynamic_axes=axes)
     with open(path, "wb") as out:
         out.write(f.getvalue())
     return f.getvalue()
@@ -101,7 +108,7 @@ def export_yolox(size: int) -> bytes:
     package): a CSP backbone with SPP (a stride-2 conv for YOLOX's Focus), the PAFPN neck, per-scale decoupled
     heads whose regression, objectness and class outputs are concatenated to (N, A, 5 + C) as YOLOX exports them
     (its box decoding, elementwise on the box columns, left out)."""
-    path = os.path.join(tempfile.gettempdir(), f"onnxcam-bench-yolox-{size}.onnx")
+    path = os.path.join(tempfile.gettempdir(), f"onnxcam-bench-yolox-{size}{_FREE[0]}.onnx")
     if os.path.exists(path):
         with open(path, "rb") as f:
             return f.read()
@@ -188,7 +195,7 @@ def export_segmenter(name: str):
     """torchvision's `name` segmenter (MobileNetV3-Large backbone, 21 classes), seeded, no weights downloaded,
     exported at batch 1 with its "out" map (N, 21, H, W) alone."""
     def export(size: int) -> bytes:
-        path = os.path.join(tempfile.gettempdir(), f"onnxcam-bench-{name}-{size}.onnx")
+        path = os.path.join(tempfile.gettempdir(), f"onnxcam-bench-{name}-{size}{_FREE[0]}.onnx")
         if os.path.exists(path):
             with open(path, "rb") as f:
                 return f.read()
@@ -216,13 +223,14 @@ MODELS = {"yolov8n": export_yolov8n, "ssdlite": export_ssdlite, "yolox": export_
 
 
 def explainable(model: bytes, size: int, layer: str, without: tuple = (), score: str | None = None,
-                anchor: int | None = None, n_seeds: int = 1):
+                anchor: int | None = None, n_seeds: int = 1, shared: int = 0):
     """(onnx bytes with weights inside, the layer's tensor name, the dense seed) for one class score at `layer`;
     `without`: passes of onnxcam/autodiff/passes.py left out; `score`: a tensor to seed in place of the model's
     output (e.g. the class scores alone, before the head's Concat with the boxes); `anchor`: the seeded anchor
     (default a third of the way, in the stride-8 scale); n_seeds: that many seeds on one image (rewrite.build's
     backward copies sharing one forward), the k-th on class k + 1 of a segmenter or on an anchor k / n_seeds of the
-    way along a detector's anchors (the first the chosen anchor)."""
+    way along a detector's anchors (the first the chosen anchor); shared: the model sharing one forward between
+    the seeds of one image (rewrite.build shared=), with that many seeds in the seed's batch."""
     import onnx
 
     from onnxcam.autodiff import builder
@@ -231,12 +239,12 @@ def explainable(model: bytes, size: int, layer: str, without: tuple = (), score:
     builder.PASSES = tuple(p for p in every if p not in without)
     try:
         return _explainable(ModelGraph(onnx.load_from_string(model), (1, 3, size, size)), layer, score, anchor,
-                            n_seeds)
+                            n_seeds, shared)
     finally:
         builder.PASSES = every
 
 
-def _explainable(mg, layer: str, score: str | None, anchor: int | None = None, n_seeds: int = 1):
+def _explainable(mg, layer: str, score: str | None, anchor: int | None = None, n_seeds: int = 1, shared: int = 0):
     import onnx
 
     from onnxcam.rewrite import build, resolve_layers
@@ -249,13 +257,18 @@ def _explainable(mg, layer: str, score: str | None, anchor: int | None = None, n
     score = score or mg.default_score()
     layers = list(found.names) if apart else resolve_layers(mg, None if layer == "auto" else layer.split("+"),
                                                             score)
-    rw = build(mg, layers, score, apart=apart, n_seeds=n_seeds)
+    rw = build(mg, layers, score, apart=apart, n_seeds=n_seeds, shared=bool(shared))
     proto = rw.model
     for init in proto.graph.initializer:  # the placeholders take their values: one self-contained model file
         if init.name in rw.weights:
             init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(rw.weights[init.name]), init.name))
-    seed = np.zeros((1, n_seeds, *rw.score_shape[1:]), np.float32)
     softmax = mg.producer(mg.tensor(score)).op == "Softmax"
+    if shared:  # the seeds are the batch: (S, 1, ...)
+        seed = np.zeros((shared, 1, *rw.score_shape[1:]), np.float32)
+        for k in range(shared):
+            _seed_one(seed[k, 0], rw.score_shape, softmax, anchor, k / shared, k)
+        return proto.SerializeToString(), layers[0], seed
+    seed = np.zeros((1, n_seeds, *rw.score_shape[1:]), np.float32)
     for k in range(n_seeds):
         _seed_one(seed[0, k], rw.score_shape, softmax, anchor, k / n_seeds, k)
     return proto.SerializeToString(), layers[0], seed
@@ -472,6 +485,11 @@ def main(argv=None) -> None:
                     "e.g. /model.22/Sigmoid_output_0) in place of the output, as LAYER-classes")
     ap.add_argument("--seeds", type=int, default=0, help="also time each layer with this many seeds on one image "
                     "(one forward, that many backward copies) as LAYER-seedsN, and print what building it took")
+    ap.add_argument("--free-batch", action="store_true", help="export the models with a free batch axis (cached "
+                    "apart); --shared needs it")
+    ap.add_argument("--shared", type=int, default=0, help="also time each layer with this many targets of one "
+                    "image as `onnxcam explain` runs a picture's items: LAYER-copiesN (the image repeated, one seed "
+                    "each) and LAYER-sharedN (one forward, rewrite.build shared=)")
     ap.add_argument("--zero-seed", action="store_true", help="also time each layer's model with a zero seed as "
                     "LAYER-zero (what `onnxcam explain`'s first run of a picture, which reads its outputs, costs)")
     ap.add_argument("--api", action="store_true", help="also time each layer through onnxcam.Explainer.run (the "
@@ -489,6 +507,9 @@ def main(argv=None) -> None:
     import onnxcam
     print(f"onnxcam from {os.path.dirname(onnxcam.__file__)}; size {args.size}; threads {args.threads}; "
           f"CPU {cpu_kind()}")
+    if args.shared and not args.free_batch:
+        sys.exit("--shared needs --free-batch: a model that fixes its batch at 1 cannot take the seeds as a batch")
+    _FREE[0] = "-free" if args.free_batch else ""
     plain = MODELS[args.model](args.size)
     image = np.random.default_rng(1).random((1, 3, args.size, args.size), dtype=np.float32)
     sess = make_session(plain, args.threads)
@@ -510,6 +531,14 @@ def main(argv=None) -> None:
             modes[f"{layer}-zero"] = (s, feeds_for(s, image, np.zeros_like(seed)))
         if args.api and layer != "scales":
             modes[f"{layer}-api"] = (_ApiRun(plain, tensor, image, seed[:, 0], args.threads), {})
+        if args.shared > 1:
+            n = args.shared
+            model, _, sseed = explainable(plain, args.size, layer, anchor=args.anchor, shared=n)
+            s = make_session(model, args.threads)
+            modes[f"{layer}-shared{n}"] = (s, feeds_for(s, image, sseed))
+            models[f"{layer}-shared{n}"] = model
+            copies = make_session(models[layer], args.threads)
+            modes[f"{layer}-copies{n}"] = (copies, feeds_for(copies, np.repeat(image, n, axis=0), sseed))
         if args.tail and "+" not in tensor and layer != "scales":
             modes[f"{layer}-tail"] = tail_mode(plain, tensor, image, args.threads, args.tail_to)
         if args.class_score:
