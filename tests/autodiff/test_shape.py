@@ -366,3 +366,31 @@ def test_seeded_class_maps_alone_cross_the_last_upsampling():
     assert np.all(got[:, :, [0, 2]] == 0)
     zero = sess.run([rewrite.grad_name("x")], {"x": x.astype(np.float32), rewrite.SEED: np.zeros_like(seeds, np.float32)})
     assert zero[0].shape == got.shape and not zero[0].any()
+
+
+def test_a_free_batch_resize_to_sizes_computed_from_its_input_shape():
+    """A free-batch export writes a Resize's sizes as Concat(Shape(x)[:2], (H, W)): not constant, its batch being
+    the run's. The rule takes the output's static sizes then; values as the transposed per-axis matrices of onnx's
+    float64 evaluator, for a batch of 3 the graph did not fix."""
+    from onnx import TensorProto, helper
+
+    from onnxcam import rewrite
+    from onnxcam.graph.model import ModelGraph
+    from onnxcam.runtime import cpu_session
+
+    attrs = {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}
+    nodes = [helper.make_node("Shape", ["x"], ["shape"], start=0, end=2),
+             helper.make_node("Concat", ["shape", "hw"], ["sizes"], axis=0),
+             helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], **attrs)]
+    graph = helper.make_graph(nodes, "free", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 10, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(ints(80, 64), "hw")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    rw = rewrite.build(ModelGraph(model, (1, 4, 10, 8)), ["x"], "y")
+    x = np.random.default_rng(7).standard_normal((3, 4, 10, 8))
+    seed = np.random.default_rng(8).standard_normal((3, 4, 80, 64))
+    want = np.einsum("nkhw,ih,jw->nkij", seed, _axis_matrix64(attrs, 10, 80), _axis_matrix64(attrs, 8, 64))
+    sess = cpu_session(rw.model.SerializeToString(), rw.initializer_arrays())
+    got = sess.run([rewrite.grad_name("x")], {"x": x.astype(np.float32),
+                                               rewrite.SEED: seed[:, None].astype(np.float32)})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -11,6 +11,7 @@ import numpy as np
 
 from ...errors import UnsupportedOpError
 from ...graph.evaluate import run_node
+from ...graph.inputs import BATCH
 from . import rule
 from .resize_band import band_gradient, banded
 from .select import slice_at_run_time
@@ -350,7 +351,8 @@ def _resize_params(b, n, rank):
     if n.op == "Upsample" or b.opset < 11:
         scales, sizes, roi = b.value(n.inputs[1], "scales"), None, None
     else:
-        roi, scales, sizes = (_side_input(b, n, i, what) for i, what in ((1, "roi"), (2, "scales"), (3, "sizes")))
+        roi, scales = (_side_input(b, n, i, what) for i, what in ((1, "roi"), (2, "scales")))
+        sizes = _resize_sizes(b, n)
     axes = [int(a) % rank for a in n.attrs.get("axes", range(rank))]
 
     def full(v, fill):
@@ -364,6 +366,20 @@ def _resize_params(b, n, rank):
         k = len(axes)
         roi = list(zip(full(roi[:k], 0.0), full(roi[k:], 1.0)))
     return full(scales, 1.0), full(sizes, None), roi
+
+
+def _resize_sizes(b, n):
+    """Resize n's sizes input: its constant value, or where it is computed at run time from the input's own shape
+    (a free-batch export's Concat(Shape(x)[:2], sizes): the batch is not constant) the output's shape, batch
+    included, when every other dim of it is static and the batch is the input's."""
+    try:
+        return _side_input(b, n, 3, "sizes")
+    except UnsupportedOpError:
+        in_shape, out_shape = b.shape(n.inputs[0]), b.shape(n.outputs[0])
+        if (in_shape is None or out_shape is None or len(in_shape) != len(out_shape) or in_shape[0] != out_shape[0]
+                or in_shape[0] != BATCH or not all(isinstance(d, int) for d in out_shape[1:])):
+            raise
+        return np.array([1, *out_shape[1:]], np.int64)  # the batch entry unused: the batch is not resized
 
 
 def _resizes_axis(scales, sizes, roi, in_shape, out_shape, a, n) -> bool:
