@@ -367,7 +367,9 @@ class Explainer:
         if a.build_shape is None and input_shape is not None:
             input_shape = (1, *tuple(input_shape)[1:])
             self._check_shape(input_shape)
-        return tuple(self.compiled(None if a.build_shape else input_shape).rewritten.score_shape)
+        shape = self.resolved_input_shape(None if a.build_shape else input_shape)
+        shared = self._shared_build(shape)  # the score is the same in either build: no second one for it
+        return tuple((shared or self._compiled(shape)).rewritten.score_shape)
 
     def export(self, path: str | os.PathLike | None = None, method: str = "gradcam", *, top_k: int | None = None,
                size: tuple[int, int] | None = None, class_input: bool = False) -> onnx.ModelProto:
@@ -437,11 +439,15 @@ class Explainer:
             return None
         if plan.seed is None or plan.n_seeds != 1 or side or not _copies(x):
             return None
+        return self._shared_build(shape)
+
+    def _shared_build(self, shape: tuple) -> Compiled | None:
+        """The shared-forward build for inputs of `shape` when share_forward is on and the graph allows it."""
         key = tuple(shape[1:])
-        if key in self._unshared:
+        if not self.share_forward or self._analysis.fixed_batch is not None or key in self._unshared:
             return None
         try:
-            return self._compiled((1, *shape[1:]), 1, False, shared=True)
+            return self._compiled((1, *key), 1, False, shared=True)
         except LayerError as exc:  # the graph cannot broadcast its forward: the copies run, as without the option
             log.info("the seeds of one image run on copies of it: %s", exc)
             self._unshared.add(key)

@@ -132,8 +132,8 @@ def test_graphs_that_cannot_broadcast_their_forward_are_refused_and_run_the_copi
     ex = Explainer(model, "stem", input_shape=(1, 3, SIZE, SIZE), share_forward=True)
     plain = Explainer(model, "stem", input_shape=(1, 3, SIZE, SIZE))
     x = np.repeat(_image(), 3, axis=0)
-    seeds = _seeds(ex.score_shape(x.shape)[1:], [(10, 5), (70, 2), (3, 4)])
     with caplog.at_level(logging.INFO, logger="onnxcam.explainer"):
+        seeds = _seeds(ex.score_shape(x.shape)[1:], [(10, 5), (70, 2), (3, 4)])
         got = ex.run(x, seed=seeds)
     assert "run on copies" in caplog.text
     layer = ex.layers[0]
