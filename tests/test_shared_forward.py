@@ -105,6 +105,8 @@ def test_the_shared_model_runs_its_forward_once_and_its_backward_per_seed(detect
     assert rw.shared
     ops = [n.op_type for n in rw.model.graph.node]
     assert "Expand" in ops and "If" in ops  # forward maps broadcast; skip_zero_slabs' Ifs kept
+    expanded = {n.input[0] for n in rw.model.graph.node if n.op_type == "Expand"}
+    assert rewrite.SEED not in expanded  # the seed already has the seeds' batch
     seed = next(i for i in rw.model.graph.input if i.name == rewrite.SEED)
     assert seed.type.tensor_type.shape.dim[0].dim_param != rw.model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
 

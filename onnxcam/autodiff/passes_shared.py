@@ -38,7 +38,7 @@ def share_forward(b: Builder, seed: gs.Variable) -> int:
     expanded: dict[int, gs.Tensor] = {}
     for n in gradient:
         for k, t in enumerate(n.inputs):
-            if isinstance(t, gs.Constant) or not t.name or id(t) in made:
+            if isinstance(t, gs.Constant) or not t.name or id(t) in made or t is seed:
                 continue
             if id(t) not in expanded:
                 expanded[id(t)] = _expanded(b, t, count)
