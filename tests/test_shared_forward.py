@@ -123,6 +123,44 @@ def test_a_copy_that_differs_runs_the_copies(detector):
     assert got.activations[layer].flags.writeable  # the copies' own run, not a broadcast view
 
 
+class Chunked(nn.Module):
+    """A C2f-style split: torch's export of chunk() on a free batch computes the halves' bounds from
+    Shape(x)[1] at run time (Shape, Gather, Add, Div, Mul into the Slices), integers the gradient reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.SiLU())
+        self.inner = nn.Sequential(nn.Conv2d(4, 4, 3, 1, 1), nn.SiLU())
+        self.head = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x):
+        a, b = self.stem(x).chunk(2, 1)
+        return self.head(torch.cat([a, self.inner(b)], 1)).flatten(2).permute(0, 2, 1).sigmoid()
+
+
+def test_sizes_computed_from_static_dims_of_shapes_are_shared():
+    torch.manual_seed(0)
+    f = io.BytesIO()
+    torch.onnx.export(Chunked().eval(), (torch.zeros(1, 3, SIZE, SIZE),), f, dynamo=False, opset_version=17,
+                      input_names=["images"], output_names=["out"],
+                      dynamic_axes={"images": {0: "N"}, "out": {0: "N"}})
+    model = f.getvalue()
+    ops = [n.op_type for n in onnx.load_from_string(model).graph.node]
+    assert "Shape" in ops and "Slice" in ops  # the bounds are computed, not constants
+    mg = ModelGraph(onnx.load_from_string(model), (1, 3, SIZE, SIZE))
+    score = mg.default_score(None)
+    assert rewrite.build(mg, [mg.tensor("/stem/stem.1/Mul_output_0").name], score, shared=True).shared
+    plain = Explainer(model, "stem", input_shape=(1, 3, SIZE, SIZE))
+    shared = Explainer(model, "stem", input_shape=(1, 3, SIZE, SIZE), share_forward=True)
+    x = np.repeat(_image(), 3, axis=0)
+    seeds = _seeds(plain.score_shape(x.shape)[1:], [(10, 5), (200, 2), (100, 4)])
+    want, got = plain.run(x, seed=seeds), shared.run(x, seed=seeds)
+    layer = plain.layers[0]
+    assert not shared._unshared and np.abs(want.gradients[layer]).max() > 0
+    np.testing.assert_allclose(got.gradients[layer], want.gradients[layer], rtol=0,
+                               atol=1e-6 * np.abs(want.gradients[layer]).max())
+
+
 def test_graphs_that_cannot_broadcast_their_forward_are_refused_and_run_the_copies(caplog):
     # a 2x2 MaxPool's gradient scatters to the positions its forward node reports (pool_indices): integer
     # positions with the batch offset, which no broadcast makes another sample's

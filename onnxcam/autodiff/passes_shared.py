@@ -10,9 +10,11 @@ against 249.3 at dark3); three class maps of LRASPP 30.4 against 61.0 ms.
 
 Preconditions, checked (share_forward raises LayerError, and the Explainer keeps the copies): the model's batch is
 free and the seed dense with one seed per sample; every forward tensor a gradient node reads either has no batch
-axis (weights, shapes) or is a float map whose batch is its first axis. Integer tensors with a batch axis hold
-positions with the batch offset (MaxPool's Indices, NonZero's coordinates) or per-sample choices (TopK's classes),
-and a tensor whose batch is folded into another axis cannot be broadcast: those graphs are refused.
+axis (weights, shapes) or is a float map whose batch is its first axis. An integer tensor must be constant, or
+computed from shapes alone to the same value at any batch (checked at batches 1, 2 and 7: a chunk's bounds from
+Shape(x)[1]); integer tensors that hold positions with the batch offset (MaxPool's Indices, NonZero's
+coordinates) or per-sample choices (TopK's classes), and tensors whose batch is folded into another axis, cannot
+be broadcast: those graphs are refused.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ def _seed_count(b: Builder, seed: gs.Variable) -> gs.Tensor:
 def _expanded(b: Builder, t: gs.Tensor, count: gs.Tensor) -> gs.Tensor | None:
     """t broadcast to `count` samples (None: t is the same for every sample and stays), or LayerError."""
     if t.dtype is None or not np.issubdtype(np.dtype(t.dtype), np.floating):
-        if _constant(b, t):
-            return None  # static sizes, axes
+        if _constant(b, t) or _same_at_every_batch(b, t):
+            return None  # static sizes, axes; sizes computed from the static dims of shapes (a chunk's halves)
         raise LayerError(f"forward tensor {t.name!r}, which the gradient reads, is {np.dtype(t.dtype or np.int64)}: "
                          "positions, choices or sizes per sample, which no broadcast makes another sample's")
     shape = b.model.shape(t)
@@ -94,6 +96,16 @@ def _expanded(b: Builder, t: gs.Tensor, count: gs.Tensor) -> gs.Tensor | None:
     out = b.op("Expand", t, target, widen=False)
     out.dtype, out.shape = t.dtype, [SEEDS, *shape[1:]]
     return out
+
+
+def _same_at_every_batch(b: Builder, t: gs.Tensor) -> bool:
+    """Whether t is computed from shapes alone, to the same value whatever the batch (taken as 1, 2 and 7): a
+    torch export's chunk of a free-batch map computes its halves from Shape(x)[1]."""
+    try:
+        values = [b.model.value_at_batch(t, n) for n in (1, 2, 7)]
+    except OnnxCamError:
+        return False
+    return values[0] is not None and all(v is not None and np.array_equal(v, values[0]) for v in values[1:])
 
 
 def _constant(b: Builder, t: gs.Tensor) -> bool:

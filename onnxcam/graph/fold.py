@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import ModelError
 from .evaluate import node_attrs, run_node, runtime_failure
+from .inputs import BATCH
 from .load import is_placeholder
 
 __all__ = ["FOLDERS", "ConstantValues", "constant_node_value", "fold_constants"]
@@ -27,8 +28,9 @@ class ConstantValues:
     Constant nodes, Shapes of static shapes, and nodes (If branches included) over such values, run by the one node
     evaluator (graph/evaluate.py)."""
 
-    def __init__(self, model):
+    def __init__(self, model, batch: int | None = None):
         self.model = model  # the ModelGraph: weights, static shapes, producers, opset
+        self.batch = batch  # a value for the symbolic batch (graph/inputs.py BATCH) in Shape nodes, or None
         self._values: dict[str, np.ndarray | None] = {}
 
     def value(self, t: gs.Tensor) -> np.ndarray | None:
@@ -49,6 +51,8 @@ class ConstantValues:
             return constant_node_value(node)
         if node.op == "Shape":
             shape = self.model.shape(node.inputs[0])
+            if shape is not None and self.batch is not None:
+                shape = tuple(self.batch if d == BATCH else d for d in shape)
             if shape is None or not all(isinstance(d, int) for d in shape):
                 return None
             start, end = node.attrs.get("start", 0), node.attrs.get("end", None)

@@ -69,6 +69,7 @@ class ModelGraph:
         self.tensors = self.graph.tensors()
         self._order = {id(n): i for i, n in enumerate(self.graph.nodes)}
         self._constants = ConstantValues(self)
+        self._at_batch: dict[int, ConstantValues] = {}
 
     # ---- lookups -------------------------------------------------------------------------------------------
     def tensor(self, name: str) -> gs.Tensor:
@@ -93,6 +94,13 @@ class ModelGraph:
     def value(self, t: gs.Tensor) -> np.ndarray | None:
         """The value of a tensor that does not depend on the input's data (weights, folded shapes), else None."""
         return self._constants.value(t)
+
+    def value_at_batch(self, t: gs.Tensor, batch: int) -> np.ndarray | None:
+        """value(t) for a run of `batch` samples: the symbolic batch taken as that number in Shape nodes (None
+        where t depends on the input's data)."""
+        if batch not in self._at_batch:
+            self._at_batch[batch] = ConstantValues(self, batch)
+        return self._at_batch[batch].value(t)
 
     # ---- paths ---------------------------------------------------------------------------------------------
     def walk_back(self, starts, follow):
