@@ -6,7 +6,7 @@ forward tensors it reads; read through an Expand to the seed's batch, those are 
 have computed, so the backward of S seeds runs over one forward and gives, seed for seed, the copies' gradients
 (the same ops on the same values). `tools/bench_tasks.py --free-batch --shared 5`, one thread: five detections
 of one picture on a YOLOX-style net cost 92.6 ms at the automatic layer against 177.3 ms as five copies (161.9
-against 249.3 at dark3); three class maps of LRASPP 30.4 against 61.0 ms.
+against 249.3 at dark3); three class maps of LRASPP 28.0 against 63.3 ms.
 
 Preconditions, checked (share_forward raises LayerError, and the Explainer keeps the copies): the model's batch is
 free and the seed dense with one seed per sample; every forward tensor a gradient node reads either has no batch
