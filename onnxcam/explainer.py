@@ -432,19 +432,26 @@ class Explainer:
         _check_finite(result, rw.score)
         return result
 
+    def dense_seed_build(self, shape: tuple) -> Compiled:
+        """The build a run with one dense seed per sample takes for inputs of `shape`: the shared-forward one where
+        share_forward is on and the graph allows it, else the plain dense-seed build."""
+        return self._shared_build(shape) or self._compiled(shape, 1, by_class=False)
+
     def _shared(self, shape: tuple, x: np.ndarray, plan: _Plan, side: dict) -> Compiled | None:
         """The model sharing one forward between the seeds (rewrite.build shared=) when share_forward is on, the
         run has one dense seed per sample, no side inputs, and x's samples are one sample's copies; else None."""
-        if not self.share_forward or self._analysis.fixed_batch is not None:
-            return None
-        if plan.seed is None or plan.n_seeds != 1 or side or not _copies(x):
+        if not self._may_share or plan.seed is None or plan.n_seeds != 1 or side or not _copies(x):
             return None
         return self._shared_build(shape)
+
+    @property
+    def _may_share(self) -> bool:
+        return self.share_forward and self._analysis.fixed_batch is None
 
     def _shared_build(self, shape: tuple) -> Compiled | None:
         """The shared-forward build for inputs of `shape` when share_forward is on and the graph allows it."""
         key = tuple(shape[1:])
-        if not self.share_forward or self._analysis.fixed_batch is not None or key in self._unshared:
+        if not self._may_share or key in self._unshared:
             return None
         try:
             return self._compiled((1, *key), 1, False, shared=True)

@@ -56,7 +56,7 @@ sys.path.append(ROOT)  # last: a tree given in PYTHONPATH (A/B) wins over this o
 
 def export_yolov8n(size: int) -> bytes:
     """YOLOv8n (80 classes) as ultralytics builds it from yolov8n.yaml, seeded, exported at batch 1."""
-    path = os.path.join(tempfile.gettempdir(), f"onnxcam-bench-yolov8n-{size}{_FREE[0]}.onnx")
+    path = os.path.join(tempfile.gettempdir(), f"onnxcam-bench-yolov8n-{size}{_FREE}.onnx")
     if os.path.exists(path):
         with open(path, "rb") as f:
             return f.read()
@@ -76,7 +76,7 @@ def export_yolov8n(size: int) -> bytes:
     return _export_to(path, model, size, "output0")
 
 
-_FREE = [""]  # "-free" with --free-batch: exports whose batch axis is free (their own cache files)
+_FREE = ""  # "-free" with --free-batch: exports whose batch axis is free (their own cache files)
 
 
 def _export_to(path: str, model, size: int, output: str) -> bytes:
@@ -86,7 +86,7 @@ def _export_to(path: str, model, size: int, output: str) -> bytes:
 
     import torch
     f = io.BytesIO()
-    axes = {"images": {0: "N"}, output: {0: "N"}} if _FREE[0] else None
+    axes = {"images": {0: "N"}, output: {0: "N"}} if _FREE else None
     torch.onnx.export(model, (torch.zeros(1, 3, size, size),), f, dynamo=False, opset_version=17,
                       input_names=["images"], output_names=[output], dynamic_axes=axes)
     with open(path, "wb") as out:
@@ -108,7 +108,7 @@ def export_yolox(size: int) -> bytes:
     package): a CSP backbone with SPP (a stride-2 conv for YOLOX's Focus), the PAFPN neck, per-scale decoupled
     heads whose regression, objectness and class outputs are concatenated to (N, A, 5 + C) as YOLOX exports them
     (its box decoding, elementwise on the box columns, left out)."""
-    path = os.path.join(tempfile.gettempdir(), f"onnxcam-bench-yolox-{size}{_FREE[0]}.onnx")
+    path = os.path.join(tempfile.gettempdir(), f"onnxcam-bench-yolox-{size}{_FREE}.onnx")
     if os.path.exists(path):
         with open(path, "rb") as f:
             return f.read()
@@ -195,7 +195,7 @@ def export_segmenter(name: str):
     """torchvision's `name` segmenter (MobileNetV3-Large backbone, 21 classes), seeded, no weights downloaded,
     exported at batch 1 with its "out" map (N, 21, H, W) alone."""
     def export(size: int) -> bytes:
-        path = os.path.join(tempfile.gettempdir(), f"onnxcam-bench-{name}-{size}{_FREE[0]}.onnx")
+        path = os.path.join(tempfile.gettempdir(), f"onnxcam-bench-{name}-{size}{_FREE}.onnx")
         if os.path.exists(path):
             with open(path, "rb") as f:
                 return f.read()
@@ -509,7 +509,8 @@ def main(argv=None) -> None:
           f"CPU {cpu_kind()}")
     if args.shared and not args.free_batch:
         sys.exit("--shared needs --free-batch: a model that fixes its batch at 1 cannot take the seeds as a batch")
-    _FREE[0] = "-free" if args.free_batch else ""
+    global _FREE
+    _FREE = "-free" if args.free_batch else ""
     plain = MODELS[args.model](args.size)
     image = np.random.default_rng(1).random((1, 3, args.size, args.size), dtype=np.float32)
     sess = make_session(plain, args.threads)

@@ -31,9 +31,9 @@ __all__ = ["SEEDS", "share_forward"]
 SEEDS = "onnxcam_seeds"  # the symbol of the seeds' batch axis, apart from the forward's BATCH
 
 
-def share_forward(b: Builder, seed: gs.Variable) -> int:
+def share_forward(b: Builder, seed: gs.Variable) -> None:
     """Read every batched forward tensor of the gradient nodes (If branches included) through an Expand to the
-    batch of graph input `seed`, and declare the gradient tensors' batch as SEEDS; return how many tensors."""
+    batch of graph input `seed`, and declare the gradient tensors' batch as SEEDS."""
     gradient = _gradient_nodes(b)
     made = {id(t) for n in gradient for t in n.outputs}
     count = _seed_count(b, seed)
@@ -54,7 +54,6 @@ def share_forward(b: Builder, seed: gs.Variable) -> int:
     for t in b.graph.outputs:
         if id(t) in made and t.shape and t.shape[0] == BATCH:
             t.shape = [SEEDS, *t.shape[1:]]
-    return sum(1 for t in expanded.values() if t is not None)
 
 
 def _gradient_nodes(b: Builder) -> list[gs.Node]:
@@ -78,8 +77,8 @@ def _seed_count(b: Builder, seed: gs.Variable) -> gs.Tensor:
 def _expanded(b: Builder, t: gs.Tensor, count: gs.Tensor) -> gs.Tensor | None:
     """t broadcast to `count` samples (None: t is the same for every sample and stays), or LayerError."""
     if t.dtype is None or not np.issubdtype(np.dtype(t.dtype), np.floating):
-        if _constant(b, t) or _same_at_every_batch(b, t):
-            return None  # static sizes, axes; sizes computed from the static dims of shapes (a chunk's halves)
+        if _same_at_every_batch(b, t):
+            return None  # constants (static sizes, axes), or sizes computed from static dims (a chunk's halves)
         raise LayerError(f"forward tensor {t.name!r}, which the gradient reads, is {np.dtype(t.dtype or np.int64)}: "
                          "positions, choices or sizes per sample, which no broadcast makes another sample's")
     shape = b.model.shape(t)
@@ -99,17 +98,11 @@ def _expanded(b: Builder, t: gs.Tensor, count: gs.Tensor) -> gs.Tensor | None:
 
 
 def _same_at_every_batch(b: Builder, t: gs.Tensor) -> bool:
-    """Whether t is computed from shapes alone, to the same value whatever the batch (taken as 1, 2 and 7): a
-    torch export's chunk of a free-batch map computes its halves from Shape(x)[1]."""
+    """Whether t is a constant or computed from shapes alone, to the same value whatever the batch (taken as 1, 2
+    and 7): a torch export's chunk of a free-batch map computes its halves from Shape(x)[1]."""
     try:
         values = [b.model.value_at_batch(t, n) for n in (1, 2, 7)]
     except OnnxCamError:
         return False
     return values[0] is not None and all(v is not None and np.array_equal(v, values[0]) for v in values[1:])
 
-
-def _constant(b: Builder, t: gs.Tensor) -> bool:
-    try:
-        return b.model.value(t) is not None
-    except OnnxCamError:  # a node onnxcam cannot evaluate: not known to be constant
-        return False

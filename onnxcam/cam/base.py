@@ -288,9 +288,7 @@ class BaseCAM:
         """The score is per-region, as the explainable model a dense seed runs (built once; the run reuses it)."""
         ex = self.explainer
         self._analysis_shape(x)  # a bad x is refused first, as the run would
-        if ex.share_forward:  # its runs take the shared build: read the graph rather than build another model
-            return self._per_region_graph(x)
-        return ex.compiled(ex.analysis.build_shape or x.shape, 1, by_class=False).rewritten.regions
+        return ex.dense_seed_build(ex.resolved_input_shape(ex.analysis.build_shape or x.shape)).rewritten.regions
 
     def _run_on_regions(self, x: np.ndarray, targets: list) -> Result:
         """Per-region scores (R, C), R being this image's own count of proposals: seed arrays go to the run as they
