@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -15,6 +15,7 @@ from . import rewrite, runtime
 from .cache import CACHE
 from .errors import InputError, LayerError, ModelError, NumericalError
 from .graph.evaluate import runtime_failure
+from .graph.inputs import BATCH
 from .graph.load import LoadedModel, with_weights
 from .graph.model import ModelGraph
 from .runtime import first_run_placement, gradient_fallbacks, session
@@ -169,6 +170,8 @@ class Explainer:
         self.apart = bool(apart)
         self.share_forward = bool(share_forward)
         self._unshared: set = set()  # input shapes whose graph cannot share one forward between seeds
+        self._freed: onnx.ModelProto | None = None  # a batch-1 export with its batch freed (free_batch)
+        self._kept_batch = False  # free_batch was tried and refused
         self._graph_for_build = None
         self._lock = threading.RLock()  # one build at a time per Explainer: builds share the loaded model
         self._last_shape: tuple | None = None  # the input shape of the last run (dynamic sizes)
@@ -212,8 +215,9 @@ class Explainer:
     @property
     def proto(self) -> onnx.ModelProto:
         """The model's skeleton: the whole graph and metadata, with placeholders for the large weights. Read on first
-        use: a second Explainer on an unchanged file whose build is cached reads nothing."""
-        return self._model.skeleton
+        use: a second Explainer on an unchanged file whose build is cached reads nothing. After free_batch freed a
+        batch-1 export: that model."""
+        return self._model.skeleton if self._freed is None else self._freed
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -248,7 +252,7 @@ class Explainer:
     def _compiled(self, shape: tuple, n_seeds: int = 1, by_class: bool = True, shared: bool = False) -> Compiled:
         self.choose_layers(shape)
         key = (self.digest, self.input_name, tuple(self._layers), self.score_name, tuple(shape[1:]), self.guided,
-               self.apart, self.device, n_seeds, by_class, shared, _session_config())
+               self.apart, self.device, n_seeds, by_class, shared, self._freed is not None, _session_config())
         built = []
 
         def build() -> Compiled:
@@ -413,6 +417,8 @@ class Explainer:
         n = x.shape[0]
         side = self._side_feeds(extra_inputs, n)
         plan = _Plan.make(targets, top_k, seed, n)
+        if n > 1 and not side:
+            self.free_batch(x.shape)
         shape = self._analysis.build_shape or x.shape
         shared = self._shared(shape, x, plan, side)
         if shared is not None:
@@ -440,18 +446,61 @@ class Explainer:
     def _shared(self, shape: tuple, x: np.ndarray, plan: _Plan, side: dict) -> Compiled | None:
         """The model sharing one forward between the seeds (rewrite.build shared=) when share_forward is on, the
         run has one dense seed per sample, no side inputs, and x's samples are one sample's copies; else None."""
-        if not self._may_share or plan.seed is None or plan.n_seeds != 1 or side or not _copies(x):
+        if not self.share_forward or plan.seed is None or plan.n_seeds != 1 or side or not _copies(x):
             return None
         return self._shared_build(shape)
 
-    @property
-    def _may_share(self) -> bool:
-        return self.share_forward and self._analysis.fixed_batch is None
+    def _may_share(self, shape: tuple) -> bool:
+        return self.share_forward and self.free_batch(shape)
+
+    def free_batch(self, input_shape: tuple | None = None) -> bool:
+        """Whether a run of several samples (or the seeds of one, share_forward) takes one onnxruntime run: True for
+        a model whose batch is free, and for a batch-1 export this Explainer could free (graph/free_batch.py: its
+        batch made a symbol, kept only where a run of two different samples gives each sample's own result of the
+        export, for every output and target layer; otherwise, logged at INFO, each sample runs alone as before).
+        Tried once, at the size given or built for; run() tries it for batches of several samples."""
+        if self._analysis.fixed_batch is None:
+            return True
+        if self._analysis.fixed_batch != 1 or self._kept_batch:
+            return False
+        with self._lock:
+            if self._analysis.fixed_batch is None or self._kept_batch:
+                return self._analysis.fixed_batch is None
+            shape = self.resolved_input_shape(input_shape)
+            layers = tuple(self.choose_layers(shape))
+            key = ("freed batch", self.digest, self.input_name, layers, tuple(shape[1:]))
+            freed = CACHE.get_or_build("analyses", key, lambda: (self._freed_model(shape, layers),))[0]
+            if freed is None:
+                self._kept_batch = True
+                return False
+            a = self._analysis
+            self._freed, self._graph_for_build = freed, None
+            self._analysis = replace(a, fixed_batch=None,
+                                     build_shape=None if a.build_shape is None else (BATCH, *a.build_shape[1:]))
+            return True
+
+    def _freed_model(self, shape: tuple, layers: tuple) -> onnx.ModelProto | None:
+        from .graph.free_batch import NotFreed, check_freed, freed_batch
+
+        start, held = time.perf_counter(), self._model.holds_weights
+        skeleton = self._model.skeleton
+        try:
+            one = (1, *shape[1:])
+            freed = freed_batch(skeleton, self.weights, self.input_name, one)
+            check_freed(skeleton, freed, self.weights, self.input_name, one, self._analysis.dtype, layers)
+        except NotFreed as exc:
+            log.info("input %r keeps its batch of 1 (each sample runs alone): %s", self.input_name, exc)
+            return None
+        finally:
+            if not held:  # read for the check: released again, as after a build
+                self._model.release_weights()
+        log.info("input %r: batch freed and checked in %.2f s", self.input_name, time.perf_counter() - start)
+        return freed
 
     def _shared_build(self, shape: tuple) -> Compiled | None:
         """The shared-forward build for inputs of `shape` when share_forward is on and the graph allows it."""
         key = tuple(shape[1:])
-        if not self._may_share or key in self._unshared:
+        if not self._may_share(shape) or key in self._unshared:
             return None
         try:
             return self._compiled((1, *key), 1, False, shared=True)

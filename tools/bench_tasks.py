@@ -305,6 +305,32 @@ class _ApiRun:
         return self.explainer.run(self.image, seed=self.seed)
 
 
+class _EachAlone:
+    """A batch-1 model's session behind a session's run(): the samples of the feeds' batch one run each (how a
+    batch-1 export's items ran before graph/free_batch.py)."""
+
+    def __init__(self, session, feeds: dict):
+        self.session, self.feeds = session, feeds
+
+    def run(self, names, _feeds):
+        n = len(self.feeds["images"])
+        return [self.session.run(names, {k: v[i:i + 1] if np.ndim(v) and len(v) == n else v
+                                         for k, v in self.feeds.items()}) for i in range(n)]
+
+
+def freed(plain: bytes, size: int) -> bytes:
+    """The batch-1 export `plain` with its batch freed and checked (graph/free_batch.py), weights inside."""
+    import onnx
+
+    from onnxcam.graph.free_batch import check_freed, freed_batch
+    from onnxcam.graph.load import detach_weights, with_weights
+    skeleton, weights = detach_weights(onnx.load_from_string(plain), owned=False)
+    name, shape = skeleton.graph.input[0].name, (1, 3, size, size)
+    model = freed_batch(skeleton, weights, name, shape)
+    check_freed(skeleton, model, weights, name, shape, np.float32)
+    return with_weights(model, weights).SerializeToString()
+
+
 def tail_mode(plain: bytes, tensor: str, image: np.ndarray, threads: int, output: str | None = None) -> tuple:
     """(session, feeds) of the plain model's part after `tensor` up to `output` (default: its first output;
     graph/cut.py's tail; the tensors it reads from before the layer fed from one plain run)."""
@@ -489,7 +515,9 @@ def main(argv=None) -> None:
                     "apart); --shared needs it")
     ap.add_argument("--shared", type=int, default=0, help="also time each layer with this many targets of one "
                     "image as `onnxcam explain` runs a picture's items: LAYER-copiesN (the image repeated, one seed "
-                    "each) and LAYER-sharedN (one forward, rewrite.build shared=)")
+                    "each) and LAYER-sharedN (one forward, rewrite.build shared=); without --free-batch the copies "
+                    "run one at a time and the shared model is built on the export with its batch freed "
+                    "(graph/free_batch.py), as `onnxcam explain` now runs a batch-1 export")
     ap.add_argument("--zero-seed", action="store_true", help="also time each layer's model with a zero seed as "
                     "LAYER-zero (what `onnxcam explain`'s first run of a picture, which reads its outputs, costs)")
     ap.add_argument("--api", action="store_true", help="also time each layer through onnxcam.Explainer.run (the "
@@ -507,8 +535,6 @@ def main(argv=None) -> None:
     import onnxcam
     print(f"onnxcam from {os.path.dirname(onnxcam.__file__)}; size {args.size}; threads {args.threads}; "
           f"CPU {cpu_kind()}")
-    if args.shared and not args.free_batch:
-        sys.exit("--shared needs --free-batch: a model that fixes its batch at 1 cannot take the seeds as a batch")
     global _FREE
     _FREE = "-free" if args.free_batch else ""
     plain = MODELS[args.model](args.size)
@@ -534,12 +560,14 @@ def main(argv=None) -> None:
             modes[f"{layer}-api"] = (_ApiRun(plain, tensor, image, seed[:, 0], args.threads), {})
         if args.shared > 1:
             n = args.shared
-            model, _, sseed = explainable(plain, args.size, layer, anchor=args.anchor, shared=n)
+            free = plain if args.free_batch else freed(plain, args.size)  # a batch-1 export: freed first
+            model, _, sseed = explainable(free, args.size, layer, anchor=args.anchor, shared=n)
             s = make_session(model, args.threads)
             modes[f"{layer}-shared{n}"] = (s, feeds_for(s, image, sseed))
             models[f"{layer}-shared{n}"] = model
             copies = make_session(models[layer], args.threads)
-            modes[f"{layer}-copies{n}"] = (copies, feeds_for(copies, np.repeat(image, n, axis=0), sseed))
+            feeds = feeds_for(copies, np.repeat(image, n, axis=0), sseed)
+            modes[f"{layer}-copies{n}"] = (copies, feeds) if args.free_batch else (_EachAlone(copies, feeds), {})
         if args.tail and "+" not in tensor and layer != "scales":
             modes[f"{layer}-tail"] = tail_mode(plain, tensor, image, args.threads, args.tail_to)
         if args.class_score:

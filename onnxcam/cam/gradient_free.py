@@ -50,6 +50,7 @@ class _ForwardCAM(BaseCAM):
         super().__init__(model, target_layers, reshape_transform, **options)
         self.batch_size = int(batch_size)
         self._plain = None  # the plain session on the whole model (built at the first call)
+        self._plain_batch = None  # the batch the model fixed when that session was made
         self._plain_outputs: tuple = ()
 
     # ---- the forward runs ------------------------------------------------------------------------------------------
@@ -59,7 +60,8 @@ class _ForwardCAM(BaseCAM):
 
     def _whole(self, names: list[str]):
         """The plain session on the whole model, with `names` among its outputs."""
-        if self._plain is None or not set(names) <= set(self._plain_outputs):
+        if self._plain is None or not set(names) <= set(self._plain_outputs) or \
+                self._plain_batch != self.explainer.analysis.fixed_batch:  # built before free_batch freed it
             proto = onnx.ModelProto()
             proto.CopyFrom(self.explainer.proto)
             have = {o.name for o in proto.graph.output}
@@ -70,6 +72,7 @@ class _ForwardCAM(BaseCAM):
                     proto.graph.output.append(known.get(name) or onnx.helper.make_empty_tensor_value_info(name))
             self._plain = session(proto.SerializeToString(), self.explainer.device, self.explainer.weights)
             self._plain_outputs = tuple(o.name for o in proto.graph.output)
+            self._plain_batch = self.explainer.analysis.fixed_batch
         return self._plain
 
     def _batch(self) -> int:
@@ -121,6 +124,8 @@ class _ForwardCAM(BaseCAM):
         if self._call.per_region and len(x) != 1:
             raise InputError(f"the per-region scores {ex.score_name!r} are one image's regions: explain one image "
                              f"per call, not {len(x)}")
+        if not self._call.per_region:
+            ex.free_batch(x.shape)  # the masked or ablated copies in batches, not one run each
         layers = self.target_layers
         names = list(dict.fromkeys([ex.score_name, *layers, *self._extra_outputs()]))
         values = dict(zip(names, self._forward(x, names)))
@@ -259,11 +264,15 @@ class AblationCAM(_ForwardCAM):
 
     def _tail(self, layer: str, values: dict[str, np.ndarray]):
         names = [layer, *self._fed_names[layer]]
-        key = (layer, tuple((values[name].shape[1:], values[name].dtype.str) for name in names))
+        key = (layer, tuple((values[name].shape[1:], values[name].dtype.str) for name in names),
+               self.explainer.analysis.fixed_batch)
         if key not in self._tails:
             ex = self.explainer
-            model, feeds = tail_model(ex.proto, layer, ex.score_name, {name: values[name] for name in names},
-                                      batch=ex.analysis.fixed_batch != 1)
+            examples = {name: values[name] for name in names}
+            if ex.analysis.fixed_batch == 1:  # run one ablated copy at a time: the tail's inputs hold one sample
+                n = len(values[layer])
+                examples = {name: v[:1] if _per_sample(v, n) else v for name, v in examples.items()}
+            model, feeds = tail_model(ex.proto, layer, ex.score_name, examples, batch=ex.analysis.fixed_batch != 1)
             used = {t.name for t in model.graph.initializer}
             weights = {name: w for name, w in ex.weights.items() if name in used}
             self._tails[key] = (session(model.SerializeToString(), ex.device, weights), feeds)
