@@ -172,6 +172,7 @@ class Explainer:
         self._unshared: set = set()  # input shapes whose graph cannot share one forward between seeds
         self._freed: onnx.ModelProto | None = None  # a batch-1 export with its batch freed (free_batch)
         self._kept_batch = False  # free_batch was tried and refused
+        self._batch_1_analysis: Analysis | None = None  # the analysis before free_batch (for _keep_batch)
         self._graph_for_build = None
         self._lock = threading.RLock()  # one build at a time per Explainer: builds share the loaded model
         self._last_shape: tuple | None = None  # the input shape of the last run (dynamic sizes)
@@ -427,7 +428,13 @@ class Explainer:
             result = _broadcast_forward(result, shared.rewritten, n)
             _check_finite(result, shared.rewritten.score)
             return result
-        compiled = self._compiled(shape, plan.n_seeds, plan.seed is None)
+        try:
+            compiled = self._compiled(shape, plan.n_seeds, plan.seed is None)
+        except (LayerError, ModelError) as exc:
+            if self._freed is None:
+                raise
+            self._keep_batch(exc)
+            return self.run(x, seed=seed, targets=targets, top_k=top_k, extra_inputs=extra_inputs)
         self._last_shape = tuple(x.shape)
         rw = compiled.rewritten
         if rw.fixed_batch and n > 1 and self._analysis.fixed_batch == 1:
@@ -474,10 +481,18 @@ class Explainer:
                 self._kept_batch = True
                 return False
             a = self._analysis
-            self._freed, self._graph_for_build = freed, None
+            self._freed, self._graph_for_build, self._batch_1_analysis = freed, None, a
             self._analysis = replace(a, fixed_batch=None,
                                      build_shape=None if a.build_shape is None else (BATCH, *a.build_shape[1:]))
             return True
+
+    def _keep_batch(self, why: Exception) -> None:
+        """Back to the export as it is (its batch of 1), after its freed graph failed to build."""
+        with self._lock:
+            log.info("input %r keeps its batch of 1 (each sample runs alone): the freed model did not build: %s",
+                     self.input_name, why)
+            self._freed, self._kept_batch, self._graph_for_build = None, True, None
+            self._analysis = self._batch_1_analysis
 
     def _freed_model(self, shape: tuple, layers: tuple) -> onnx.ModelProto | None:
         from .graph.free_batch import NotFreed, check_freed, freed_batch

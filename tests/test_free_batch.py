@@ -183,3 +183,57 @@ def test_the_copies_methods_on_batch_1_exports_give_each_images_map_alone(method
                                                                                                   [category])
             np.testing.assert_allclose(together[i:i + 1], alone, rtol=1e-4, atol=1e-5)
             assert np.ptp(alone) > 0
+
+
+class _WithGrid(nn.Module):
+    """A second output computed from constants alone (an anchor grid): the same at any batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+        self.register_buffer("grid", torch.arange(12.0).reshape(6, 2))
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean((2, 3))), self.grid * 2.0
+
+
+def test_an_output_that_does_not_depend_on_the_input_is_left_as_it_is(monkeypatch):
+    torch.manual_seed(0)
+    f = io.BytesIO()
+    torch.onnx.export(_WithGrid().eval(), (torch.zeros(1, 3, SIZE, SIZE),), f, dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y", "grid"])
+    model = f.getvalue()
+    x = _images(3)
+    seed = np.eye(5, dtype=np.float32)[[0, 2, 4]]
+    layer = "/conv/Conv_output_0"
+    alone = _alone(model, x, seed, layer)
+    runs = _runs(monkeypatch)
+    result = Explainer(model, layers=layer, output="y").run(x, seed=seed)
+    assert runs == [3]
+    _same(result, alone, layer)
+    grid = onnx.load_from_string(model).graph.output[1].name  # an initializer: the exporter folded it
+    np.testing.assert_array_equal(result.outputs[grid], np.arange(12.0).reshape(6, 2) * 2)
+
+
+def test_a_freed_model_that_does_not_build_runs_each_sample_alone(monkeypatch, caplog):
+    """The check passed but the gradient's build refuses the freed graph: the export as it is, as before."""
+    fixed = _export(nn.MaxPool2d(5, 1, 2), dynamic=False)
+    x = _images(2)
+    seed = _seeds((320, 6), [(5, 4), (300, 5)])
+    alone = _alone(fixed, x, seed, LAYER)
+    build = explainer_module.rewrite.build
+
+    def refusing(mg, *args, **kwargs):
+        if not mg.fixed_batch:
+            raise explainer_module.LayerError("a rule that needs a static batch (simulated)")
+        return build(mg, *args, **kwargs)
+    monkeypatch.setattr(explainer_module.rewrite, "build", refusing)
+    runs = _runs(monkeypatch)
+    ex = Explainer(fixed, layers=LAYER)
+    with caplog.at_level(logging.INFO, logger="onnxcam.explainer"):
+        result = ex.run(x, seed=seed)
+    assert runs == [1, 1]
+    assert ex.analysis.fixed_batch == 1 and not ex.free_batch()
+    assert any("did not build" in r.getMessage() for r in caplog.records)
+    _same(result, alone, LAYER)

@@ -79,6 +79,7 @@ def check_freed(original: onnx.ModelProto, freed: onnx.ModelProto, weights: dict
 
     names = [o.name for o in original.graph.output]
     names += [n for n in layers if n not in names]
+    carrying = _batch_tensors(original.graph, input_name)
     samples = _samples(sample_shape, dtype)
     before = _session(session, original, weights, names)
     alone = [dict(zip(names, before.run(names, {input_name: s}))) for s in samples]
@@ -90,6 +91,10 @@ def check_freed(original: onnx.ModelProto, freed: onnx.ModelProto, weights: dict
         raise NotFreed(f"a run of 2 samples failed: {str(exc).splitlines()[0][:200]}") from None
     for name in names:
         got, want = together[name], [a[name] for a in alone]
+        if name not in carrying:  # computed from constants alone (an anchor grid): the same for any batch
+            if got.shape != want[0].shape or not _close(got, want[0]):
+                raise NotFreed(f"tensor {name!r}, which does not depend on the input, changed with the batch")
+            continue
         if want[0].ndim == 0 or want[0].shape[0] != 1 or got.shape != (2, *want[0].shape[1:]):
             raise NotFreed(f"tensor {name!r} is {tuple(got.shape)} for 2 samples, {tuple(want[0].shape)} for one")
         for i, w in enumerate(want):
@@ -224,6 +229,9 @@ def _session(session, model: onnx.ModelProto, weights: dict, names: list[str]):
 def _close(got: np.ndarray, want: np.ndarray) -> bool:
     if want.dtype.kind not in "fc":
         return bool(np.array_equal(got, want))
+    # each value within 1e-4 of its own size, or 1e-5 of the tensor's largest (values that cancel out): a batch
+    # of two may sum in another order, but one output's small entries (a detector's class scores beside its box
+    # coordinates) must not hide a change behind its large ones
     finite = want[np.isfinite(want)]
     scale = float(np.abs(finite).max()) if finite.size else 1.0
-    return bool(np.allclose(got, want, rtol=_RTOL, atol=_RTOL * max(scale, 1e-6), equal_nan=True))
+    return bool(np.allclose(got, want, rtol=_RTOL, atol=0.1 * _RTOL * max(scale, 1e-6), equal_nan=True))
