@@ -9,6 +9,7 @@ import logging
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from torch import nn
 from onnxcam import Explainer, rewrite
 from onnxcam import explainer as explainer_module
 from onnxcam.errors import LayerError
+from onnxcam.graph.load import with_weights
 from onnxcam.graph.model import ModelGraph
 
 SIZE = 32
@@ -109,6 +111,18 @@ def test_the_shared_model_runs_its_forward_once_and_its_backward_per_seed(detect
     assert rewrite.SEED not in expanded  # the seed already has the seeds' batch
     seed = next(i for i in rw.model.graph.input if i.name == rewrite.SEED)
     assert seed.type.tensor_type.shape.dim[0].dim_param != rw.model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    # the rules' factors (the SiLUs' slopes) are computed once, on the forward's one sample: run with 1 image and
+    # 4 seeds, gradient maps of batch 1 beside the layer's gradient of batch 4
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(with_weights(rw.model, rw.weights))
+    products = [n.output[0] for n in exposed.graph.node if n.name.startswith("onnxcam_grad") and n.op_type == "Mul"]
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=name) for name in products)
+    sess = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    seeds = np.zeros((4, 1, *rw.score_shape[1:]), np.float32)
+    seeds[:, 0, 10, 5] = 1.0
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"images": _image(), rewrite.SEED: seeds})))
+    assert got[rewrite.grad_name(rw.layers[0])].shape[0] == 4
+    assert sum(got[name].shape[0] == 1 for name in products) >= 3, "slopes computed on the one sample"
 
 
 def test_a_copy_that_differs_runs_the_copies(detector):
