@@ -145,6 +145,11 @@ def test_yolo_automatic_layer_is_the_neck_and_matches_torch():
     layout = detect.recognise(mg.shape(mg.tensor(score)), (SIZE, SIZE))
     outputs = cam.score_outputs(x.numpy())
     dets = detect.decode(outputs, layout, conf=0.0, top=1)
+    every = detect.decode(outputs, layout, conf=0.0)
+    assert [d[:3] for d in every] == [d[:3] for d in detect.decode(outputs, layout, conf=0.0, top=3)]
+    wanted = {every[0][1].label, every[0][2].label}
+    assert detect.decode(outputs, layout, conf=0.0, top=4, classes=wanted)[0] == \
+        [d for d in every[0] if d.label in wanted][:4]
     ref = [(d[0].box[0] + 1.3, d[0].box[1] - 0.7, d[0].box[2] + 2.1, d[0].box[3] + 0.9) for d in dets]
     for iou in (False, True):
         targets = [detect.DetectionTarget(layout, anchor=d[0].anchor, label=d[0].label, box=b if iou else None,
@@ -221,6 +226,7 @@ def test_nms_of_thousands_of_candidates_is_the_greedy_one():
         want = greedy(iou)
         assert 200 < len(want) < 1990  # some suppressed, many kept
         assert detect.nms(boxes, scores, iou, labels).tolist() == want
+        assert detect.nms(boxes, scores, iou, labels, limit=7).tolist() == want[:7]  # stops at the top ones
 
 
 def _forward_nodes_of_gradient(mg: ModelGraph, layer: str | list, score: str, apart: bool = False) -> set:

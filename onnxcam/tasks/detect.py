@@ -173,19 +173,20 @@ def class_scores(rows: np.ndarray, layout: DetectionLayout) -> np.ndarray:
 
 
 def decode(output: np.ndarray, layout: DetectionLayout, conf: float = 0.25, top: int | None = None,
-           iou: float = 0.45) -> list[list[Detection]]:
-    """Per sample, its detections: each anchor's best class above `conf`, class-wise NMS at `iou`, the `top`
-    highest scores first."""
+           iou: float = 0.45, classes=None) -> list[list[Detection]]:
+    """Per sample, its detections: each anchor's best class above `conf` (and among `classes`, when given),
+    class-wise NMS at `iou`, the `top` highest scores first (NMS stops there: greedy, its first boxes are final)."""
     found = []
     for sample in np.asarray(output):
         rows = layout.rows(sample)
         scores = class_scores(rows, layout)
         labels, best = scores.argmax(axis=0), scores.max(axis=0)
-        keep = np.flatnonzero(best > conf)
+        keep = best > conf
+        if classes is not None:
+            keep &= np.isin(labels, list(classes))
+        keep = np.flatnonzero(keep)
         boxes = boxes_xyxy(rows)
-        kept = keep[nms(boxes[keep], best[keep], iou, labels[keep])]
-        if top is not None:
-            kept = kept[:top]
+        kept = keep[nms(boxes[keep], best[keep], iou, labels[keep], limit=top)]
         found.append([Detection(int(a), int(labels[a]), float(best[a]), tuple(float(v) for v in boxes[a]))
                       for a in kept])
     return found
@@ -205,14 +206,16 @@ def _area(x: np.ndarray) -> np.ndarray:
     return np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.45, labels: np.ndarray | None = None) -> np.ndarray:
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.45, labels: np.ndarray | None = None,
+        limit: int | None = None) -> np.ndarray:
     """Indices kept by greedy non-maximum suppression, best score first (per class when labels are given: boxes
-    of different classes are shifted apart so they never overlap)."""
+    of different classes are shifted apart so they never overlap); the first `limit` of them when given (a box is
+    kept or not by the better boxes alone: the first ones are final before the rest is looked at)."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     if labels is not None and len(boxes):
         boxes = boxes + (np.asarray(labels, np.float64) * (boxes.max() + 1))[:, None]
     order, kept = np.argsort(-np.asarray(scores), kind="stable"), []
-    while order.size:  # one IoU row per kept box (a --conf near 0 leaves thousands of candidates)
+    while order.size and (limit is None or len(kept) < limit):  # one IoU row per kept box
         i, order = order[0], order[1:]
         kept.append(i)
         if order.size:

@@ -443,8 +443,7 @@ class TaskRunner:
         if self.selection is not None:
             return self._selected(sample, outputs, w / self.input_hw[1], h / self.input_hw[0])
         if self.task == "detect":  # the classes kept before the top N: NMS is per class, so it is the same
-            found = detect.decode(sample[None], self.layout, self.conf)[0]
-            found = [d for d in found if self._wanted(d.label)][:self.top]
+            found = detect.decode(sample[None], self.layout, self.conf, self.top, classes=self.target)[0]
             sx, sy = w / self.input_hw[1], h / self.input_hw[0]
             items = [{**d.to_json(), "name": self.label(d.label),
                       "box_image": [round(v, 1) for v in (d.box[0] * sx, d.box[1] * sy, d.box[2] * sx, d.box[3] * sy)]}
