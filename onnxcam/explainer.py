@@ -506,6 +506,10 @@ class Explainer:
         except NotFreed as exc:
             log.info("input %r keeps its batch of 1 (each sample runs alone): %s", self.input_name, exc)
             return None
+        except Exception as exc:  # noqa: BLE001 - an optimization: the export as it is still explains
+            log.warning("input %r keeps its batch of 1 (each sample runs alone): freeing it failed: %s: %s",
+                        self.input_name, type(exc).__name__, exc)
+            return None
         finally:
             if not held:  # read for the check: released again, as after a build
                 self._model.release_weights()
