@@ -25,6 +25,15 @@ def _images(n: int) -> np.ndarray:
     return np.random.default_rng(5).standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
 
 
+def _traced(net: type, outputs: tuple = ("y",)) -> bytes:
+    """torch's TorchScript export of a seeded `net` traced at batch 1 (no dynamic axes: the batch is fixed)."""
+    torch.manual_seed(0)
+    f = io.BytesIO()
+    torch.onnx.export(net().eval(), (torch.zeros(1, 3, SIZE, SIZE),), f, dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=list(outputs))
+    return f.getvalue()
+
+
 def _runs(monkeypatch) -> list:
     """The batch sizes of the explainable model's onnxruntime runs, recorded from here on."""
     seen = []
@@ -112,11 +121,7 @@ class _MixesSamples(nn.Module):
     (_BatchInChannels, "/Reshape_1_output_0", "a run of 2 samples failed"),
     (_MixesSamples, "/conv/Conv_output_0", "differs when run with another sample")])
 def test_an_export_whose_trace_baked_the_batch_in_keeps_it(monkeypatch, caplog, net, layer, why):
-    torch.manual_seed(0)
-    f = io.BytesIO()
-    torch.onnx.export(net().eval(), (torch.zeros(1, 3, SIZE, SIZE),), f, dynamo=False, opset_version=17,
-                      input_names=["x"], output_names=["y"])
-    model = f.getvalue()
+    model = _traced(net)
     x = _images(2)
     seed = np.eye(5, dtype=np.float32)[[1, 3]]
     alone = _alone(model, x, seed, layer)
@@ -147,11 +152,7 @@ class _Token(nn.Module):
 
 
 def test_a_class_token_traced_at_batch_1_follows_the_batch(monkeypatch):
-    torch.manual_seed(0)
-    f = io.BytesIO()
-    torch.onnx.export(_Token().eval(), (torch.zeros(1, 3, SIZE, SIZE),), f, dynamo=False, opset_version=17,
-                      input_names=["x"], output_names=["y"])
-    model = f.getvalue()
+    model = _traced(_Token)
     assert any(n.op_type == "Concat" for n in onnx.load_from_string(model).graph.node)
     x = _images(3)
     seed = np.eye(5, dtype=np.float32)[[0, 2, 4]]
@@ -170,17 +171,13 @@ def test_the_copies_methods_on_batch_1_exports_give_each_images_map_alone(method
     import onnxcam
 
     for net in (_Token, _MixesSamples):
-        torch.manual_seed(0)
-        f = io.BytesIO()
-        torch.onnx.export(net().eval(), (torch.zeros(1, 3, SIZE, SIZE),), f, dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["y"])
+        model = _traced(net)
         x = _images(2)
-        cam = getattr(onnxcam, method)(f.getvalue(), ["/conv/Conv_output_0"], device="cpu", batch_size=3)
+        cam = getattr(onnxcam, method)(model, ["/conv/Conv_output_0"], device="cpu", batch_size=3)
         together = cam(x, [1, 3])
         assert cam.explainer.analysis.fixed_batch == (None if net is _Token else 1)
         for i, category in enumerate([1, 3]):
-            alone = getattr(onnxcam, method)(f.getvalue(), ["/conv/Conv_output_0"], device="cpu")(x[i:i + 1],
-                                                                                                  [category])
+            alone = getattr(onnxcam, method)(model, ["/conv/Conv_output_0"], device="cpu")(x[i:i + 1], [category])
             np.testing.assert_allclose(together[i:i + 1], alone, rtol=1e-4, atol=1e-5)
             assert np.ptp(alone) > 0
 
@@ -199,11 +196,7 @@ class _WithGrid(nn.Module):
 
 
 def test_an_output_that_does_not_depend_on_the_input_is_left_as_it_is(monkeypatch):
-    torch.manual_seed(0)
-    f = io.BytesIO()
-    torch.onnx.export(_WithGrid().eval(), (torch.zeros(1, 3, SIZE, SIZE),), f, dynamo=False, opset_version=17,
-                      input_names=["x"], output_names=["y", "grid"])
-    model = f.getvalue()
+    model = _traced(_WithGrid, ("y", "grid"))
     x = _images(3)
     seed = np.eye(5, dtype=np.float32)[[0, 2, 4]]
     layer = "/conv/Conv_output_0"
