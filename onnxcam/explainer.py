@@ -173,6 +173,7 @@ class Explainer:
         self._freed: onnx.ModelProto | None = None  # a batch-1 export with its batch freed (free_batch)
         self._kept_batch = False  # free_batch was tried and refused
         self._batch_1_analysis: Analysis | None = None  # the analysis before free_batch (for _keep_batch)
+        self._plain: tuple | None = None  # (model freed?, the plain session of forward())
         self._graph_for_build = None
         self._lock = threading.RLock()  # one build at a time per Explainer: builds share the loaded model
         self._last_shape: tuple | None = None  # the input shape of the last run (dynamic sizes)
@@ -444,6 +445,49 @@ class Explainer:
             result = self._run_one(compiled, x, plan, side)
         _check_finite(result, rw.score)
         return result
+
+    def forward(self, x: np.ndarray, extra_inputs: dict | None = None) -> dict[str, np.ndarray]:
+        """The model's outputs and the score for x from a plain session (the model alone, no gradient nodes): what a
+        caller reads before it can seed a run (a detector's detections, a segmenter's classes) at the cost of one
+        inference. The session (its own copy of the weights) is made on first use and kept by this Explainer.
+        NumericalError when the score holds NaN or Inf, as run() would say."""
+        x = self.check_input(x)
+        n = x.shape[0]
+        side = self._side_feeds(extra_inputs, n)
+        if n > 1 and not side:
+            self.free_batch(x.shape)
+        sess = self._plain_session()
+        names = [o.name for o in sess.get_outputs()]
+        try:
+            if self._analysis.fixed_batch == 1 and n > 1:
+                parts = [sess.run(names, {self.input_name: x[i:i + 1], **_sample(side, i, n)}) for i in range(n)]
+                values = [np.concatenate(chunk) for chunk in zip(*parts)]
+            else:
+                values = sess.run(names, {self.input_name: x, **side})
+        except Exception as exc:  # onnxruntime's own types: one line that names the input and the failing node
+            raise ModelError(f"onnxruntime failed on input {self.input_name!r} of shape {x.shape}: "
+                             f"{runtime_failure(exc)}") from exc
+        out = dict(zip(names, values))
+        score = out[self.score_name]
+        if not np.isfinite(score).all():
+            raise NumericalError(f"the score {self.score_name!r} holds {_non_finite_kinds(score)} in samples "
+                                 f"{_bad_samples(score)}: the model overflows float at this input, or its weights "
+                                 "hold NaN or Inf")
+        return out
+
+    def _plain_session(self):
+        with self._lock:
+            freed = self._freed is not None
+            if self._plain is None or self._plain[0] != freed:
+                proto = onnx.ModelProto()
+                proto.CopyFrom(self.proto)
+                if self.score_name not in {o.name for o in proto.graph.output}:
+                    proto.graph.output.append(onnx.ValueInfoProto(name=self.score_name))  # typed by onnxruntime
+                held = self._model.holds_weights
+                self._plain = (freed, session(proto.SerializeToString(), self.device, self.weights))
+                if not held:
+                    self._model.release_weights()
+            return self._plain[1]
 
     def dense_seed_build(self, shape: tuple) -> Compiled:
         """The build a run with one dense seed per sample takes for inputs of `shape`: the shared-forward one where

@@ -223,7 +223,8 @@ def test_not_a_classifier_names_the_shape_readably(tmp_path):
 
 # ---- --batch-size ----------------------------------------------------------------------------------------------
 def test_batch_size_splits_an_images_items_into_runs(tmp_path):
-    """batch_size 1: one run per detection after the reading run (3 + 1), the same maps as one run of 3."""
+    """batch_size 1: one run per detection (3) after the reading run (a plain inference, Explainer.forward), the
+    same maps as one run of 3."""
     model, picture = _files("detect", tmp_path)
     maps, runs = {}, {}
     for size in (1, 8):
@@ -231,9 +232,13 @@ def test_batch_size_splits_an_images_items_into_runs(tmp_path):
         calls = []
         original = runner.explainer.run
         runner.explainer.run = lambda x, *a, _run=original, _calls=calls, **k: _calls.append(len(x)) or _run(x, *a, **k)
+        reads = []
+        forward = runner.explainer.forward
+        runner.explainer.forward = lambda x, *a, _run=forward, _reads=reads, **k: _reads.append(len(x)) or _run(x, *a, **k)
         maps[size] = runner.explain(ImageFile(picture, Path(picture.stem)), write=False).maps
         runs[size] = calls
-    assert runs == {1: [1, 1, 1, 1], 8: [1, 3]}
+        assert reads == [1]
+    assert runs == {1: [1, 1, 1], 8: [3]}
     np.testing.assert_allclose(maps[1], maps[8], atol=1e-6)
 
 

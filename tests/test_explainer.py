@@ -140,7 +140,8 @@ def test_the_explainable_model_is_a_valid_self_contained_onnx_model():
     assert {"onnxcam_classes", "onnxcam_ranked"} <= {i.name for i in model.graph.input}
 
 
-def test_fixed_batch_models_explain_larger_batches_one_sample_at_a_time():
+def test_batch_1_models_explain_larger_batches():
+    """Freed (graph/free_batch.py) into one run, or one sample at a time: the same gradients."""
     r = onnxcam.Explainer(tiny(batch=1), device="cpu").run(X, targets=[0, 1, 2])
     np.testing.assert_allclose(r.gradients["relu"], expected_gradient([0, 1, 2]), rtol=1e-6)
 
@@ -154,3 +155,20 @@ def test_two_layers_with_one_gradient_tensor_both_get_it():
     r = onnxcam.Explainer(model, layers=["relu_pre", "relu"], device="cpu").run(X, targets=[0, 2, 4])
     for layer in ("relu_pre", "relu"):
         np.testing.assert_allclose(r.gradients[layer], expected_gradient([0, 2, 4]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch", ["N", 1])
+def test_forward_is_the_plain_models_outputs_and_score(batch):
+    """Explainer.forward: what a caller reads before it seeds a run (a detector's detections), from the model alone;
+    the same outputs and score as a run, for a free batch and a batch-1 export alike."""
+    ex = onnxcam.Explainer(tiny(batch=batch), device="cpu", build=False)
+    x = RNG.standard_normal((3, 3, 6, 6)).astype(np.float32)
+    got = ex.forward(x)
+    r = ex.run(x)
+    np.testing.assert_allclose(got[ex.score_name], r.logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got["probs"], r.outputs["probs"], rtol=1e-6, atol=1e-6)
+    assert got[ex.score_name].shape == (3, 5)
+    bad = tiny(batch=batch)
+    bad.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.full_like(W_FC, np.inf), "fc"))
+    with pytest.raises(onnxcam.errors.NumericalError, match="the score 'logits' holds"):
+        onnxcam.Explainer(bad, device="cpu", build=False).forward(x[:1])

@@ -325,9 +325,14 @@ class TaskRunner:
         return record if same and all((path.parent / name).is_file() for name in named) else None
 
     def _boxes_or_classes(self, x: np.ndarray, rgb: np.ndarray) -> tuple[list[dict], np.ndarray, list, dict]:
-        first = self.explainer.run(x, seed=np.zeros((1, *self.seed_shape), np.float32))
-        sample = first.outputs[self.score][0] if self.rows is not None else first.logits[0]
-        items, seeds = self._targets(sample, rgb, first.outputs)
+        if self.selection is not None and self.selection.regions:  # per-region scores: seen as (1, R, C) by run()
+            run = self.explainer.run(x, seed=np.zeros((1, *self.seed_shape), np.float32))
+            first, score = run.outputs, run.logits
+        else:  # the detections or classes: one plain inference
+            first = self.explainer.forward(x)
+            score = first[self.explainer.score_name]
+        sample = first[self.score][0] if self.rows is not None else score[0]
+        items, seeds = self._targets(sample, rgb, first)
         if self.rows is not None:
             seeds = [self.rows.slice(s) for s in seeds]
         own: list[str | None] = []  # layers apart: each detection's own scale's layer
