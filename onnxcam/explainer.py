@@ -173,7 +173,7 @@ class Explainer:
         self._freed: onnx.ModelProto | None = None  # a batch-1 export with its batch freed (free_batch)
         self._kept_batch = False  # free_batch was tried and refused
         self._batch_1_analysis: Analysis | None = None  # the analysis before free_batch (for _keep_batch)
-        self._plain: tuple | None = None  # (model freed?, the plain session of forward())
+        self._plain: tuple | None = None  # (model freed?, its outputs, the plain session: plain_session())
         self._graph_for_build = None
         self._lock = threading.RLock()  # one build at a time per Explainer: builds share the loaded model
         self._last_shape: tuple | None = None  # the input shape of the last run (dynamic sizes)
@@ -456,7 +456,7 @@ class Explainer:
         side = self._side_feeds(extra_inputs, n)
         if n > 1 and not side:
             self.free_batch(x.shape)
-        sess = self._plain_session()
+        sess = self.plain_session()
         names = [o.name for o in sess.get_outputs()]
         try:
             if self._analysis.fixed_batch == 1 and n > 1:
@@ -475,19 +475,26 @@ class Explainer:
                                  "hold NaN or Inf")
         return out
 
-    def _plain_session(self):
+    def plain_session(self, names=()):
+        """A session of the model alone (no gradient nodes) whose outputs are the model's, the score and `names`
+        (tensors of the graph), with its own copy of the weights; kept by this Explainer and made again when other
+        names are asked for or free_batch freed the model since."""
         with self._lock:
+            want = {self.score_name, *names}
             freed = self._freed is not None
-            if self._plain is None or self._plain[0] != freed:
+            if self._plain is None or self._plain[0] != freed or not want <= set(self._plain[1]):
                 proto = onnx.ModelProto()
                 proto.CopyFrom(self.proto)
-                if self.score_name not in {o.name for o in proto.graph.output}:
-                    proto.graph.output.append(onnx.ValueInfoProto(name=self.score_name))  # typed by onnxruntime
+                have = {o.name for o in proto.graph.output}
+                known = {vi.name: vi for vi in proto.graph.value_info}
+                for name in sorted(want - have):  # typed where the model records it, else by onnxruntime
+                    proto.graph.output.append(known.get(name) or onnx.helper.make_empty_tensor_value_info(name))
                 held = self._model.holds_weights
-                self._plain = (freed, session(proto.SerializeToString(), self.device, self.weights))
+                sess = session(proto.SerializeToString(), self.device, self.weights)
                 if not held:
                     self._model.release_weights()
-            return self._plain[1]
+                self._plain = (freed, tuple(o.name for o in proto.graph.output), sess)
+            return self._plain[2]
 
     def dense_seed_build(self, shape: tuple) -> Compiled:
         """The build a run with one dense seed per sample takes for inputs of `shape`: the shared-forward one where

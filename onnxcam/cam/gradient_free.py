@@ -49,9 +49,6 @@ class _ForwardCAM(BaseCAM):
             raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
         super().__init__(model, target_layers, reshape_transform, **options)
         self.batch_size = int(batch_size)
-        self._plain = None  # the plain session on the whole model (built at the first call)
-        self._plain_batch = None  # the batch the model fixed when that session was made
-        self._plain_outputs: tuple = ()
 
     # ---- the forward runs ------------------------------------------------------------------------------------------
     def _extra_outputs(self) -> list[str]:
@@ -59,21 +56,8 @@ class _ForwardCAM(BaseCAM):
         return []
 
     def _whole(self, names: list[str]):
-        """The plain session on the whole model, with `names` among its outputs."""
-        if self._plain is None or not set(names) <= set(self._plain_outputs) or \
-                self._plain_batch != self.explainer.analysis.fixed_batch:  # built before free_batch freed it
-            proto = onnx.ModelProto()
-            proto.CopyFrom(self.explainer.proto)
-            have = {o.name for o in proto.graph.output}
-            known = {vi.name: vi for vi in proto.graph.value_info}
-            for name in names:
-                if name not in have:
-                    # no type where none is recorded: onnxruntime infers it (a layer may be any type)
-                    proto.graph.output.append(known.get(name) or onnx.helper.make_empty_tensor_value_info(name))
-            self._plain = session(proto.SerializeToString(), self.explainer.device, self.explainer.weights)
-            self._plain_outputs = tuple(o.name for o in proto.graph.output)
-            self._plain_batch = self.explainer.analysis.fixed_batch
-        return self._plain
+        """The plain session on the whole model, with `names` among its outputs (Explainer.plain_session)."""
+        return self.explainer.plain_session(names)
 
     def _batch(self) -> int:
         """The batch of the repeated forwards: 1 for models exported with a batch of 1."""
