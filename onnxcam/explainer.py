@@ -475,7 +475,7 @@ class Explainer:
                                  "hold NaN or Inf")
         return out
 
-    def plain_session(self, names=()):
+    def plain_session(self, names: tuple | list = ()) -> runtime.ort.InferenceSession:
         """A session of the model alone (no gradient nodes) whose outputs are the model's, the score and `names`
         (tensors of the graph), with its own copy of the weights; kept by this Explainer and made again when other
         names are asked for or free_batch freed the model since."""
