@@ -471,8 +471,7 @@ class Explainer:
         score = out[self.score_name]
         if not np.isfinite(score).all():
             raise NumericalError(f"the score {self.score_name!r} holds {_non_finite_kinds(score)} in samples "
-                                 f"{_bad_samples(score)}: the model overflows float at this input, or its weights "
-                                 "hold NaN or Inf")
+                                 f"{_bad_samples(score)}: {_OVERFLOW}")
         return out
 
     def plain_session(self, names: tuple | list = ()) -> runtime.ort.InferenceSession:
@@ -756,8 +755,10 @@ def _check_finite(r: Result, score: str) -> None:
         return
     what, a = found[0]
     also = f" (also non-finite: {', '.join(w for w, _ in found[1:])})" if len(found) > 1 else ""
-    raise NumericalError(f"{what} holds {_non_finite_kinds(a)} in samples {_bad_samples(a)}{also}: the model "
-                         "overflows float at this input, or its weights hold NaN or Inf")
+    raise NumericalError(f"{what} holds {_non_finite_kinds(a)} in samples {_bad_samples(a)}{also}: {_OVERFLOW}")
+
+
+_OVERFLOW = "the model overflows float at this input, or its weights hold NaN or Inf"
 
 
 @dataclass
