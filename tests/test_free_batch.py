@@ -15,6 +15,7 @@ from torch import nn
 
 from onnxcam import Explainer
 from onnxcam import explainer as explainer_module
+from onnxcam.cache import CACHE
 
 from .test_shared_forward import SIZE, _export, _seeds
 
@@ -222,6 +223,7 @@ def test_a_freed_model_that_does_not_build_runs_each_sample_alone(monkeypatch, c
             raise explainer_module.LayerError("a rule that needs a static batch (simulated)")
         return build(mg, *args, **kwargs)
     monkeypatch.setattr(explainer_module.rewrite, "build", refusing)
+    CACHE.clear()  # a freed build of this model cached by another test would not be built again
     runs = _runs(monkeypatch)
     ex = Explainer(fixed, layers=LAYER)
     with caplog.at_level(logging.INFO, logger="onnxcam.explainer"):
