@@ -134,8 +134,7 @@ def _map_of(b: Builder, t: gs.Tensor, maps: dict, made: set) -> tuple | None:
         return maps[id(t)]
     if id(t) in made or isinstance(t, gs.Constant) or t.dtype is None or not _batch_first_map(b, t):
         return None
-    dtype = np.dtype(t.dtype)
-    kind = "f" if np.issubdtype(dtype, np.floating) else "b" if dtype == np.bool_ else None
+    kind = _kind_of(t.dtype)
     return None if kind is None else (len(b.model.shape(t)), kind)
 
 
@@ -154,17 +153,21 @@ def _kind(b: Builder, n: gs.Node, inputs: list) -> str | None:
     if n.op in _BOOL_OPS:
         return "b"
     if n.op == "Cast":
-        to = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(n.attrs["to"]))
-        return "f" if np.issubdtype(to, np.floating) else "b" if to == np.bool_ else None
+        return _kind_of(onnx.helper.tensor_dtype_to_np_dtype(n.attrs["to"]))
     values = inputs[1:] if n.op == "Where" else inputs
     tensors = n.inputs[1:] if n.op == "Where" else n.inputs
     for t, m in zip(tensors, values):
         if m is not None:
             return m[1]
         if t.dtype is not None:
-            dtype = np.dtype(t.dtype)
-            return "f" if np.issubdtype(dtype, np.floating) else "b" if dtype == np.bool_ else None
+            return _kind_of(t.dtype)
     return None
+
+
+def _kind_of(dtype) -> str | None:
+    """"f" for a float type, "b" for bool, None for anything else."""
+    dtype = np.dtype(dtype)
+    return "f" if np.issubdtype(dtype, np.floating) else "b" if dtype == np.bool_ else None
 
 
 def _branch_outputs(n: gs.Node) -> list[gs.Tensor]:
